@@ -1,0 +1,134 @@
+//! Assembles the gateway: pool and health checks, REST and gRPC servers, shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use http::HeaderValue;
+use rankway_proto::inference::grpc_inference_service_server::SERVICE_NAME as OIP_SERVICE;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::frontend::{grpc, rest};
+use crate::metrics::Metrics;
+use crate::pool::{Group, Pool};
+use crate::state::Gateway;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Config(String),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("REST server: {0}")]
+    Rest(std::io::Error),
+}
+
+/// The two sockets the gateway serves on, bound before anything else starts.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(cfg: &Config) -> Result<Self, AppError> {
+        let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| AppError::Bind { addr, source }) };
+        Ok(Self { http: bind(cfg.http_listen).await?, grpc: bind(cfg.grpc_listen).await? })
+    }
+}
+
+/// gRPC status tonic gives a message over the decoding limit (OUT_OF_RANGE), rewritten
+/// to RESOURCE_EXHAUSTED as gRPC's own servers answer, with a clearer message.
+fn over_limit_is_resource_exhausted(limit: usize) -> impl Fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> + Clone {
+    move |mut resp| {
+        let h = resp.headers();
+        let over_limit = h.get("grpc-status").is_some_and(|v| v == "11")
+            && h.get("grpc-message").is_some_and(|m| m.to_str().unwrap_or("").contains("message length too large"));
+        if over_limit {
+            let msg = format!("request message is over the limit of {limit} bytes");
+            let h = resp.headers_mut();
+            h.insert("grpc-status", HeaderValue::from_static("8"));
+            h.insert("grpc-message", HeaderValue::from_str(&msg).expect("ASCII message"));
+        }
+        resp
+    }
+}
+
+/// Runs the gateway until `shutdown` resolves, then drains within `drain_timeout`.
+pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    let groups = cfg
+        .groups
+        .iter()
+        .map(|g| Group::new(g.name.clone(), g.address.clone(), cfg.max_in_flight as usize, cfg.health_timeout))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(AppError::Config)?;
+    let pool = Pool::new(groups);
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(Gateway::new(pool.clone(), metrics, cfg.batch(), cfg.request_timeout));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let health_checks = tokio::spawn(pool.clone().run_health_checks(cfg.health_interval, cfg.health_timeout, stop_rx.clone()));
+
+    // grpc.health.v1 follows the pool: SERVING while some group is routable.
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let mut ready_rx = pool.subscribe_ready();
+    let mut stop_health = stop_rx.clone();
+    let health_task = tokio::spawn(async move {
+        loop {
+            let status = if *ready_rx.borrow_and_update() && !*stop_health.borrow() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for service in ["", OIP_SERVICE] {
+                reporter.set_service_status(service, status).await;
+            }
+            tokio::select! {
+                r = ready_rx.changed() => if r.is_err() { return },
+                _ = stop_health.changed() => {}
+            }
+        }
+    });
+
+    let http_addr = listeners.http.local_addr().ok();
+    let grpc_addr = listeners.grpc.local_addr().ok();
+    let mut stop_rest = stop_rx.clone();
+    let rest = axum::serve(listeners.http, rest::router(state.clone(), cfg.max_request_bytes))
+        .with_graceful_shutdown(async move {
+            let _ = stop_rest.wait_for(|s| *s).await;
+        });
+    let rest = tokio::spawn(async move { rest.await.map_err(AppError::Rest) });
+
+    let mut stop_grpc = stop_rx.clone();
+    let grpc_server = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(over_limit_is_resource_exhausted(cfg.max_request_bytes)))
+        .add_service(health_service)
+        .add_service(grpc::service(state.clone(), cfg.max_request_bytes))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
+            let _ = stop_grpc.wait_for(|s| *s).await;
+        });
+    let grpc_server = tokio::spawn(async move { grpc_server.await.map_err(AppError::Grpc) });
+    tracing::info!(?http_addr, ?grpc_addr, groups = cfg.groups.len(), "gateway listening");
+
+    shutdown.await;
+    tracing::info!(drain_timeout = ?cfg.drain_timeout, "shutting down: refusing new connections, draining requests");
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(cfg.drain_timeout, async {
+        let (r, g) = tokio::join!(rest, grpc_server);
+        (r, g)
+    })
+    .await;
+    health_checks.abort();
+    health_task.abort();
+    match drained {
+        Ok((r, g)) => {
+            r.map_err(|e| AppError::Rest(std::io::Error::other(e)))??;
+            g.map_err(|e| AppError::Rest(std::io::Error::other(e)))??;
+        }
+        Err(_) => tracing::warn!("drain timed out; exiting with requests in flight"),
+    }
+    Ok(())
+}

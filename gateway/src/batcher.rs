@@ -1,0 +1,302 @@
+//! The per-model dynamic batcher.
+//!
+//! Requests wait in a bounded queue (full = refused at once). A single task per model
+//! takes the first waiting request, waits for a free slot on a ready group, then fills the
+//! batch with whatever else arrives within `max_queue_delay` of the first request, up to
+//! `max_batch_size` rows. While every group is busy, requests pile up in the queue and the
+//! next batch is larger: the batch size follows the load. A request whose caller has gone
+//! (timed out or disconnected) before dispatch is dropped from its batch.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rankway_proto::codec::{decode_bytes_elements, encode_bytes_elements};
+use rankway_proto::worker::{InferRequest, Tensor};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::model::ValidRequest;
+use crate::pool::{Lease, Pool};
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Rows in one batch at most (a larger single request goes alone).
+    pub max_batch_size: usize,
+    /// How long the first request of a batch may wait for others.
+    pub max_queue_delay: Duration,
+    /// Requests that may wait per model.
+    pub queue_capacity: usize,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Tensor>, ApiError>>;
+
+struct Entry {
+    request: ValidRequest,
+    deadline: Instant,
+    enqueued: Instant,
+    reply: Reply,
+}
+
+impl Entry {
+    /// Answers an entry that can no longer be dispatched; false if it should be skipped.
+    fn still_wanted(self, now: Instant) -> Option<Self> {
+        if self.reply.is_closed() {
+            return None;
+        }
+        if self.deadline <= now {
+            let waited = now - self.enqueued;
+            let _ = self.reply.send(Err(ApiError::DeadlineExceeded(format!(
+                "request expired after waiting {waited:?} in the queue"
+            ))));
+            return None;
+        }
+        Some(self)
+    }
+}
+
+/// Handle to one model's batcher. Dropping every handle stops its task.
+#[derive(Clone)]
+pub struct Batcher {
+    model: String,
+    tx: mpsc::Sender<Entry>,
+    cfg: BatchConfig,
+    metrics: Arc<Metrics>,
+}
+
+static BATCH_IDS: AtomicU64 = AtomicU64::new(1);
+
+impl Batcher {
+    pub fn spawn(model: String, cfg: BatchConfig, pool: Pool, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        let task = BatchLoop { model: model.clone(), cfg, pool, metrics: metrics.clone(), rx };
+        tokio::spawn(task.run());
+        Self { model, tx, cfg, metrics }
+    }
+
+    /// Queues a validated request and waits for its own rows of the batch result.
+    pub async fn submit(&self, request: ValidRequest, deadline: Instant) -> Result<Vec<Tensor>, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        let entry = Entry { request, deadline, enqueued: Instant::now(), reply };
+        if self.tx.try_send(entry).is_err() {
+            return Err(ApiError::QueueFull {
+                model: self.model.clone(),
+                capacity: self.cfg.queue_capacity,
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        self.metrics.queue_depth(&self.model).inc();
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ApiError::Internal("batcher stopped before answering".into())),
+            Err(_) => Err(ApiError::DeadlineExceeded("no result before the request's deadline".into())),
+        }
+    }
+}
+
+struct BatchLoop {
+    model: String,
+    cfg: BatchConfig,
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    rx: mpsc::Receiver<Entry>,
+}
+
+impl BatchLoop {
+    async fn recv(&mut self) -> Option<Entry> {
+        let e = self.rx.recv().await?;
+        self.metrics.queue_depth(&self.model).dec();
+        Some(e)
+    }
+
+    async fn run(mut self) {
+        let mut carry: Option<Entry> = None;
+        loop {
+            let first = match carry.take() {
+                Some(e) => e,
+                None => match self.recv().await {
+                    Some(e) => e,
+                    None => return, // every handle dropped: the gateway is shutting down
+                },
+            };
+            let Some(first) = first.still_wanted(Instant::now()) else { continue };
+
+            // Hold the first request until a group can take a batch; others queue meanwhile.
+            let deadline = first.deadline;
+            let lease = tokio::select! {
+                lease = self.pool.acquire(&self.model) => lease,
+                _ = tokio::time::sleep_until(deadline) => {
+                    // Answers the caller with DEADLINE_EXCEEDED.
+                    let _ = first.still_wanted(Instant::now());
+                    continue;
+                }
+            };
+            let lease = match lease {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = first.reply.send(Err(e));
+                    continue;
+                }
+            };
+
+            let close_at = first.enqueued + self.cfg.max_queue_delay;
+            let mut rows = first.request.rows;
+            let mut batch = vec![first];
+            while rows < self.cfg.max_batch_size {
+                let next = match tokio::time::timeout_at(close_at, self.recv()).await {
+                    Ok(Some(e)) => e,
+                    Ok(None) | Err(_) => break,
+                };
+                let Some(next) = next.still_wanted(Instant::now()) else { continue };
+                if rows + next.request.rows > self.cfg.max_batch_size {
+                    carry = Some(next);
+                    break;
+                }
+                rows += next.request.rows;
+                batch.push(next);
+            }
+            let dispatch = Dispatch { model: self.model.clone(), metrics: self.metrics.clone(), batch, rows };
+            tokio::spawn(dispatch.run(lease));
+        }
+    }
+}
+
+struct Dispatch {
+    model: String,
+    metrics: Arc<Metrics>,
+    batch: Vec<Entry>,
+    rows: usize,
+}
+
+impl Dispatch {
+    async fn run(self, lease: Lease) {
+        let now = Instant::now();
+        for e in &self.batch {
+            self.metrics.observe_queue_time(&self.model, now - e.enqueued);
+        }
+        self.metrics.observe_batch(&self.model, lease.group().name(), self.rows);
+        // The batch is worth running while any of its callers still waits.
+        let deadline = self.batch.iter().map(|e| e.deadline).max().unwrap_or(now);
+        let timeout = deadline.saturating_duration_since(now);
+        let request = InferRequest {
+            batch_id: BATCH_IDS.fetch_add(1, Ordering::Relaxed),
+            model: self.model.clone(),
+            inputs: concat_inputs(&self.batch),
+            timeout_ms: timeout.as_millis().max(1) as u64,
+        };
+        let batch_id = request.batch_id;
+        let result = lease.infer(request, Some(timeout)).await;
+        drop(lease);
+        match result {
+            Ok(resp) => {
+                let sizes: Vec<usize> = self.batch.iter().map(|e| e.request.rows).collect();
+                match split_outputs(resp.outputs, &sizes) {
+                    Ok(parts) => {
+                        for (e, part) in self.batch.into_iter().zip(parts) {
+                            let _ = e.reply.send(Ok(part));
+                        }
+                    }
+                    Err(err) => self.fail(err),
+                }
+            }
+            Err(err) => {
+                tracing::warn!(model = %self.model, batch_id, error = %err, "batch failed");
+                self.fail(err);
+            }
+        }
+    }
+
+    fn fail(self, err: ApiError) {
+        for e in self.batch {
+            let _ = e.reply.send(Err(err.clone()));
+        }
+    }
+}
+
+/// Joins the entries' inputs along the batch dimension (inputs are in model order).
+fn concat_inputs(batch: &[Entry]) -> Vec<Tensor> {
+    let first = &batch[0].request.inputs;
+    (0..first.len())
+        .map(|i| {
+            let mut data = Vec::with_capacity(batch.iter().map(|e| e.request.inputs[i].data.len()).sum());
+            let mut rows = 0;
+            for e in batch {
+                let t = &e.request.inputs[i];
+                data.extend_from_slice(&t.data);
+                rows += t.shape[0];
+            }
+            let mut shape = first[i].shape.clone();
+            shape[0] = rows;
+            Tensor { name: first[i].name.clone(), datatype: first[i].datatype, shape, data: data.into() }
+        })
+        .collect()
+}
+
+/// Cuts each output of a batch into consecutive row ranges of `sizes`.
+fn split_outputs(outputs: Vec<Tensor>, sizes: &[usize]) -> Result<Vec<Vec<Tensor>>, ApiError> {
+    let total: usize = sizes.iter().sum();
+    let mut parts: Vec<Vec<Tensor>> = sizes.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+    for out in outputs {
+        if out.shape.first().copied() != Some(total as i64) {
+            return Err(ApiError::Internal(format!(
+                "worker returned {:?} with shape {:?} for a batch of {total} rows",
+                out.name, out.shape
+            )));
+        }
+        let per_row: usize = out.shape[1..].iter().product::<i64>() as usize;
+        let dtype = out.datatype();
+        let mut offset = 0;
+        let elements = match dtype.element_size() {
+            Some(_) => None,
+            None => Some(
+                decode_bytes_elements(&out.data)
+                    .map_err(|e| ApiError::Internal(format!("worker output {:?}: {e}", out.name)))?,
+            ),
+        };
+        for (part, &rows) in parts.iter_mut().zip(sizes) {
+            let mut shape = out.shape.clone();
+            shape[0] = rows as i64;
+            let data = match (&elements, dtype.element_size()) {
+                (Some(el), _) => Bytes::from(encode_bytes_elements(&el[offset * per_row..(offset + rows) * per_row])),
+                (None, Some(size)) => out.data.slice(offset * per_row * size..(offset + rows) * per_row * size),
+                (None, None) => unreachable!("BYTES tensors were decoded above"),
+            };
+            part.push(Tensor { name: out.name.clone(), datatype: out.datatype, shape, data });
+            offset += rows;
+        }
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rankway_proto::worker::DataType;
+
+    #[test]
+    fn split_keeps_each_callers_rows() {
+        let values: Vec<u8> = (0..6u32).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let out = Tensor { name: "y".into(), datatype: DataType::Fp32 as i32, shape: vec![3, 2], data: values.into() };
+        let names = Tensor {
+            name: "n".into(),
+            datatype: DataType::Bytes as i32,
+            shape: vec![3],
+            data: encode_bytes_elements(&["a", "b", "c"]).into(),
+        };
+        let parts = split_outputs(vec![out, names], &[1, 2]).unwrap();
+        assert_eq!(parts[0][0].shape, vec![1, 2]);
+        assert_eq!(parts[1][0].shape, vec![2, 2]);
+        let second: Vec<f32> = parts[1][0].data.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(second, vec![2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(decode_bytes_elements(&parts[1][1].data).unwrap(), vec![&b"b"[..], b"c"]);
+    }
+
+    #[test]
+    fn split_rejects_a_wrong_row_count() {
+        let out = Tensor { name: "y".into(), datatype: DataType::Fp32 as i32, shape: vec![2, 1], data: vec![0; 8].into() };
+        assert!(matches!(split_outputs(vec![out], &[1, 2]), Err(ApiError::Internal(_))));
+    }
+}

@@ -1,0 +1,125 @@
+//! Command line of `rankway-gateway`: every flag has an environment fallback.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::batcher::BatchConfig;
+
+/// Rankway gateway: Open Inference Protocol v2 over REST and gRPC, and OpenAI-compatible
+/// embeddings, batched over a pool of tensor-parallel worker groups.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "rankway-gateway", version, about)]
+pub struct Config {
+    /// Address of the REST server (OIP v2, /v1/embeddings, /metrics).
+    #[arg(long, env = "RANKWAY_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
+    pub http_listen: SocketAddr,
+    /// Address of the gRPC server (inference.GRPCInferenceService, grpc.health.v1).
+    #[arg(long, env = "RANKWAY_GRPC_LISTEN", default_value = "0.0.0.0:8001")]
+    pub grpc_listen: SocketAddr,
+    /// A worker group as NAME=HOST:PORT of its rank 0; repeat for more groups
+    /// (comma-separated in the environment variable).
+    #[arg(long = "group", env = "RANKWAY_GROUPS", value_delimiter = ',', value_parser = parse_group, required = true)]
+    pub groups: Vec<GroupAddr>,
+    /// Most rows (texts or samples) in one batch; a larger single request goes alone.
+    #[arg(long, env = "RANKWAY_MAX_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch_size: u32,
+    /// How long the first request of a batch may wait for more, in microseconds.
+    #[arg(long, env = "RANKWAY_MAX_QUEUE_DELAY_US", default_value_t = 2000)]
+    pub max_queue_delay_us: u64,
+    /// Requests that may wait per model; more are refused at once (429 / RESOURCE_EXHAUSTED).
+    #[arg(long, env = "RANKWAY_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_capacity: u32,
+    /// Batches in flight per group at most (one running, one staged).
+    #[arg(long, env = "RANKWAY_MAX_IN_FLIGHT", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+    /// Largest request body (REST) or message (gRPC), in bytes (413 / RESOURCE_EXHAUSTED).
+    #[arg(long, env = "RANKWAY_MAX_REQUEST_BYTES", default_value_t = 8 << 20)]
+    pub max_request_bytes: usize,
+    /// Deadline of a request that does not set one.
+    #[arg(long, env = "RANKWAY_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub request_timeout: Duration,
+    /// How often each group's rank 0 is asked for its GroupStatus.
+    #[arg(long, env = "RANKWAY_HEALTH_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub health_interval: Duration,
+    /// Timeout of one GroupStatus call (and of connecting to a group).
+    #[arg(long, env = "RANKWAY_HEALTH_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub health_timeout: Duration,
+    /// How long a graceful shutdown waits for accepted requests to finish.
+    #[arg(long, env = "RANKWAY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub drain_timeout: Duration,
+    /// Log format.
+    #[arg(long, env = "RANKWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `NAME=HOST:PORT` of one group's rank 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupAddr {
+    pub name: String,
+    pub address: String,
+}
+
+fn parse_group(s: &str) -> Result<GroupAddr, String> {
+    let (name, address) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=HOST:PORT, got {s:?}"))?;
+    let valid_name = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if !valid_name {
+        return Err(format!("group name {name:?} must be non-empty [A-Za-z0-9._-]"));
+    }
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+        _ => return Err(format!("group {name}: expected HOST:PORT, got {address:?}")),
+    }
+    Ok(GroupAddr { name: name.to_owned(), address: address.to_owned() })
+}
+
+impl Config {
+    pub fn batch(&self) -> BatchConfig {
+        BatchConfig {
+            max_batch_size: self.max_batch_size as usize,
+            max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
+            queue_capacity: self.queue_capacity as usize,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_groups_and_defaults() {
+        let c = Config::try_parse_from([
+            "rankway-gateway",
+            "--group",
+            "a=127.0.0.1:9000",
+            "--group",
+            "b=worker-b-0.workers:9000",
+        ])
+        .unwrap();
+        assert_eq!(c.groups.len(), 2);
+        assert_eq!(c.groups[1].address, "worker-b-0.workers:9000");
+        assert_eq!(c.http_listen.port(), 8000);
+        assert_eq!(c.grpc_listen.port(), 8001);
+        assert_eq!(c.max_batch_size, 32);
+        assert_eq!(c.batch().max_queue_delay, Duration::from_micros(2000));
+    }
+
+    #[test]
+    fn rejects_bad_groups() {
+        for bad in ["a", "=h:1", "a=h", "a=h:port", "a b=h:1"] {
+            assert!(Config::try_parse_from(["rankway-gateway", "--group", bad]).is_err(), "{bad}");
+        }
+        assert!(Config::try_parse_from(["rankway-gateway"]).is_err(), "a group is required");
+    }
+}

@@ -1,0 +1,115 @@
+//! The gateway's one error type, and the one place it becomes an HTTP status or a gRPC
+//! code. Its [`ApiError::kind`] labels the rejection metrics.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("unknown model {0:?}")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("queue of model {model:?} is full ({capacity} requests waiting); retry later")]
+    QueueFull { model: String, capacity: usize, retry_after: Duration },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A short stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::InvalidInput(_) => "invalid_input",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::QueueFull { .. } => "queue_full",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::DeadlineExceeded(_) => "deadline_exceeded",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn http_status(&self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self {
+            ApiError::ModelNotFound(_) => S::NOT_FOUND,
+            ApiError::InvalidInput(_) => S::BAD_REQUEST,
+            ApiError::TooLarge(_) => S::PAYLOAD_TOO_LARGE,
+            ApiError::QueueFull { .. } => S::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => S::SERVICE_UNAVAILABLE,
+            ApiError::DeadlineExceeded(_) => S::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => S::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code as C;
+        match self {
+            ApiError::ModelNotFound(_) => C::NotFound,
+            ApiError::InvalidInput(_) => C::InvalidArgument,
+            ApiError::TooLarge(_) | ApiError::QueueFull { .. } => C::ResourceExhausted,
+            ApiError::Unavailable(_) => C::Unavailable,
+            ApiError::DeadlineExceeded(_) => C::DeadlineExceeded,
+            ApiError::Internal(_) => C::Internal,
+        }
+    }
+
+    /// Seconds a client should wait before retrying, for 429 answers.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::QueueFull { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        tonic::Status::new(e.grpc_code(), e.to_string())
+    }
+}
+
+/// What a worker's gRPC failure means for the callers of its batch.
+pub fn from_worker_status(group: &str, status: &tonic::Status) -> ApiError {
+    use tonic::Code as C;
+    let msg = format!("group {group:?}: {}", status.message());
+    match status.code() {
+        C::InvalidArgument => ApiError::InvalidInput(msg),
+        C::DeadlineExceeded => ApiError::DeadlineExceeded(msg),
+        C::ResourceExhausted | C::Unavailable | C::Cancelled | C::Unknown => {
+            ApiError::Unavailable(format!("{msg} (the batch did not complete)"))
+        }
+        _ => ApiError::Internal(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_match_statuses() {
+        let cases = [
+            (ApiError::ModelNotFound("x".into()), 404, tonic::Code::NotFound),
+            (ApiError::InvalidInput("x".into()), 400, tonic::Code::InvalidArgument),
+            (ApiError::TooLarge("x".into()), 413, tonic::Code::ResourceExhausted),
+            (
+                ApiError::QueueFull { model: "m".into(), capacity: 1, retry_after: Duration::from_secs(1) },
+                429,
+                tonic::Code::ResourceExhausted,
+            ),
+            (ApiError::Unavailable("x".into()), 503, tonic::Code::Unavailable),
+            (ApiError::DeadlineExceeded("x".into()), 504, tonic::Code::DeadlineExceeded),
+        ];
+        for (err, http, grpc) in cases {
+            assert_eq!(err.http_status().as_u16(), http, "{err:?}");
+            assert_eq!(err.grpc_code(), grpc, "{err:?}");
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! OIP v2 over gRPC: `inference.GRPCInferenceService`.
+//!
+//! Inputs come either in typed `contents` or in `raw_input_contents`; outputs always go
+//! back in `raw_output_contents`, as Triton does, which KServe and Triton clients read.
+
+use std::sync::Arc;
+
+use rankway_proto::inference::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use rankway_proto::inference::model_infer_request::InferInputTensor;
+use rankway_proto::inference::model_infer_response::InferOutputTensor;
+use rankway_proto::inference::model_metadata_response::TensorMetadata;
+use rankway_proto::inference::{
+    InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+};
+use rankway_proto::codec::push_bytes_element;
+use rankway_proto::worker::{DataType, Tensor, TensorSpec};
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::state::Gateway;
+
+pub struct InferenceService {
+    state: Arc<Gateway>,
+}
+
+/// The OIP service with the gateway's message size limit applied to requests.
+pub fn service(state: Arc<Gateway>, max_request_bytes: usize) -> GrpcInferenceServiceServer<InferenceService> {
+    GrpcInferenceServiceServer::new(InferenceService { state })
+        .max_decoding_message_size(max_request_bytes)
+        .max_encoding_message_size(usize::MAX)
+}
+
+fn le_bytes<T: Copy, const N: usize>(values: &[T], f: fn(T) -> [u8; N]) -> Vec<u8> {
+    values.iter().flat_map(|&v| f(v)).collect()
+}
+
+/// Typed `contents` of one input as raw little-endian bytes.
+fn contents_to_raw(name: &str, dtype: DataType, c: InferTensorContents) -> Result<Vec<u8>, ApiError> {
+    Ok(match dtype {
+        DataType::Fp32 => le_bytes(&c.fp32_contents, f32::to_le_bytes),
+        DataType::Fp64 => le_bytes(&c.fp64_contents, f64::to_le_bytes),
+        DataType::Int64 => le_bytes(&c.int64_contents, i64::to_le_bytes),
+        DataType::Int32 => le_bytes(&c.int_contents, i32::to_le_bytes),
+        DataType::Bool => c.bool_contents.iter().map(|&b| u8::from(b)).collect(),
+        DataType::Bytes => {
+            let mut out = Vec::new();
+            for b in &c.bytes_contents {
+                push_bytes_element(&mut out, b);
+            }
+            out
+        }
+        other => {
+            return Err(ApiError::InvalidInput(format!(
+                "input {name:?}: datatype {} must be sent in raw_input_contents",
+                other.oip_name()
+            )));
+        }
+    })
+}
+
+fn to_tensors(inputs: Vec<InferInputTensor>, raw: Vec<bytes::Bytes>) -> Result<Vec<Tensor>, ApiError> {
+    if !raw.is_empty() && raw.len() != inputs.len() {
+        return Err(ApiError::InvalidInput(format!(
+            "raw_input_contents has {} entries for {} inputs; give one per input or none",
+            raw.len(),
+            inputs.len()
+        )));
+    }
+    let mut raw = raw.into_iter();
+    inputs
+        .into_iter()
+        .map(|i| {
+            let dtype = DataType::from_oip_name(&i.datatype).ok_or_else(|| {
+                ApiError::InvalidInput(format!("input {:?}: unknown datatype {:?}", i.name, i.datatype))
+            })?;
+            let data = match (raw.next(), i.contents) {
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::InvalidInput(format!(
+                        "input {:?} has both contents and raw_input_contents",
+                        i.name
+                    )));
+                }
+                (Some(r), None) => r,
+                (None, Some(c)) => contents_to_raw(&i.name, dtype, c)?.into(),
+                (None, None) => bytes::Bytes::new(),
+            };
+            Ok(Tensor { name: i.name, datatype: dtype as i32, shape: i.shape, data })
+        })
+        .collect()
+}
+
+fn metadata(specs: &[TensorSpec]) -> Vec<TensorMetadata> {
+    specs
+        .iter()
+        .map(|s| TensorMetadata { name: s.name.clone(), datatype: s.datatype().oip_name().into(), shape: s.shape.clone() })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse { ready: self.state.pool.any_ready() }))
+    }
+
+    async fn model_ready(&self, req: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+        let ready = match self.state.ready_model(&req.get_ref().name) {
+            Ok(_) => true,
+            Err(ApiError::Unavailable(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "rankway".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: vec![],
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let name = &req.get_ref().name;
+        let info = self
+            .state
+            .pool
+            .known_model_info(name)
+            .ok_or_else(|| ApiError::ModelNotFound(name.clone()))?;
+        Ok(Response::new(ModelMetadataResponse {
+            name: info.name.clone(),
+            versions: vec![info.version.clone()],
+            platform: info.platform.clone(),
+            inputs: metadata(&info.inputs),
+            outputs: metadata(&info.outputs),
+        }))
+    }
+
+    async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let req = req.into_inner();
+        let inputs = to_tensors(req.inputs, req.raw_input_contents)?;
+        let requested: Vec<String> = req.outputs.into_iter().map(|o| o.name).collect();
+        let deadline = self.state.deadline(None);
+        let outputs = self.state.infer(&req.model_name, inputs, deadline).await?;
+        let outputs = super::select_outputs(outputs, &requested)?;
+        let version = self.state.pool.known_model_info(&req.model_name).map(|i| i.version).unwrap_or_default();
+        let (meta, raw): (Vec<_>, Vec<_>) = outputs
+            .into_iter()
+            .map(|t| {
+                let meta = InferOutputTensor {
+                    name: t.name,
+                    datatype: DataType::try_from(t.datatype).unwrap_or_default().oip_name().into(),
+                    shape: t.shape,
+                    ..Default::default()
+                };
+                (meta, t.data)
+            })
+            .unzip();
+        Ok(Response::new(ModelInferResponse {
+            model_name: req.model_name,
+            model_version: version,
+            id: req.id,
+            parameters: Default::default(),
+            outputs: meta,
+            raw_output_contents: raw,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rankway_proto::codec::decode_bytes_elements;
+
+    fn input(datatype: &str, contents: Option<InferTensorContents>) -> InferInputTensor {
+        InferInputTensor { name: "text".into(), datatype: datatype.into(), shape: vec![2], contents, ..Default::default() }
+    }
+
+    #[test]
+    fn typed_contents_become_raw() {
+        let c = InferTensorContents { bytes_contents: vec!["ab".into(), "c".into()], ..Default::default() };
+        let t = to_tensors(vec![input("BYTES", Some(c))], vec![]).unwrap();
+        assert_eq!(decode_bytes_elements(&t[0].data).unwrap(), vec![&b"ab"[..], b"c"]);
+    }
+
+    #[test]
+    fn raw_and_contents_conflicts_are_refused() {
+        let c = InferTensorContents::default();
+        let e = to_tensors(vec![input("BYTES", Some(c))], vec![bytes::Bytes::from_static(b"x")]).unwrap_err();
+        assert!(e.to_string().contains("both contents and raw_input_contents"), "{e}");
+        let e = to_tensors(vec![input("BYTES", None), input("BYTES", None)], vec![bytes::Bytes::new()]).unwrap_err();
+        assert!(e.to_string().contains("one per input"), "{e}");
+        let e = to_tensors(vec![input("STRING", None)], vec![]).unwrap_err();
+        assert!(e.to_string().contains("unknown datatype"), "{e}");
+    }
+}

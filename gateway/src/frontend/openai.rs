@@ -1,0 +1,185 @@
+//! OpenAI-compatible `POST /v1/embeddings`, so LangChain/LangGraph embedding clients and
+//! the official OpenAI SDKs work unchanged.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use rankway_proto::codec::encode_bytes_elements;
+use rankway_proto::worker::{DataType, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::rest::{AppState, RestLimits, parse_json, with_retry_after};
+use crate::error::ApiError;
+use crate::model::text_embedding_io;
+
+/// Output that carries the token count of each text, when the model provides it.
+const TOKEN_COUNT_OUTPUT: &str = "token_count";
+
+/// An error in OpenAI's form: `{"error": {"message", "type", "param", "code"}}`.
+pub struct OpenAiError(pub ApiError);
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let kind = match self.0 {
+            ApiError::InvalidInput(_) | ApiError::TooLarge(_) => "invalid_request_error",
+            ApiError::ModelNotFound(_) => "not_found_error",
+            ApiError::QueueFull { .. } => "rate_limit_error",
+            _ => "server_error",
+        };
+        let body = json!({
+            "error": { "message": self.0.to_string(), "type": kind, "param": null, "code": self.0.kind() }
+        });
+        with_retry_after((self.0.http_status(), Json(body)).into_response(), &self.0)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingsRequest {
+    input: Value,
+    model: String,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum EmbeddingValue {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Debug, Serialize)]
+struct EmbeddingData {
+    object: &'static str,
+    index: usize,
+    embedding: EmbeddingValue,
+}
+
+#[derive(Debug, Serialize)]
+struct Usage {
+    prompt_tokens: i64,
+    total_tokens: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct EmbeddingsResponse {
+    object: &'static str,
+    data: Vec<EmbeddingData>,
+    model: String,
+    usage: Usage,
+}
+
+/// `input` as OpenAI allows it for text: one string or a list of strings.
+fn texts(input: Value) -> Result<Vec<String>, ApiError> {
+    let bad = |m: &str| ApiError::InvalidInput(m.to_owned());
+    let texts = match input {
+        Value::String(s) => vec![s],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(bad("'input' must be a string or a list of strings (token arrays are not supported)")),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad("'input' must be a string or a list of strings")),
+    };
+    if texts.is_empty() {
+        return Err(bad("'input' must not be an empty list"));
+    }
+    Ok(texts)
+}
+
+pub async fn embeddings(
+    State(state): State<AppState>,
+    axum::Extension(limits): axum::Extension<Arc<RestLimits>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpenAiError> {
+    let req: EmbeddingsRequest = parse_json(body, limits.max_request_bytes)?;
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::InvalidInput(format!(
+                "'encoding_format' must be \"float\" or \"base64\", got {other:?}"
+            ))
+            .into());
+        }
+    };
+    let texts = texts(req.input)?;
+    let info = state.ready_model(&req.model)?;
+    let (input_spec, output_spec) = text_embedding_io(&info)?;
+    let dim = output_spec.shape[1];
+    if let Some(d) = req.dimensions.filter(|&d| d as i64 != dim) {
+        return Err(ApiError::InvalidInput(format!(
+            "'dimensions' {d} is not supported: model {:?} returns {dim}",
+            req.model
+        ))
+        .into());
+    }
+    let output_name = output_spec.name.clone();
+    let input = Tensor {
+        name: input_spec.name.clone(),
+        datatype: DataType::Bytes as i32,
+        shape: vec![texts.len() as i64],
+        data: encode_bytes_elements(&texts).into(),
+    };
+    let deadline = state.deadline(None);
+    let outputs = state.infer(&req.model, vec![input], deadline).await?;
+
+    let find = |name: &str| outputs.iter().find(|t| t.name == name);
+    let emb = find(&output_name)
+        .ok_or_else(|| ApiError::Internal(format!("worker returned no {output_name:?} output")))?;
+    let row_bytes = dim as usize * 4;
+    let data = emb
+        .data
+        .chunks_exact(row_bytes)
+        .enumerate()
+        .map(|(index, row)| EmbeddingData {
+            object: "embedding",
+            index,
+            embedding: if base64 {
+                EmbeddingValue::Base64(base64::engine::general_purpose::STANDARD.encode(row))
+            } else {
+                EmbeddingValue::Float(row.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+            },
+        })
+        .collect();
+    let tokens: i64 = find(TOKEN_COUNT_OUTPUT)
+        .map(|t| t.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).sum())
+        .unwrap_or(0);
+    Ok(Json(EmbeddingsResponse {
+        object: "list",
+        data,
+        model: req.model,
+        usage: Usage { prompt_tokens: tokens, total_tokens: tokens },
+    })
+    .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_forms() {
+        assert_eq!(texts(json!("a")).unwrap(), vec!["a"]);
+        assert_eq!(texts(json!(["a", "b"])).unwrap(), vec!["a", "b"]);
+        assert!(texts(json!([])).unwrap_err().to_string().contains("empty"));
+        assert!(texts(json!([1, 2])).unwrap_err().to_string().contains("token arrays"));
+        assert!(texts(json!(5)).is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! Rankway gateway: a stateless OIP v2 / OpenAI embeddings front end that batches
+//! requests and sends each batch to rank 0 of a ready worker group.
+//!
+//! Layout: [`config`] (flags), [`frontend`] (REST, gRPC, OpenAI), [`state`] (the core
+//! every front end calls), [`model`] (request validation), [`batcher`] (per-model
+//! dynamic batching), [`pool`] (groups, health, capacity), [`metrics`], [`error`],
+//! [`app`] (assembly and shutdown).
+
+pub mod app;
+pub mod batcher;
+pub mod config;
+pub mod error;
+pub mod frontend;
+pub mod metrics;
+pub mod model;
+pub mod pool;
+pub mod state;

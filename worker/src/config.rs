@@ -1,0 +1,137 @@
+//! Command line of `rankway-worker`: every flag has an environment fallback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Rankway worker: runs a model shard with libtorch; rank 0 of a group serves
+/// `rankway.worker.v1.Worker` to the gateway.
+#[derive(Debug, Parser)]
+#[command(name = "rankway-worker", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, env = "RANKWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the model and serve batches over gRPC.
+    Serve(ServeArgs),
+    /// Measure in-process batched throughput of the loaded model (no network).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelKind {
+    /// all-MiniLM-L6-v2 sentence embeddings (BERT encoder, mean pooling, L2 norm).
+    Minilm,
+    /// Synthetic tensor-parallel MLP with seeded weights, for tests and benchmarks.
+    Mlp,
+}
+
+/// Which model to load and how to run libtorch.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model to serve.
+    #[arg(long, env = "RANKWAY_MODEL", value_enum, default_value_t = ModelKind::Minilm)]
+    pub model: ModelKind,
+    /// Folder with the MiniLM files (model.safetensors, tokenizer.json, config.json,
+    /// sentence_bert_config.json); `scripts/setup.sh` unpacks it into models/minilm.
+    #[arg(long, env = "RANKWAY_MODEL_DIR", default_value = "models/minilm")]
+    pub model_dir: PathBuf,
+    /// Name the model is served under (default: the model kind, e.g. "minilm").
+    #[arg(long, env = "RANKWAY_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// Width of the synthetic MLP (input and output features).
+    #[arg(long, env = "RANKWAY_MLP_HIDDEN", default_value_t = 256)]
+    pub mlp_hidden: i64,
+    /// Number of blocks of the synthetic MLP.
+    #[arg(long, env = "RANKWAY_MLP_LAYERS", default_value_t = 4)]
+    pub mlp_layers: i64,
+    /// Seed of the synthetic MLP's weights; every rank must use the same one.
+    #[arg(long, env = "RANKWAY_MLP_SEED", default_value_t = 42)]
+    pub mlp_seed: i64,
+    /// libtorch intra-op threads (default: the cores this process may use).
+    #[arg(long, env = "RANKWAY_TORCH_THREADS")]
+    pub torch_threads: Option<usize>,
+    /// Largest batch (rows) accepted in one call.
+    #[arg(long, env = "RANKWAY_MAX_BATCH_SIZE", default_value_t = 256)]
+    pub max_batch_size: u32,
+}
+
+impl ModelArgs {
+    pub fn served_name(&self) -> String {
+        self.model_name.clone().unwrap_or_else(|| {
+            self.model
+                .to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default()
+        })
+    }
+
+    pub fn torch_threads(&self) -> usize {
+        self.torch_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address of the gRPC server (rankway.worker.v1.Worker and grpc.health.v1).
+    #[arg(long, env = "RANKWAY_LISTEN", default_value = "0.0.0.0:9000")]
+    pub listen: SocketAddr,
+    /// Name of this group, reported in GroupStatus.
+    #[arg(long, env = "RANKWAY_GROUP", default_value = "default")]
+    pub group: String,
+    /// Batches that may wait for the model thread; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RANKWAY_QUEUE_CAPACITY", default_value_t = 8)]
+    pub queue_capacity: usize,
+    /// How long a graceful shutdown waits for in-flight batches.
+    #[arg(long, env = "RANKWAY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch_sizes: Vec<usize>,
+    /// Time spent measuring each batch size.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub duration: Duration,
+    /// Print one JSON object per batch size instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_defaults() {
+        let cli = Cli::try_parse_from(["rankway-worker", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        assert_eq!(args.listen.port(), 9000);
+        assert_eq!(args.model.served_name(), "minilm");
+        assert!(Cli::try_parse_from(["rankway-worker", "serve", "--model", "gpt"]).is_err());
+    }
+}

@@ -1,0 +1,51 @@
+use anyhow::Context;
+use clap::Parser;
+use rankway_worker::config::{Cli, Command, LogFormat};
+use rankway_worker::{bench, serve};
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => {
+            let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
+            rt.block_on(serve::serve(args, shutdown_signal()))?;
+        }
+        Command::Bench(args) => {
+            let rows = bench::run(&args)?;
+            if args.json {
+                for row in &rows {
+                    println!("{}", serde_json::to_string(row)?);
+                }
+            } else {
+                println!("{:>10} {:>10} {:>14} {:>14}", "batch", "batches", "rows/s", "ms/batch");
+                for r in &rows {
+                    println!(
+                        "{:>10} {:>10} {:>14.1} {:>14.2}",
+                        r.batch_size, r.batches, r.rows_per_sec, r.mean_batch_ms
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
