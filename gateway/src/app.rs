@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use http::HeaderValue;
 use rankway_proto::inference::grpc_inference_service_server::SERVICE_NAME as OIP_SERVICE;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -40,20 +39,23 @@ impl Listeners {
     }
 }
 
-/// gRPC status tonic gives a message over the decoding limit (OUT_OF_RANGE), rewritten
-/// to RESOURCE_EXHAUSTED as gRPC's own servers answer, with a clearer message.
-fn over_limit_is_resource_exhausted(limit: usize) -> impl Fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> + Clone {
-    move |mut resp| {
-        let h = resp.headers();
-        let over_limit = h.get("grpc-status").is_some_and(|v| v == "11")
-            && h.get("grpc-message").is_some_and(|m| m.to_str().unwrap_or("").contains("message length too large"));
-        if over_limit {
-            let msg = format!("request message is over the limit of {limit} bytes");
-            let h = resp.headers_mut();
-            h.insert("grpc-status", HeaderValue::from_static("8"));
-            h.insert("grpc-message", HeaderValue::from_str(&msg).expect("ASCII message"));
+/// tonic answers a message over the decoding limit with OUT_OF_RANGE; gRPC's own servers
+/// (and this gateway's contract) say RESOURCE_EXHAUSTED, with the limit in the message.
+/// tonic sends that status in the headers and keeps it in the response's extensions.
+fn over_limit_is_resource_exhausted(
+    limit: usize,
+) -> impl Fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> + Clone {
+    move |resp| {
+        let over_limit = resp.extensions().get::<tonic::Status>().is_some_and(|s| {
+            s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large")
+        });
+        if !over_limit {
+            return resp;
         }
-        resp
+        let status = tonic::Status::resource_exhausted(format!(
+            "request message is over the limit of {limit} bytes"
+        ));
+        status.into_http()
     }
 }
 
@@ -93,8 +95,8 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
         }
     });
 
-    let http_addr = listeners.http.local_addr().ok();
-    let grpc_addr = listeners.grpc.local_addr().ok();
+    let http_addr = listeners.http.local_addr().map_err(|source| AppError::Bind { addr: cfg.http_listen, source })?;
+    let grpc_addr = listeners.grpc.local_addr().map_err(|source| AppError::Bind { addr: cfg.grpc_listen, source })?;
     let mut stop_rest = stop_rx.clone();
     let rest = axum::serve(listeners.http, rest::router(state.clone(), cfg.max_request_bytes))
         .with_graceful_shutdown(async move {
@@ -111,7 +113,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
             let _ = stop_grpc.wait_for(|s| *s).await;
         });
     let grpc_server = tokio::spawn(async move { grpc_server.await.map_err(AppError::Grpc) });
-    tracing::info!(?http_addr, ?grpc_addr, groups = cfg.groups.len(), "gateway listening");
+    tracing::info!(%http_addr, %grpc_addr, groups = cfg.groups.len(), "gateway listening");
 
     shutdown.await;
     tracing::info!(drain_timeout = ?cfg.drain_timeout, "shutting down: refusing new connections, draining requests");

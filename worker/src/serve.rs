@@ -40,7 +40,7 @@ pub async fn serve_on(
     args: ServeArgs,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let addr = listener.local_addr().ok();
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: args.listen, source })?;
     let model_args = args.model.clone();
     let (engine, thread) = engine::spawn(
         Box::new(move || {
@@ -56,7 +56,7 @@ pub async fn serve_on(
     let (reporter, health) = tonic_health::server::health_reporter();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let health_task = tokio::spawn(track_health(reporter, stats.clone(), stop_rx.clone()));
-    tracing::info!(?addr, group = %args.group, model = %args.model.served_name(), "worker listening");
+    tracing::info!(%addr, group = %args.group, model = %args.model.served_name(), "worker listening");
 
     // The model thread ends only on failure while the server holds its sender.
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();

@@ -103,6 +103,7 @@ impl Worker for WorkerService {
             queue_depth: stats.queued.load(Ordering::Acquire) as u32,
             ready,
             reason,
+            batches_completed: stats.batches.load(Ordering::Acquire) as u64,
         }))
     }
 }

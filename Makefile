@@ -1,0 +1,36 @@
+# Rankway: `make run` serves on loopback, `make test` runs every test.
+SHELL := /bin/bash
+CARGO ?= cargo
+JOBS ?= 2
+# libtorch comes from the torch wheel in the project's venv (scripts/setup.sh).
+export LIBTORCH = $(firstword $(wildcard $(CURDIR)/.venv/lib/python3*/site-packages/torch))
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+.PHONY: all setup build run test bench lint clean
+
+all: build
+
+setup:
+	scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+
+## The main job on loopback: one worker with MiniLM behind the gateway.
+run: build
+	scripts/run.sh
+
+## The whole test suite: unit tests, then integration tests on the real binaries.
+test: build
+	$(CARGO) test --release -j$(JOBS) --workspace
+
+## Direct model throughput vs through the gateway (k6, 32 VUs).
+bench: build
+	scripts/bench.sh
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release -j$(JOBS) --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

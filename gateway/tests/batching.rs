@@ -1,0 +1,75 @@
+//! Concurrent single-text requests are batched: fewer worker batches than requests,
+//! and every caller gets its own embedding back.
+
+mod common;
+
+use common::{Gateway, Worker, assert_matches_reference, f32s, reference};
+use rankway_proto::codec::encode_bytes_elements;
+use rankway_proto::inference::ModelInferRequest;
+use rankway_proto::inference::model_infer_request::InferInputTensor;
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_batches_and_keep_their_own_results() {
+    let r = reference();
+    let worker = Worker::start(&[]);
+    // A wide batching window so the test does not depend on how fast clients start.
+    let gw = Gateway::start(&[&worker], &["--max-queue-delay-us=50000", "--max-batch-size=16"]);
+    gw.wait_ready().await;
+    let before = worker.batches_completed().await;
+
+    const N: usize = 32;
+    let http = reqwest::Client::new();
+    let grpc = gw.grpc_client().await;
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let idx = i % r.sentences.len();
+        let text = r.sentences[idx].clone();
+        let (http, mut grpc, url) = (http.clone(), grpc.clone(), gw.url("/v1/embeddings"));
+        tasks.push(tokio::spawn(async move {
+            let emb: Vec<f32> = if i % 2 == 0 {
+                let v: Value = http
+                    .post(url)
+                    .json(&json!({"model": "minilm", "input": [text]}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                v["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+            } else {
+                let req = ModelInferRequest {
+                    model_name: "minilm".into(),
+                    inputs: vec![InferInputTensor { name: "text".into(), datatype: "BYTES".into(), shape: vec![1], ..Default::default() }],
+                    raw_input_contents: vec![encode_bytes_elements(&[text]).into()],
+                    ..Default::default()
+                };
+                let resp = grpc.model_infer(req).await.unwrap().into_inner();
+                let i = resp.outputs.iter().position(|o| o.name == "embedding").unwrap();
+                f32s(&resp.raw_output_contents[i])
+            };
+            (idx, emb)
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap());
+    }
+    for (idx, emb) in &got {
+        assert_matches_reference("concurrent caller", &[emb.clone()], &r.embeddings[*idx..=*idx], &r.sentences[*idx..=*idx]);
+    }
+    let batches = worker.batches_completed().await - before;
+    assert!(batches >= 2, "32 rows with max batch 16 need at least 2 batches, saw {batches}");
+    assert!(batches < N as u64, "{N} concurrent requests ran as {batches} worker batches: not batched");
+    eprintln!("{N} concurrent requests -> {batches} worker batches");
+
+    // The gateway's own view agrees: its batch-size histogram saw multi-row batches.
+    let metrics = http.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let sent: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("rankway_batches_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(sent >= batches as f64, "gateway counted {sent} batches, worker ran {batches}");
+}

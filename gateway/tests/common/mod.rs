@@ -1,0 +1,237 @@
+//! Harness for integration tests: starts the real `rankway-worker` and `rankway-gateway`
+//! binaries on loopback (port 0, addresses read back from their JSON logs) and stops
+//! them when dropped.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rankway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use rankway_proto::worker::worker_client::WorkerClient;
+use serde_json::Value;
+use tonic::transport::Channel;
+
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// The worker binary: `RANKWAY_WORKER_BIN`, else the release build in `target/`.
+fn worker_bin() -> PathBuf {
+    let path = std::env::var_os("RANKWAY_WORKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/rankway-worker"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `make test` (or `cargo build --release -p rankway-worker`) first",
+        path.display()
+    );
+    path
+}
+
+pub fn model_dir() -> PathBuf {
+    let dir = workspace_root().join("models/minilm");
+    assert!(dir.join("model.safetensors").exists(), "{} is missing: run scripts/setup.sh", dir.display());
+    dir
+}
+
+/// A child process that is killed when dropped, with its log lines on a channel.
+pub struct Proc {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Self {
+        cmd.env("RANKWAY_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn process");
+        let stderr: ChildStderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log2.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, lines, log }
+    }
+
+    /// Waits for the JSON log line whose message is `message`; returns its fields.
+    fn wait_for_log(&mut self, message: &str) -> serde_json::Map<String, Value> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => panic!(
+                    "no {message:?} log line within {START_TIMEOUT:?}; exit: {:?}; log:\n{}",
+                    self.child.try_wait(),
+                    self.log.lock().unwrap().join("\n")
+                ),
+            };
+            let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(&line) else { continue };
+            if let Some(Value::Object(fields)) = obj.get("fields") {
+                if fields.get("message").and_then(Value::as_str) == Some(message) {
+                    return fields.clone();
+                }
+            }
+        }
+    }
+
+    fn addr_field(fields: &serde_json::Map<String, Value>, key: &str) -> SocketAddr {
+        fields
+            .get(key)
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("log field {key} is not an address: {fields:?}"))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `rankway-worker serve` process (a group of one rank).
+pub struct Worker {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Worker {
+    pub fn start(extra: &[&str]) -> Self {
+        let mut cmd = Command::new(worker_bin());
+        cmd.arg("serve")
+            .arg("--listen=127.0.0.1:0")
+            .arg(format!("--model-dir={}", model_dir().display()))
+            .arg("--torch-threads=1")
+            .args(extra);
+        let mut proc = Proc::spawn(cmd);
+        let fields = proc.wait_for_log("worker listening");
+        let addr = Proc::addr_field(&fields, "addr");
+        Self { proc, addr }
+    }
+
+    pub async fn client(&self) -> WorkerClient<Channel> {
+        WorkerClient::connect(format!("http://{}", self.addr)).await.expect("connect to worker")
+    }
+
+    /// Batches the worker has run so far.
+    pub async fn batches_completed(&self) -> u64 {
+        let status = self.client().await.group_status(rankway_proto::worker::GroupStatusRequest {}).await;
+        status.expect("group status").into_inner().batches_completed
+    }
+}
+
+/// One `rankway-gateway` process in front of the given workers.
+pub struct Gateway {
+    pub proc: Proc,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+impl Gateway {
+    pub fn start(workers: &[&Worker], extra: &[&str]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankway-gateway"));
+        cmd.arg("--http-listen=127.0.0.1:0")
+            .arg("--grpc-listen=127.0.0.1:0")
+            .arg("--health-interval=200ms")
+            .args(extra);
+        for (i, w) in workers.iter().enumerate() {
+            cmd.arg(format!("--group=g{i}={}", w.addr));
+        }
+        let mut proc = Proc::spawn(cmd);
+        let fields = proc.wait_for_log("gateway listening");
+        let http = Proc::addr_field(&fields, "http_addr");
+        let grpc = Proc::addr_field(&fields, "grpc_addr");
+        Self { proc, http, grpc }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub async fn grpc_client(&self) -> GrpcInferenceServiceClient<Channel> {
+        GrpcInferenceServiceClient::connect(format!("http://{}", self.grpc)).await.expect("connect to gateway")
+    }
+
+    /// Waits until the gateway reports ready (its groups passed a health check).
+    pub async fn wait_ready(&self) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let ok = http.get(self.url("/v2/health/ready")).send().await.map(|r| r.status().is_success());
+            if ok.unwrap_or(false) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "gateway not ready within {START_TIMEOUT:?}:\n{}", self.proc.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The sentence-transformers reference fixture.
+pub struct Reference {
+    pub sentences: Vec<String>,
+    pub token_counts: Vec<i64>,
+    pub embeddings: Vec<Vec<f32>>,
+}
+
+pub fn reference() -> Reference {
+    let path = workspace_root().join("tests/fixtures/minilm_reference.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read fixture")).expect("fixture JSON");
+    let strings = |k: &str| v[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect();
+    Reference {
+        sentences: strings("sentences"),
+        token_counts: v["token_counts"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect(),
+        embeddings: v["embeddings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+            .collect(),
+    }
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "vector lengths differ");
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+/// Asserts each vector matches the reference of the same sentence with cosine >= 0.9999.
+pub fn assert_matches_reference(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], sentences: &[String]) {
+    assert_eq!(got.len(), want.len(), "{what}: number of embeddings");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let c = cosine(g, w);
+        assert!(c >= 0.9999, "{what}: sentence {i} {:?}: cosine {c} < 0.9999", sentences[i]);
+    }
+}
+
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
