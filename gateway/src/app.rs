@@ -17,7 +17,10 @@ use crate::state::Gateway;
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Config(String),
     #[error("gRPC server: {0}")]
@@ -34,8 +37,15 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(cfg: &Config) -> Result<Self, AppError> {
-        let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| AppError::Bind { addr, source }) };
-        Ok(Self { http: bind(cfg.http_listen).await?, grpc: bind(cfg.grpc_listen).await? })
+        let bind = |addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::Bind { addr, source })
+        };
+        Ok(Self {
+            http: bind(cfg.http_listen).await?,
+            grpc: bind(cfg.grpc_listen).await?,
+        })
     }
 }
 
@@ -52,27 +62,46 @@ fn over_limit_is_resource_exhausted(
         if !over_limit {
             return resp;
         }
-        let status = tonic::Status::resource_exhausted(format!(
-            "request message is over the limit of {limit} bytes"
-        ));
+        let status =
+            tonic::Status::resource_exhausted(format!("request message is over the limit of {limit} bytes"));
         status.into_http()
     }
 }
 
 /// Runs the gateway until `shutdown` resolves, then drains within `drain_timeout`.
-pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AppError> {
     let groups = cfg
         .groups
         .iter()
-        .map(|g| Group::new(g.name.clone(), g.address.clone(), cfg.max_in_flight as usize, cfg.health_timeout))
+        .map(|g| {
+            Group::new(
+                g.name.clone(),
+                g.address.clone(),
+                cfg.max_in_flight as usize,
+                cfg.health_timeout,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(AppError::Config)?;
     let pool = Pool::new(groups);
     let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(Gateway::new(pool.clone(), metrics, cfg.batch(), cfg.request_timeout));
+    let state = Arc::new(Gateway::new(
+        pool.clone(),
+        metrics,
+        cfg.batch(),
+        cfg.request_timeout,
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let health_checks = tokio::spawn(pool.clone().run_health_checks(cfg.health_interval, cfg.health_timeout, stop_rx.clone()));
+    let health_checks = tokio::spawn(pool.clone().run_health_checks(
+        cfg.health_interval,
+        cfg.health_timeout,
+        stop_rx.clone(),
+    ));
 
     // grpc.health.v1 follows the pool: SERVING while some group is routable.
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -95,8 +124,14 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
         }
     });
 
-    let http_addr = listeners.http.local_addr().map_err(|source| AppError::Bind { addr: cfg.http_listen, source })?;
-    let grpc_addr = listeners.grpc.local_addr().map_err(|source| AppError::Bind { addr: cfg.grpc_listen, source })?;
+    let http_addr = listeners.http.local_addr().map_err(|source| AppError::Bind {
+        addr: cfg.http_listen,
+        source,
+    })?;
+    let grpc_addr = listeners.grpc.local_addr().map_err(|source| AppError::Bind {
+        addr: cfg.grpc_listen,
+        source,
+    })?;
     let mut stop_rest = stop_rx.clone();
     let rest = axum::serve(listeners.http, rest::router(state.clone(), cfg.max_request_bytes))
         .with_graceful_shutdown(async move {
@@ -106,7 +141,9 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
 
     let mut stop_grpc = stop_rx.clone();
     let grpc_server = tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(over_limit_is_resource_exhausted(cfg.max_request_bytes)))
+        .layer(tower::util::MapResponseLayer::new(
+            over_limit_is_resource_exhausted(cfg.max_request_bytes),
+        ))
         .add_service(health_service)
         .add_service(grpc::service(state.clone(), cfg.max_request_bytes))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {

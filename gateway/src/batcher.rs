@@ -72,15 +72,31 @@ static BATCH_IDS: AtomicU64 = AtomicU64::new(1);
 impl Batcher {
     pub fn spawn(model: String, cfg: BatchConfig, pool: Pool, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-        let task = BatchLoop { model: model.clone(), cfg, pool, metrics: metrics.clone(), rx };
+        let task = BatchLoop {
+            model: model.clone(),
+            cfg,
+            pool,
+            metrics: metrics.clone(),
+            rx,
+        };
         tokio::spawn(task.run());
-        Self { model, tx, cfg, metrics }
+        Self {
+            model,
+            tx,
+            cfg,
+            metrics,
+        }
     }
 
     /// Queues a validated request and waits for its own rows of the batch result.
     pub async fn submit(&self, request: ValidRequest, deadline: Instant) -> Result<Vec<Tensor>, ApiError> {
         let (reply, rx) = oneshot::channel();
-        let entry = Entry { request, deadline, enqueued: Instant::now(), reply };
+        let entry = Entry {
+            request,
+            deadline,
+            enqueued: Instant::now(),
+            reply,
+        };
         if self.tx.try_send(entry).is_err() {
             return Err(ApiError::QueueFull {
                 model: self.model.clone(),
@@ -92,7 +108,9 @@ impl Batcher {
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ApiError::Internal("batcher stopped before answering".into())),
-            Err(_) => Err(ApiError::DeadlineExceeded("no result before the request's deadline".into())),
+            Err(_) => Err(ApiError::DeadlineExceeded(
+                "no result before the request's deadline".into(),
+            )),
         }
     }
 }
@@ -122,7 +140,9 @@ impl BatchLoop {
                     None => return, // every handle dropped: the gateway is shutting down
                 },
             };
-            let Some(first) = first.still_wanted(Instant::now()) else { continue };
+            let Some(first) = first.still_wanted(Instant::now()) else {
+                continue;
+            };
 
             // Hold the first request until a group can take a batch; others queue meanwhile.
             let deadline = first.deadline;
@@ -150,7 +170,9 @@ impl BatchLoop {
                     Ok(Some(e)) => e,
                     Ok(None) | Err(_) => break,
                 };
-                let Some(next) = next.still_wanted(Instant::now()) else { continue };
+                let Some(next) = next.still_wanted(Instant::now()) else {
+                    continue;
+                };
                 if rows + next.request.rows > self.cfg.max_batch_size {
                     carry = Some(next);
                     break;
@@ -158,7 +180,12 @@ impl BatchLoop {
                 rows += next.request.rows;
                 batch.push(next);
             }
-            let dispatch = Dispatch { model: self.model.clone(), metrics: self.metrics.clone(), batch, rows };
+            let dispatch = Dispatch {
+                model: self.model.clone(),
+                metrics: self.metrics.clone(),
+                batch,
+                rows,
+            };
             tokio::spawn(dispatch.run(lease));
         }
     }
@@ -177,7 +204,8 @@ impl Dispatch {
         for e in &self.batch {
             self.metrics.observe_queue_time(&self.model, now - e.enqueued);
         }
-        self.metrics.observe_batch(&self.model, lease.group().name(), self.rows);
+        self.metrics
+            .observe_batch(&self.model, lease.group().name(), self.rows);
         // The batch is worth running while any of its callers still waits.
         let deadline = self.batch.iter().map(|e| e.deadline).max().unwrap_or(now);
         let timeout = deadline.saturating_duration_since(now);
@@ -230,7 +258,12 @@ fn concat_inputs(batch: &[Entry]) -> Vec<Tensor> {
             }
             let mut shape = first[i].shape.clone();
             shape[0] = rows;
-            Tensor { name: first[i].name.clone(), datatype: first[i].datatype, shape, data: data.into() }
+            Tensor {
+                name: first[i].name.clone(),
+                datatype: first[i].datatype,
+                shape,
+                data: data.into(),
+            }
         })
         .collect()
 }
@@ -260,11 +293,20 @@ fn split_outputs(outputs: Vec<Tensor>, sizes: &[usize]) -> Result<Vec<Vec<Tensor
             let mut shape = out.shape.clone();
             shape[0] = rows as i64;
             let data = match (&elements, dtype.element_size()) {
-                (Some(el), _) => Bytes::from(encode_bytes_elements(&el[offset * per_row..(offset + rows) * per_row])),
-                (None, Some(size)) => out.data.slice(offset * per_row * size..(offset + rows) * per_row * size),
+                (Some(el), _) => Bytes::from(encode_bytes_elements(
+                    &el[offset * per_row..(offset + rows) * per_row],
+                )),
+                (None, Some(size)) => out
+                    .data
+                    .slice(offset * per_row * size..(offset + rows) * per_row * size),
                 (None, None) => unreachable!("BYTES tensors were decoded above"),
             };
-            part.push(Tensor { name: out.name.clone(), datatype: out.datatype, shape, data });
+            part.push(Tensor {
+                name: out.name.clone(),
+                datatype: out.datatype,
+                shape,
+                data,
+            });
             offset += rows;
         }
     }
@@ -279,7 +321,12 @@ mod tests {
     #[test]
     fn split_keeps_each_callers_rows() {
         let values: Vec<u8> = (0..6u32).flat_map(|v| (v as f32).to_le_bytes()).collect();
-        let out = Tensor { name: "y".into(), datatype: DataType::Fp32 as i32, shape: vec![3, 2], data: values.into() };
+        let out = Tensor {
+            name: "y".into(),
+            datatype: DataType::Fp32 as i32,
+            shape: vec![3, 2],
+            data: values.into(),
+        };
         let names = Tensor {
             name: "n".into(),
             datatype: DataType::Bytes as i32,
@@ -289,14 +336,29 @@ mod tests {
         let parts = split_outputs(vec![out, names], &[1, 2]).unwrap();
         assert_eq!(parts[0][0].shape, vec![1, 2]);
         assert_eq!(parts[1][0].shape, vec![2, 2]);
-        let second: Vec<f32> = parts[1][0].data.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let second: Vec<f32> = parts[1][0]
+            .data
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(second, vec![2.0, 3.0, 4.0, 5.0]);
-        assert_eq!(decode_bytes_elements(&parts[1][1].data).unwrap(), vec![&b"b"[..], b"c"]);
+        assert_eq!(
+            decode_bytes_elements(&parts[1][1].data).unwrap(),
+            vec![&b"b"[..], b"c"]
+        );
     }
 
     #[test]
     fn split_rejects_a_wrong_row_count() {
-        let out = Tensor { name: "y".into(), datatype: DataType::Fp32 as i32, shape: vec![2, 1], data: vec![0; 8].into() };
-        assert!(matches!(split_outputs(vec![out], &[1, 2]), Err(ApiError::Internal(_))));
+        let out = Tensor {
+            name: "y".into(),
+            datatype: DataType::Fp32 as i32,
+            shape: vec![2, 1],
+            data: vec![0; 8].into(),
+        };
+        assert!(matches!(
+            split_outputs(vec![out], &[1, 2]),
+            Err(ApiError::Internal(_))
+        ));
     }
 }

@@ -72,7 +72,9 @@ fn parse_group(s: &str) -> Result<GroupAddr, String> {
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=HOST:PORT, got {s:?}"))?;
     let valid_name = !name.is_empty()
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if !valid_name {
         return Err(format!("group name {name:?} must be non-empty [A-Za-z0-9._-]"));
     }
@@ -80,7 +82,10 @@ fn parse_group(s: &str) -> Result<GroupAddr, String> {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
         _ => return Err(format!("group {name}: expected HOST:PORT, got {address:?}")),
     }
-    Ok(GroupAddr { name: name.to_owned(), address: address.to_owned() })
+    Ok(GroupAddr {
+        name: name.to_owned(),
+        address: address.to_owned(),
+    })
 }
 
 impl Config {
@@ -118,8 +123,14 @@ mod tests {
     #[test]
     fn rejects_bad_groups() {
         for bad in ["a", "=h:1", "a=h", "a=h:port", "a b=h:1"] {
-            assert!(Config::try_parse_from(["rankway-gateway", "--group", bad]).is_err(), "{bad}");
+            assert!(
+                Config::try_parse_from(["rankway-gateway", "--group", bad]).is_err(),
+                "{bad}"
+            );
         }
-        assert!(Config::try_parse_from(["rankway-gateway"]).is_err(), "a group is required");
+        assert!(
+            Config::try_parse_from(["rankway-gateway"]).is_err(),
+            "a group is required"
+        );
     }
 }

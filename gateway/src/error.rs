@@ -12,7 +12,11 @@ pub enum ApiError {
     #[error("{0}")]
     TooLarge(String),
     #[error("queue of model {model:?} is full ({capacity} requests waiting); retry later")]
-    QueueFull { model: String, capacity: usize, retry_after: Duration },
+    QueueFull {
+        model: String,
+        capacity: usize,
+        retry_after: Duration,
+    },
     #[error("{0}")]
     Unavailable(String),
     #[error("deadline exceeded: {0}")]
@@ -97,15 +101,31 @@ mod tests {
     fn codes_match_statuses() {
         let cases = [
             (ApiError::ModelNotFound("x".into()), 404, tonic::Code::NotFound),
-            (ApiError::InvalidInput("x".into()), 400, tonic::Code::InvalidArgument),
-            (ApiError::TooLarge("x".into()), 413, tonic::Code::ResourceExhausted),
             (
-                ApiError::QueueFull { model: "m".into(), capacity: 1, retry_after: Duration::from_secs(1) },
+                ApiError::InvalidInput("x".into()),
+                400,
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                ApiError::TooLarge("x".into()),
+                413,
+                tonic::Code::ResourceExhausted,
+            ),
+            (
+                ApiError::QueueFull {
+                    model: "m".into(),
+                    capacity: 1,
+                    retry_after: Duration::from_secs(1),
+                },
                 429,
                 tonic::Code::ResourceExhausted,
             ),
             (ApiError::Unavailable("x".into()), 503, tonic::Code::Unavailable),
-            (ApiError::DeadlineExceeded("x".into()), 504, tonic::Code::DeadlineExceeded),
+            (
+                ApiError::DeadlineExceeded("x".into()),
+                504,
+                tonic::Code::DeadlineExceeded,
+            ),
         ];
         for (err, http, grpc) in cases {
             assert_eq!(err.http_status().as_u16(), http, "{err:?}");

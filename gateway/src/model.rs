@@ -59,7 +59,10 @@ pub fn validate(info: &ModelInfo, mut inputs: Vec<Tensor>) -> Result<ValidReques
             info.name, info.max_batch_size
         ));
     }
-    Ok(ValidRequest { inputs: ordered, rows })
+    Ok(ValidRequest {
+        inputs: ordered,
+        rows,
+    })
 }
 
 fn check_tensor(spec: &TensorSpec, t: &Tensor) -> Result<(), ApiError> {
@@ -73,7 +76,10 @@ fn check_tensor(spec: &TensorSpec, t: &Tensor) -> Result<(), ApiError> {
         ));
     }
     let fits = t.shape.len() == spec.shape.len()
-        && t.shape.iter().zip(&spec.shape).all(|(&got, &want)| want == -1 || got == want);
+        && t.shape
+            .iter()
+            .zip(&spec.shape)
+            .all(|(&got, &want)| want == -1 || got == want);
     if !fits {
         return bad(format!(
             "input {:?} has shape {:?}; expected {:?} where -1 is the batch size",
@@ -81,7 +87,10 @@ fn check_tensor(spec: &TensorSpec, t: &Tensor) -> Result<(), ApiError> {
         ));
     }
     if t.shape.iter().any(|&d| d < 0) {
-        return bad(format!("input {:?} has a negative dimension in {:?}", t.name, t.shape));
+        return bad(format!(
+            "input {:?} has a negative dimension in {:?}",
+            t.name, t.shape
+        ));
     }
     if t.shape.first() == Some(&0) {
         return bad(format!("input {:?} is empty: give at least one element", t.name));
@@ -148,15 +157,28 @@ mod tests {
     fn info() -> ModelInfo {
         ModelInfo {
             name: "minilm".into(),
-            inputs: vec![TensorSpec { name: "text".into(), datatype: DataType::Bytes as i32, shape: vec![-1] }],
-            outputs: vec![TensorSpec { name: "embedding".into(), datatype: DataType::Fp32 as i32, shape: vec![-1, 384] }],
+            inputs: vec![TensorSpec {
+                name: "text".into(),
+                datatype: DataType::Bytes as i32,
+                shape: vec![-1],
+            }],
+            outputs: vec![TensorSpec {
+                name: "embedding".into(),
+                datatype: DataType::Fp32 as i32,
+                shape: vec![-1, 384],
+            }],
             max_batch_size: 4,
             ..Default::default()
         }
     }
 
     fn text(shape: Vec<i64>, data: Vec<u8>) -> Tensor {
-        Tensor { name: "text".into(), datatype: DataType::Bytes as i32, shape, data: data.into() }
+        Tensor {
+            name: "text".into(),
+            datatype: DataType::Bytes as i32,
+            shape,
+            data: data.into(),
+        }
     }
 
     fn err(r: Result<ValidRequest, ApiError>) -> String {
@@ -179,10 +201,25 @@ mod tests {
         let mut wrong_type = text(vec![1], vec![0; 4]);
         wrong_type.datatype = DataType::Fp32 as i32;
         assert!(err(validate(&i, vec![wrong_type])).contains("must be BYTES, got FP32"));
-        assert!(err(validate(&i, vec![text(vec![1, 1], encode_bytes_elements(&["a"]))])).contains("shape"));
+        assert!(
+            err(validate(
+                &i,
+                vec![text(vec![1, 1], encode_bytes_elements(&["a"]))]
+            ))
+            .contains("shape")
+        );
         assert!(err(validate(&i, vec![text(vec![0], vec![])])).contains("empty"));
-        assert!(err(validate(&i, vec![text(vec![2], encode_bytes_elements(&["a"]))])).contains("holds 1 elements"));
-        assert!(err(validate(&i, vec![text(vec![1], encode_bytes_elements(&[&[0xff, 0xfe][..]]))])).contains("UTF-8"));
+        assert!(
+            err(validate(&i, vec![text(vec![2], encode_bytes_elements(&["a"]))]))
+                .contains("holds 1 elements")
+        );
+        assert!(
+            err(validate(
+                &i,
+                vec![text(vec![1], encode_bytes_elements(&[&[0xff, 0xfe][..]]))]
+            ))
+            .contains("UTF-8")
+        );
         let five = encode_bytes_elements(&["a"; 5]);
         assert!(err(validate(&i, vec![text(vec![5], five)])).contains("at most 4"));
         let mut unknown = text(vec![1], encode_bytes_elements(&["a"]));

@@ -50,7 +50,12 @@ pub struct Group {
 }
 
 impl Group {
-    pub fn new(name: String, address: String, max_in_flight: usize, connect_timeout: Duration) -> Result<Self, String> {
+    pub fn new(
+        name: String,
+        address: String,
+        max_in_flight: usize,
+        connect_timeout: Duration,
+    ) -> Result<Self, String> {
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("group {name}: bad address {address:?}: {e}"))?
             .connect_timeout(connect_timeout)
@@ -113,7 +118,11 @@ impl Group {
                 v.ready = s.ready && s.model.is_some();
                 v.reason = s.reason;
                 v.world_size = s.world_size;
-                v.ranks_ready = s.ranks.iter().filter(|r| r.phase == RankPhase::Ready as i32).count() as u32;
+                v.ranks_ready = s
+                    .ranks
+                    .iter()
+                    .filter(|r| r.phase == RankPhase::Ready as i32)
+                    .count() as u32;
                 v.generation = s.generation;
                 v.model = s.model.as_ref().map(|m| m.name.clone());
                 v.model_info = s.model;
@@ -156,7 +165,11 @@ impl Lease {
         &self.group
     }
 
-    pub async fn infer(&self, request: InferRequest, timeout: Option<Duration>) -> Result<InferResponse, ApiError> {
+    pub async fn infer(
+        &self,
+        request: InferRequest,
+        timeout: Option<Duration>,
+    ) -> Result<InferResponse, ApiError> {
         self.group.batches.fetch_add(1, Ordering::Relaxed);
         let mut client = self.group.client.clone();
         let mut req = tonic::Request::new(request);
@@ -196,7 +209,8 @@ struct PoolInner {
 impl PoolInner {
     fn readiness_changed(&self) {
         let ready = self.groups.iter().any(|g| g.is_ready());
-        self.any_ready.send_if_modified(|r| std::mem::replace(r, ready) != ready);
+        self.any_ready
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
         self.changed.notify_waiters();
     }
 }
@@ -282,13 +296,19 @@ impl Pool {
 
             let candidates: Vec<&Arc<Group>> = self.inner.groups.iter().filter(|g| g.serves(model)).collect();
             if candidates.is_empty() {
-                return Err(ApiError::Unavailable(format!("no ready worker group serves model {model:?}")));
+                return Err(ApiError::Unavailable(format!(
+                    "no ready worker group serves model {model:?}"
+                )));
             }
             let start = self.inner.next.fetch_add(1, Ordering::Relaxed) as usize;
             for i in 0..candidates.len() {
                 let group = candidates[(start + i) % candidates.len()];
                 if let Ok(permit) = group.slots.clone().try_acquire_owned() {
-                    return Ok(Lease { group: group.clone(), pool: self.inner.clone(), _permit: permit });
+                    return Ok(Lease {
+                        group: group.clone(),
+                        pool: self.inner.clone(),
+                        _permit: permit,
+                    });
                 }
             }
             changed.await;

@@ -23,7 +23,13 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(pool: Pool, metrics: Arc<Metrics>, batch: BatchConfig, request_timeout: Duration) -> Self {
-        Self { pool, metrics, batch, request_timeout, batchers: Mutex::new(HashMap::new()) }
+        Self {
+            pool,
+            metrics,
+            batch,
+            request_timeout,
+            batchers: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The model's signature if a ready group serves it; otherwise why not.
@@ -33,7 +39,9 @@ impl Gateway {
         }
         let known = self.pool.views().iter().any(|v| v.model.as_deref() == Some(name));
         if known {
-            Err(ApiError::Unavailable(format!("model {name:?} has no ready worker group")))
+            Err(ApiError::Unavailable(format!(
+                "model {name:?} has no ready worker group"
+            )))
         } else {
             Err(ApiError::ModelNotFound(name.to_owned()))
         }
@@ -46,7 +54,12 @@ impl Gateway {
     }
 
     /// Validates `inputs` for `model`, queues them and waits for their rows of the batch.
-    pub async fn infer(&self, model: &str, inputs: Vec<Tensor>, deadline: Instant) -> Result<Vec<Tensor>, ApiError> {
+    pub async fn infer(
+        &self,
+        model: &str,
+        inputs: Vec<Tensor>,
+        deadline: Instant,
+    ) -> Result<Vec<Tensor>, ApiError> {
         let result = async {
             let info = self.ready_model(model)?;
             let request = validate(&info, inputs)?;
@@ -62,7 +75,14 @@ impl Gateway {
     fn batcher(&self, model: &str) -> Batcher {
         let mut map = self.batchers.lock().expect("batchers lock");
         map.entry(model.to_owned())
-            .or_insert_with(|| Batcher::spawn(model.to_owned(), self.batch, self.pool.clone(), self.metrics.clone()))
+            .or_insert_with(|| {
+                Batcher::spawn(
+                    model.to_owned(),
+                    self.batch,
+                    self.pool.clone(),
+                    self.metrics.clone(),
+                )
+            })
             .clone()
     }
 }

@@ -37,11 +37,21 @@ async fn concurrent_requests_share_batches_and_keep_their_own_results() {
                     .json()
                     .await
                     .unwrap();
-                v["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+                v["data"][0]["embedding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
             } else {
                 let req = ModelInferRequest {
                     model_name: "minilm".into(),
-                    inputs: vec![InferInputTensor { name: "text".into(), datatype: "BYTES".into(), shape: vec![1], ..Default::default() }],
+                    inputs: vec![InferInputTensor {
+                        name: "text".into(),
+                        datatype: "BYTES".into(),
+                        shape: vec![1],
+                        ..Default::default()
+                    }],
                     raw_input_contents: vec![encode_bytes_elements(&[text]).into()],
                     ..Default::default()
                 };
@@ -57,19 +67,40 @@ async fn concurrent_requests_share_batches_and_keep_their_own_results() {
         got.push(t.await.unwrap());
     }
     for (idx, emb) in &got {
-        assert_matches_reference("concurrent caller", &[emb.clone()], &r.embeddings[*idx..=*idx], &r.sentences[*idx..=*idx]);
+        assert_matches_reference(
+            "concurrent caller",
+            std::slice::from_ref(emb),
+            &r.embeddings[*idx..=*idx],
+            &r.sentences[*idx..=*idx],
+        );
     }
     let batches = worker.batches_completed().await - before;
-    assert!(batches >= 2, "32 rows with max batch 16 need at least 2 batches, saw {batches}");
-    assert!(batches < N as u64, "{N} concurrent requests ran as {batches} worker batches: not batched");
+    assert!(
+        batches >= 2,
+        "32 rows with max batch 16 need at least 2 batches, saw {batches}"
+    );
+    assert!(
+        batches < N as u64,
+        "{N} concurrent requests ran as {batches} worker batches: not batched"
+    );
     eprintln!("{N} concurrent requests -> {batches} worker batches");
 
     // The gateway's own view agrees: its batch-size histogram saw multi-row batches.
-    let metrics = http.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let sent: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("rankway_batches_total{"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
-    assert!(sent >= batches as f64, "gateway counted {sent} batches, worker ran {batches}");
+    assert!(
+        sent >= batches as f64,
+        "gateway counted {sent} batches, worker ran {batches}"
+    );
 }

@@ -7,11 +7,18 @@ use base64::Engine;
 use common::{Gateway, Worker, assert_matches_reference, f32s, reference};
 use rankway_proto::codec::encode_bytes_elements;
 use rankway_proto::inference::model_infer_request::InferInputTensor;
-use rankway_proto::inference::{InferTensorContents, ModelInferRequest, ModelMetadataRequest, ServerReadyRequest};
+use rankway_proto::inference::{
+    InferTensorContents, ModelInferRequest, ModelMetadataRequest, ServerReadyRequest,
+};
 use serde_json::{Value, json};
 
 fn rows(data: &Value, dim: usize) -> Vec<Vec<f32>> {
-    let flat: Vec<f32> = data.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let flat: Vec<f32> = data
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
     flat.chunks(dim).map(<[f32]>::to_vec).collect()
 }
 
@@ -28,7 +35,12 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
         "id": "req-1",
         "inputs": [{"name": "text", "shape": [r.sentences.len()], "datatype": "BYTES", "data": r.sentences}],
     });
-    let resp = http.post(gw.url("/v2/models/minilm/infer")).json(&body).send().await.unwrap();
+    let resp = http
+        .post(gw.url("/v2/models/minilm/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["id"], "req-1");
@@ -39,8 +51,16 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
     assert_eq!(emb["shape"], json!([r.sentences.len(), 384]));
     assert_matches_reference("OIP REST", &rows(&emb["data"], 384), &r.embeddings, &r.sentences);
     let tokens = outputs.iter().find(|o| o["name"] == "token_count").unwrap();
-    let counts: Vec<i64> = tokens["data"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
-    assert_eq!(counts, r.token_counts, "token counts (the long text is truncated at 256)");
+    let counts: Vec<i64> = tokens["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        counts, r.token_counts,
+        "token counts (the long text is truncated at 256)"
+    );
     assert_eq!(*counts.last().unwrap(), 256);
 
     // Only the requested output comes back.
@@ -48,14 +68,27 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
         "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [r.sentences[0]]}],
         "outputs": [{"name": "token_count"}],
     });
-    let v: Value = http.post(gw.url("/v2/models/minilm/infer")).json(&body).send().await.unwrap().json().await.unwrap();
+    let v: Value = http
+        .post(gw.url("/v2/models/minilm/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["outputs"].as_array().unwrap().len(), 1);
     assert_eq!(v["outputs"][0]["name"], "token_count");
 
     // OpenAI embeddings, float and base64 (the official client's default)
     for format in ["float", "base64"] {
         let body = json!({"model": "minilm", "input": r.sentences, "encoding_format": format});
-        let resp = http.post(gw.url("/v1/embeddings")).json(&body).send().await.unwrap();
+        let resp = http
+            .post(gw.url("/v1/embeddings"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["object"], "list");
@@ -68,8 +101,17 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
                 assert_eq!(d["index"], i);
                 assert_eq!(d["object"], "embedding");
                 match format {
-                    "float" => d["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect(),
-                    _ => f32s(&base64::engine::general_purpose::STANDARD.decode(d["embedding"].as_str().unwrap()).unwrap()),
+                    "float" => d["embedding"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                        .collect(),
+                    _ => f32s(
+                        &base64::engine::general_purpose::STANDARD
+                            .decode(d["embedding"].as_str().unwrap())
+                            .unwrap(),
+                    ),
                 }
             })
             .collect();
@@ -88,17 +130,47 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
         .json()
         .await
         .unwrap();
-    let one = vec![v["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()];
-    assert_matches_reference("OpenAI single string", &one, &r.embeddings[1..2], &r.sentences[1..2]);
+    let one = vec![
+        v["data"][0]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect(),
+    ];
+    assert_matches_reference(
+        "OpenAI single string",
+        &one,
+        &r.embeddings[1..2],
+        &r.sentences[1..2],
+    );
 
     // OIP v2 gRPC: raw_input_contents and typed contents
     let mut grpc = gw.grpc_client().await;
-    assert!(grpc.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
-    let meta = grpc.model_metadata(ModelMetadataRequest { name: "minilm".into(), version: String::new() }).await.unwrap().into_inner();
+    assert!(
+        grpc.server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let meta = grpc
+        .model_metadata(ModelMetadataRequest {
+            name: "minilm".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(meta.inputs[0].datatype, "BYTES");
     assert_eq!(meta.outputs[0].shape, vec![-1, 384]);
     let n = r.sentences.len() as i64;
-    let input = InferInputTensor { name: "text".into(), datatype: "BYTES".into(), shape: vec![n], ..Default::default() };
+    let input = InferInputTensor {
+        name: "text".into(),
+        datatype: "BYTES".into(),
+        shape: vec![n],
+        ..Default::default()
+    };
     let raw_req = ModelInferRequest {
         model_name: "minilm".into(),
         id: "g-1".into(),
@@ -110,7 +182,11 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
         model_name: "minilm".into(),
         inputs: vec![InferInputTensor {
             contents: Some(InferTensorContents {
-                bytes_contents: r.sentences.iter().map(|s| s.clone().into_bytes().into()).collect(),
+                bytes_contents: r
+                    .sentences
+                    .iter()
+                    .map(|s| s.clone().into_bytes().into())
+                    .collect(),
                 ..Default::default()
             }),
             ..input
@@ -122,18 +198,30 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
         let i = resp.outputs.iter().position(|o| o.name == "embedding").unwrap();
         assert_eq!(resp.outputs[i].shape, vec![n, 384]);
         assert_eq!(resp.outputs[i].datatype, "FP32");
-        let got: Vec<Vec<f32>> = f32s(&resp.raw_output_contents[i]).chunks(384).map(<[f32]>::to_vec).collect();
+        let got: Vec<Vec<f32>> = f32s(&resp.raw_output_contents[i])
+            .chunks(384)
+            .map(<[f32]>::to_vec)
+            .collect();
         assert_matches_reference(what, &got, &r.embeddings, &r.sentences);
     }
 
     // grpc.health.v1 on the gateway says SERVING once a group is ready.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", gw.grpc)).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", gw.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "inference.GRPCInferenceService".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "inference.GRPCInferenceService".into(),
+        })
         .await
         .unwrap()
         .into_inner()
         .status;
-    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 }

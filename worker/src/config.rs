@@ -81,11 +81,8 @@ impl ModelArgs {
     }
 
     pub fn torch_threads(&self) -> usize {
-        self.torch_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        self.torch_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
     }
 }
 
@@ -129,7 +126,9 @@ mod tests {
     #[test]
     fn serve_defaults() {
         let cli = Cli::try_parse_from(["rankway-worker", "serve"]).unwrap();
-        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
         assert_eq!(args.listen.port(), 9000);
         assert_eq!(args.model.served_name(), "minilm");
         assert!(Cli::try_parse_from(["rankway-worker", "serve", "--model", "gpt"]).is_err());

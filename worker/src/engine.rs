@@ -90,15 +90,17 @@ pub fn spawn(
     let (tx, rx) = mpsc::sync_channel::<Job>(capacity);
     let stats = Arc::new(EngineStats::default());
     let thread_stats = stats.clone();
-    let thread = std::thread::Builder::new().name("rankway-model".into()).spawn(move || {
-        let stats = thread_stats;
-        let result = run(load, torch_threads, &stats, rx);
-        if let Err(e) = &result {
-            let _ = stats.failure.set(e.to_string());
-        }
-        stats.ready.store(false, Ordering::Release);
-        result
-    })?;
+    let thread = std::thread::Builder::new()
+        .name("rankway-model".into())
+        .spawn(move || {
+            let stats = thread_stats;
+            let result = run(load, torch_threads, &stats, rx);
+            if let Err(e) = &result {
+                let _ = stats.failure.set(e.to_string());
+            }
+            stats.ready.store(false, Ordering::Release);
+            result
+        })?;
     Ok((EngineHandle { tx, capacity, stats }, thread))
 }
 
@@ -135,13 +137,20 @@ fn run(
             continue;
         }
         stats.running.fetch_add(1, Ordering::AcqRel);
-        let result = run_batch(model.as_ref(), comm.as_ref(), &job.inputs).map(|(outputs, rows)| {
-            EngineOutput { outputs, rows, queue_time: now - job.enqueued, compute_time: now.elapsed() }
-        });
+        let result =
+            run_batch(model.as_ref(), comm.as_ref(), &job.inputs).map(|(outputs, rows)| EngineOutput {
+                outputs,
+                rows,
+                queue_time: now - job.enqueued,
+                compute_time: now.elapsed(),
+            });
         stats.running.fetch_sub(1, Ordering::AcqRel);
         stats.batches.fetch_add(1, Ordering::AcqRel);
         // A failed collective leaves the group unusable: report it and stop serving.
-        let fatal = matches!(&result, Err(ModelError::Collective(_)) | Err(ModelError::Torch(_)));
+        let fatal = matches!(
+            &result,
+            Err(ModelError::Collective(_)) | Err(ModelError::Torch(_))
+        );
         let err_text = result.as_ref().err().map(|e| e.to_string());
         let _ = job.reply.send(result.map_err(EngineError::from));
         if fatal {
@@ -177,7 +186,12 @@ impl EngineHandle {
             return Err(EngineError::NotReady(why));
         }
         let (reply, rx) = oneshot::channel();
-        let job = Job { inputs, deadline, enqueued: Instant::now(), reply };
+        let job = Job {
+            inputs,
+            deadline,
+            enqueued: Instant::now(),
+            reply,
+        };
         self.stats.queued.fetch_add(1, Ordering::AcqRel);
         match self.tx.try_send(job) {
             Ok(()) => {}
@@ -198,7 +212,12 @@ impl EngineHandle {
         let (reply, rx) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::AcqRel);
         self.tx
-            .send(Job { inputs, deadline: None, enqueued: Instant::now(), reply })
+            .send(Job {
+                inputs,
+                deadline: None,
+                enqueued: Instant::now(),
+                reply,
+            })
             .map_err(|_| EngineError::Stopped)?;
         rx.blocking_recv().map_err(|_| EngineError::Stopped)?
     }

@@ -6,7 +6,9 @@ use rankway_worker::{bench, serve};
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -37,7 +39,10 @@ fn main() -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string(row)?);
                 }
             } else {
-                println!("{:>10} {:>10} {:>14} {:>14}", "batch", "batches", "rows/s", "ms/batch");
+                println!(
+                    "{:>10} {:>10} {:>14} {:>14}",
+                    "batch", "batches", "rows/s", "ms/batch"
+                );
                 for r in &rows {
                     println!(
                         "{:>10} {:>10} {:>14.1} {:>14.2}",

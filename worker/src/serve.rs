@@ -14,7 +14,10 @@ use crate::server::{WorkerService, track_health};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot start the model thread: {0}")]
     Thread(std::io::Error),
     #[error("model thread failed: {0}")]
@@ -30,7 +33,10 @@ pub enum ServeError {
 pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let listener = TcpListener::bind(args.listen)
         .await
-        .map_err(|source| ServeError::Bind { addr: args.listen, source })?;
+        .map_err(|source| ServeError::Bind {
+            addr: args.listen,
+            source,
+        })?;
     serve_on(listener, args, shutdown).await
 }
 
@@ -40,7 +46,10 @@ pub async fn serve_on(
     args: ServeArgs,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: args.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: args.listen,
+        source,
+    })?;
     let model_args = args.model.clone();
     let (engine, thread) = engine::spawn(
         Box::new(move || {

@@ -44,7 +44,12 @@ impl WorkerService {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-        Self { engine, group, generation, host }
+        Self {
+            engine,
+            group,
+            generation,
+            host,
+        }
     }
 
     pub fn into_server(self) -> WorkerServer<Self> {
@@ -58,8 +63,7 @@ impl WorkerService {
 impl Worker for WorkerService {
     async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
         let req = request.into_inner();
-        let deadline = (req.timeout_ms > 0)
-            .then(|| Instant::now() + Duration::from_millis(req.timeout_ms));
+        let deadline = (req.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(req.timeout_ms));
         let started = Instant::now();
         let out = self.engine.infer(req.inputs, deadline).await;
         match &out {
@@ -97,7 +101,11 @@ impl Worker for WorkerService {
             group: self.group.clone(),
             generation: self.generation,
             world_size: 1,
-            ranks: vec![RankState { rank: 0, phase: phase as i32, host: self.host.clone() }],
+            ranks: vec![RankState {
+                rank: 0,
+                phase: phase as i32,
+                host: self.host.clone(),
+            }],
             model: stats.info().cloned(),
             batches_in_flight: stats.running.load(Ordering::Acquire) as u32,
             queue_depth: stats.queued.load(Ordering::Acquire) as u32,

@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 
-use rankway_proto::inference::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use rankway_proto::codec::push_bytes_element;
+use rankway_proto::inference::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
 use rankway_proto::inference::model_infer_request::InferInputTensor;
 use rankway_proto::inference::model_infer_response::InferOutputTensor;
 use rankway_proto::inference::model_metadata_response::TensorMetadata;
@@ -14,7 +17,6 @@ use rankway_proto::inference::{
     ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
     ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
-use rankway_proto::codec::push_bytes_element;
 use rankway_proto::worker::{DataType, Tensor, TensorSpec};
 use tonic::{Request, Response, Status};
 
@@ -26,7 +28,10 @@ pub struct InferenceService {
 }
 
 /// The OIP service with the gateway's message size limit applied to requests.
-pub fn service(state: Arc<Gateway>, max_request_bytes: usize) -> GrpcInferenceServiceServer<InferenceService> {
+pub fn service(
+    state: Arc<Gateway>,
+    max_request_bytes: usize,
+) -> GrpcInferenceServiceServer<InferenceService> {
     GrpcInferenceServiceServer::new(InferenceService { state })
         .max_decoding_message_size(max_request_bytes)
         .max_encoding_message_size(usize::MAX)
@@ -86,7 +91,12 @@ fn to_tensors(inputs: Vec<InferInputTensor>, raw: Vec<bytes::Bytes>) -> Result<V
                 (None, Some(c)) => contents_to_raw(&i.name, dtype, c)?.into(),
                 (None, None) => bytes::Bytes::new(),
             };
-            Ok(Tensor { name: i.name, datatype: dtype as i32, shape: i.shape, data })
+            Ok(Tensor {
+                name: i.name,
+                datatype: dtype as i32,
+                shape: i.shape,
+                data,
+            })
         })
         .collect()
 }
@@ -94,21 +104,36 @@ fn to_tensors(inputs: Vec<InferInputTensor>, raw: Vec<bytes::Bytes>) -> Result<V
 fn metadata(specs: &[TensorSpec]) -> Vec<TensorMetadata> {
     specs
         .iter()
-        .map(|s| TensorMetadata { name: s.name.clone(), datatype: s.datatype().oip_name().into(), shape: s.shape.clone() })
+        .map(|s| TensorMetadata {
+            name: s.name.clone(),
+            datatype: s.datatype().oip_name().into(),
+            shape: s.shape.clone(),
+        })
         .collect()
 }
 
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceService {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: self.state.pool.any_ready() }))
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.state.pool.any_ready(),
+        }))
     }
 
-    async fn model_ready(&self, req: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        req: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
         let ready = match self.state.ready_model(&req.get_ref().name) {
             Ok(_) => true,
             Err(ApiError::Unavailable(_)) => false,
@@ -147,20 +172,31 @@ impl GrpcInferenceService for InferenceService {
         }))
     }
 
-    async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        req: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
         let req = req.into_inner();
         let inputs = to_tensors(req.inputs, req.raw_input_contents)?;
         let requested: Vec<String> = req.outputs.into_iter().map(|o| o.name).collect();
         let deadline = self.state.deadline(None);
         let outputs = self.state.infer(&req.model_name, inputs, deadline).await?;
         let outputs = super::select_outputs(outputs, &requested)?;
-        let version = self.state.pool.known_model_info(&req.model_name).map(|i| i.version).unwrap_or_default();
+        let version = self
+            .state
+            .pool
+            .known_model_info(&req.model_name)
+            .map(|i| i.version)
+            .unwrap_or_default();
         let (meta, raw): (Vec<_>, Vec<_>) = outputs
             .into_iter()
             .map(|t| {
                 let meta = InferOutputTensor {
                     name: t.name,
-                    datatype: DataType::try_from(t.datatype).unwrap_or_default().oip_name().into(),
+                    datatype: DataType::try_from(t.datatype)
+                        .unwrap_or_default()
+                        .oip_name()
+                        .into(),
                     shape: t.shape,
                     ..Default::default()
                 };
@@ -184,12 +220,21 @@ mod tests {
     use rankway_proto::codec::decode_bytes_elements;
 
     fn input(datatype: &str, contents: Option<InferTensorContents>) -> InferInputTensor {
-        InferInputTensor { name: "text".into(), datatype: datatype.into(), shape: vec![2], contents, ..Default::default() }
+        InferInputTensor {
+            name: "text".into(),
+            datatype: datatype.into(),
+            shape: vec![2],
+            contents,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn typed_contents_become_raw() {
-        let c = InferTensorContents { bytes_contents: vec!["ab".into(), "c".into()], ..Default::default() };
+        let c = InferTensorContents {
+            bytes_contents: vec!["ab".into(), "c".into()],
+            ..Default::default()
+        };
         let t = to_tensors(vec![input("BYTES", Some(c))], vec![]).unwrap();
         assert_eq!(decode_bytes_elements(&t[0].data).unwrap(), vec![&b"ab"[..], b"c"]);
     }
@@ -197,9 +242,20 @@ mod tests {
     #[test]
     fn raw_and_contents_conflicts_are_refused() {
         let c = InferTensorContents::default();
-        let e = to_tensors(vec![input("BYTES", Some(c))], vec![bytes::Bytes::from_static(b"x")]).unwrap_err();
-        assert!(e.to_string().contains("both contents and raw_input_contents"), "{e}");
-        let e = to_tensors(vec![input("BYTES", None), input("BYTES", None)], vec![bytes::Bytes::new()]).unwrap_err();
+        let e = to_tensors(
+            vec![input("BYTES", Some(c))],
+            vec![bytes::Bytes::from_static(b"x")],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("both contents and raw_input_contents"),
+            "{e}"
+        );
+        let e = to_tensors(
+            vec![input("BYTES", None), input("BYTES", None)],
+            vec![bytes::Bytes::new()],
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("one per input"), "{e}");
         let e = to_tensors(vec![input("STRING", None)], vec![]).unwrap_err();
         assert!(e.to_string().contains("unknown datatype"), "{e}");

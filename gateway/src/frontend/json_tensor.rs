@@ -79,7 +79,10 @@ pub fn input_to_tensor(input: JsonInput) -> Result<Tensor, ApiError> {
                 data.extend_from_slice(&x.to_le_bytes());
             }
             DataType::Int32 => {
-                let x = v.as_i64().and_then(|x| i32::try_from(x).ok()).ok_or_else(|| kind_err(i, "a 32-bit integer"))?;
+                let x = v
+                    .as_i64()
+                    .and_then(|x| i32::try_from(x).ok())
+                    .ok_or_else(|| kind_err(i, "a 32-bit integer"))?;
                 data.extend_from_slice(&x.to_le_bytes());
             }
             DataType::Bool => {
@@ -94,11 +97,18 @@ pub fn input_to_tensor(input: JsonInput) -> Result<Tensor, ApiError> {
             }
         }
     }
-    Ok(Tensor { name, datatype: dtype as i32, shape: input.shape, data: data.into() })
+    Ok(Tensor {
+        name,
+        datatype: dtype as i32,
+        shape: input.shape,
+        data: data.into(),
+    })
 }
 
 fn le_values<const N: usize, T>(data: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-    data.chunks_exact(N).map(|c| f(c.try_into().expect("chunk of N bytes"))).collect()
+    data.chunks_exact(N)
+        .map(|c| f(c.try_into().expect("chunk of N bytes")))
+        .collect()
 }
 
 pub fn tensor_to_output(t: &Tensor) -> Result<JsonOutput, ApiError> {
@@ -124,7 +134,12 @@ pub fn tensor_to_output(t: &Tensor) -> Result<JsonOutput, ApiError> {
             )));
         }
     };
-    Ok(JsonOutput { name: t.name.clone(), datatype: dtype.oip_name(), shape: t.shape.clone(), data })
+    Ok(JsonOutput {
+        name: t.name.clone(),
+        datatype: dtype.oip_name(),
+        shape: t.shape.clone(),
+        data,
+    })
 }
 
 #[cfg(test)]
@@ -138,7 +153,8 @@ mod tests {
 
     #[test]
     fn nested_fp32_round_trips() {
-        let t = input(json!({"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2.5], [3, -4]]})).unwrap();
+        let t = input(json!({"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2.5], [3, -4]]}))
+            .unwrap();
         let out = serde_json::to_value(tensor_to_output(&t).unwrap()).unwrap();
         assert_eq!(out["data"], json!([1.0, 2.5, 3.0, -4.0]));
         assert_eq!(out["shape"], json!([2, 2]));

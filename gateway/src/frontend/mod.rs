@@ -20,7 +20,9 @@ pub fn select_outputs(outputs: Vec<Tensor>, requested: &[String]) -> Result<Vec<
         .map(|name| {
             outputs.iter().find(|t| &t.name == name).cloned().ok_or_else(|| {
                 let have: Vec<_> = outputs.iter().map(|t| t.name.as_str()).collect();
-                ApiError::InvalidInput(format!("unknown output {name:?}; the model's outputs are {have:?}"))
+                ApiError::InvalidInput(format!(
+                    "unknown output {name:?}; the model's outputs are {have:?}"
+                ))
             })
         })
         .collect()

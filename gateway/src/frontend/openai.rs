@@ -92,7 +92,9 @@ fn texts(input: Value) -> Result<Vec<String>, ApiError> {
             .into_iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s),
-                _ => Err(bad("'input' must be a string or a list of strings (token arrays are not supported)")),
+                _ => Err(bad(
+                    "'input' must be a string or a list of strings (token arrays are not supported)",
+                )),
             })
             .collect::<Result<_, _>>()?,
         _ => return Err(bad("'input' must be a string or a list of strings")),
@@ -154,18 +156,30 @@ pub async fn embeddings(
             embedding: if base64 {
                 EmbeddingValue::Base64(base64::engine::general_purpose::STANDARD.encode(row))
             } else {
-                EmbeddingValue::Float(row.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+                EmbeddingValue::Float(
+                    row.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                        .collect(),
+                )
             },
         })
         .collect();
     let tokens: i64 = find(TOKEN_COUNT_OUTPUT)
-        .map(|t| t.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).sum())
+        .map(|t| {
+            t.data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .sum()
+        })
         .unwrap_or(0);
     Ok(Json(EmbeddingsResponse {
         object: "list",
         data,
         model: req.model,
-        usage: Usage { prompt_tokens: tokens, total_tokens: tokens },
+        usage: Usage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
     })
     .into_response())
 }
@@ -179,7 +193,12 @@ mod tests {
         assert_eq!(texts(json!("a")).unwrap(), vec!["a"]);
         assert_eq!(texts(json!(["a", "b"])).unwrap(), vec!["a", "b"]);
         assert!(texts(json!([])).unwrap_err().to_string().contains("empty"));
-        assert!(texts(json!([1, 2])).unwrap_err().to_string().contains("token arrays"));
+        assert!(
+            texts(json!([1, 2]))
+                .unwrap_err()
+                .to_string()
+                .contains("token arrays")
+        );
         assert!(texts(json!(5)).is_err());
     }
 }

@@ -34,7 +34,8 @@ impl From<ApiError> for OipError {
 pub fn with_retry_after(mut resp: Response, err: &ApiError) -> Response {
     if let Some(after) = err.retry_after() {
         let secs = after.as_secs().max(1).to_string();
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_str(&secs).expect("digits"));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_str(&secs).expect("digits"));
     }
     resp
 }
@@ -116,7 +117,9 @@ async fn track_request(State(state): State<AppState>, req: Request, next: Next) 
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let started = Instant::now();
     let resp = next.run(req).await;
-    state.metrics.observe_request(&route, resp.status().as_str(), started.elapsed());
+    state
+        .metrics
+        .observe_request(&route, resp.status().as_str(), started.elapsed());
     resp
 }
 
@@ -131,7 +134,11 @@ async fn live() -> Json<serde_json::Value> {
 
 async fn ready(State(state): State<AppState>) -> Response {
     let ready = state.pool.any_ready();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(json!({ "ready": ready }))).into_response()
 }
 
@@ -144,8 +151,14 @@ async fn server_metadata(State(state): State<AppState>) -> Json<serde_json::Valu
     }))
 }
 
-async fn model_metadata(State(state): State<AppState>, Path(model): Path<String>) -> Result<Response, OipError> {
-    let info = state.pool.known_model_info(&model).ok_or(ApiError::ModelNotFound(model))?;
+async fn model_metadata(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Response, OipError> {
+    let info = state
+        .pool
+        .known_model_info(&model)
+        .ok_or(ApiError::ModelNotFound(model))?;
     let tensors = |specs: &[rankway_proto::worker::TensorSpec]| {
         specs
             .iter()
@@ -168,7 +181,11 @@ async fn model_ready(State(state): State<AppState>, Path(model): Path<String>) -
         Err(ApiError::Unavailable(_)) => false,
         Err(e) => return Err(e.into()),
     };
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     Ok((status, Json(json!({ "name": model, "ready": ready }))).into_response())
 }
 
@@ -179,12 +196,20 @@ async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OipError> {
     let req: InferRequestJson = parse_json(body, limits.max_request_bytes)?;
-    let inputs = req.inputs.into_iter().map(input_to_tensor).collect::<Result<Vec<_>, _>>()?;
+    let inputs = req
+        .inputs
+        .into_iter()
+        .map(input_to_tensor)
+        .collect::<Result<Vec<_>, _>>()?;
     let requested: Vec<String> = req.outputs.into_iter().map(|o| o.name).collect();
     let deadline = state.deadline(None);
     let outputs = state.infer(&model, inputs, deadline).await?;
     let outputs = super::select_outputs(outputs, &requested)?;
-    let model_version = state.pool.known_model_info(&model).map(|i| i.version).unwrap_or_default();
+    let model_version = state
+        .pool
+        .known_model_info(&model)
+        .map(|i| i.version)
+        .unwrap_or_default();
     let body = InferResponseJson {
         model_name: model,
         model_version,

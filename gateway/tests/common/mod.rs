@@ -18,7 +18,10 @@ use tonic::transport::Channel;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// The worker binary: `RANKWAY_WORKER_BIN`, else the release build in `target/`.
@@ -36,7 +39,11 @@ fn worker_bin() -> PathBuf {
 
 pub fn model_dir() -> PathBuf {
     let dir = workspace_root().join("models/minilm");
-    assert!(dir.join("model.safetensors").exists(), "{} is missing: run scripts/setup.sh", dir.display());
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: run scripts/setup.sh",
+        dir.display()
+    );
     dir
 }
 
@@ -81,11 +88,13 @@ impl Proc {
                     self.log.lock().unwrap().join("\n")
                 ),
             };
-            let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(&line) else { continue };
-            if let Some(Value::Object(fields)) = obj.get("fields") {
-                if fields.get("message").and_then(Value::as_str) == Some(message) {
-                    return fields.clone();
-                }
+            let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if let Some(Value::Object(fields)) = obj.get("fields")
+                && fields.get("message").and_then(Value::as_str) == Some(message)
+            {
+                return fields.clone();
             }
         }
     }
@@ -135,12 +144,18 @@ impl Worker {
     }
 
     pub async fn client(&self) -> WorkerClient<Channel> {
-        WorkerClient::connect(format!("http://{}", self.addr)).await.expect("connect to worker")
+        WorkerClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to worker")
     }
 
     /// Batches the worker has run so far.
     pub async fn batches_completed(&self) -> u64 {
-        let status = self.client().await.group_status(rankway_proto::worker::GroupStatusRequest {}).await;
+        let status = self
+            .client()
+            .await
+            .group_status(rankway_proto::worker::GroupStatusRequest {})
+            .await;
         status.expect("group status").into_inner().batches_completed
     }
 }
@@ -174,7 +189,9 @@ impl Gateway {
     }
 
     pub async fn grpc_client(&self) -> GrpcInferenceServiceClient<Channel> {
-        GrpcInferenceServiceClient::connect(format!("http://{}", self.grpc)).await.expect("connect to gateway")
+        GrpcInferenceServiceClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("connect to gateway")
     }
 
     /// Waits until the gateway reports ready (its groups passed a health check).
@@ -182,11 +199,19 @@ impl Gateway {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            let ok = http.get(self.url("/v2/health/ready")).send().await.map(|r| r.status().is_success());
+            let ok = http
+                .get(self.url("/v2/health/ready"))
+                .send()
+                .await
+                .map(|r| r.status().is_success());
             if ok.unwrap_or(false) {
                 return;
             }
-            assert!(Instant::now() < deadline, "gateway not ready within {START_TIMEOUT:?}:\n{}", self.proc.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready within {START_TIMEOUT:?}:\n{}",
+                self.proc.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -201,16 +226,34 @@ pub struct Reference {
 
 pub fn reference() -> Reference {
     let path = workspace_root().join("tests/fixtures/minilm_reference.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read fixture")).expect("fixture JSON");
-    let strings = |k: &str| v[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect();
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read fixture")).expect("fixture JSON");
+    let strings = |k: &str| {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
     Reference {
         sentences: strings("sentences"),
-        token_counts: v["token_counts"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect(),
+        token_counts: v["token_counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect(),
         embeddings: v["embeddings"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| e.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+            .map(|e| {
+                e.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
             .collect(),
     }
 }
@@ -228,10 +271,17 @@ pub fn assert_matches_reference(what: &str, got: &[Vec<f32>], want: &[Vec<f32>],
     assert_eq!(got.len(), want.len(), "{what}: number of embeddings");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let c = cosine(g, w);
-        assert!(c >= 0.9999, "{what}: sentence {i} {:?}: cosine {c} < 0.9999", sentences[i]);
+        assert!(
+            c >= 0.9999,
+            "{what}: sentence {i} {:?}: cosine {c} < 0.9999",
+            sentences[i]
+        );
     }
 }
 
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }

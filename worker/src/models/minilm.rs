@@ -74,8 +74,8 @@ pub struct MiniLm {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
     serde_json::from_str(&text).map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))
 }
 
@@ -104,12 +104,7 @@ impl Weights {
 }
 
 impl MiniLm {
-    pub fn load(
-        dir: &Path,
-        name: String,
-        shard: Shard,
-        max_batch_size: u32,
-    ) -> Result<Self, ModelError> {
+    pub fn load(dir: &Path, name: String, shard: Shard, max_batch_size: u32) -> Result<Self, ModelError> {
         let cfg: BertConfig = read_json(&dir.join("config.json"))?;
         let st: SentenceBertConfig = read_json(&dir.join("sentence_bert_config.json"))?;
         if cfg.hidden_act != "gelu" {
@@ -207,7 +202,11 @@ impl MiniLm {
                 .view([b, t, self.local_heads, self.head_dim])
                 .transpose(1, 2)
         };
-        let (q, k, v) = (split(&l.q_w, &l.q_b), split(&l.k_w, &l.k_b), split(&l.v_w, &l.v_b));
+        let (q, k, v) = (
+            split(&l.q_w, &l.q_b),
+            split(&l.k_w, &l.k_b),
+            split(&l.v_w, &l.v_b),
+        );
         let scores = q.matmul(&k.transpose(-1, -2)) / (self.head_dim as f64).sqrt() + mask_add;
         let ctx = scores.softmax(-1, Kind::Float).matmul(&v);
         ctx.transpose(1, 2)
@@ -257,9 +256,8 @@ impl Model for MiniLm {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                std::str::from_utf8(e).map_err(|err| {
-                    ModelError::InvalidInput(format!("text {i} is not valid UTF-8: {err}"))
-                })
+                std::str::from_utf8(e)
+                    .map_err(|err| ModelError::InvalidInput(format!("text {i} is not valid UTF-8: {err}")))
             })
             .collect::<Result<Vec<&str>, _>>()?;
         let encodings = self
@@ -289,14 +287,15 @@ impl Model for MiniLm {
 
     fn forward(&self, batch: &Prepared, comm: &dyn Collective) -> Result<Tensor, ModelError> {
         let [ids, mask] = batch.tensors.as_slice() else {
-            return Err(ModelError::InvalidInput("expected token ids and attention mask".into()));
+            return Err(ModelError::InvalidInput(
+                "expected token ids and attention mask".into(),
+            ));
         };
         let t = ids.size()[1];
         let positions = Tensor::arange(t, (Kind::Int64, ids.device()));
         let embed = |table: &Tensor, idx: &Tensor| Tensor::embedding(table, idx, -1, false, false);
-        let x = embed(&self.word_emb, ids)
-            + embed(&self.pos_emb, &positions).unsqueeze(0)
-            + self.type_emb.get(0);
+        let x =
+            embed(&self.word_emb, ids) + embed(&self.pos_emb, &positions).unsqueeze(0) + self.type_emb.get(0);
         let mut x = self.layer_norm(&x, &self.emb_ln);
 
         // Additive mask: 0 where attended, the most negative float where padded (as
@@ -320,15 +319,16 @@ impl Model for MiniLm {
         let m = maskf.unsqueeze(-1);
         let pooled = (&x * &m).sum_dim_intlist(1, false, Kind::Float)
             / m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-9);
-        let norm = pooled
-            .norm_scalaropt_dim(2, [1], true)
-            .clamp_min(1e-12);
+        let norm = pooled.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
         Ok(pooled / norm)
     }
 
     fn outputs(&self, batch: &Prepared, output: Tensor) -> Result<Vec<WireTensor>, ModelError> {
         let counts = batch.token_counts.as_deref().unwrap_or_default();
-        Ok(vec![super::f32_to_wire(OUTPUT, &output)?, super::i64_to_wire(TOKENS, counts)])
+        Ok(vec![
+            super::f32_to_wire(OUTPUT, &output)?,
+            super::i64_to_wire(TOKENS, counts),
+        ])
     }
 
     fn warmup_inputs(&self) -> Vec<WireTensor> {

@@ -6,9 +6,9 @@
 //! parallel, one all-reduce). Every rank generates the full weights from the same seed
 //! and keeps its slice, so any world size computes the same function.
 
-use rankway_proto::worker::{DataType, ModelInfo, Tensor as WireTensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rankway_proto::worker::{DataType, ModelInfo, Tensor as WireTensor};
 use tch::Tensor;
 
 use super::{Model, ModelError, Prepared};
@@ -40,12 +40,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(
-        cfg: MlpConfig,
-        name: String,
-        shard: Shard,
-        max_batch_size: u32,
-    ) -> Result<Self, ModelError> {
+    pub fn new(cfg: MlpConfig, name: String, shard: Shard, max_batch_size: u32) -> Result<Self, ModelError> {
         if cfg.hidden < 1 || cfg.layers < 1 {
             return Err(ModelError::Load(format!(
                 "mlp needs hidden >= 1 and layers >= 1, got {} and {}",
@@ -78,7 +73,13 @@ impl Mlp {
                 }
             })
             .collect();
-        Ok(Self { name, cfg, shard, max_batch_size, blocks })
+        Ok(Self {
+            name,
+            cfg,
+            shard,
+            max_batch_size,
+            blocks,
+        })
     }
 }
 
@@ -102,7 +103,11 @@ impl Model for Mlp {
         let spec = super::spec(INPUT, DataType::Fp32, &[-1, self.cfg.hidden]);
         let input = super::expect_input(inputs, &spec, self.max_batch_size)?;
         let x = super::wire_to_f32(input)?;
-        Ok(Prepared { rows: input.shape[0] as usize, tensors: vec![x], token_counts: None })
+        Ok(Prepared {
+            rows: input.shape[0] as usize,
+            tensors: vec![x],
+            token_counts: None,
+        })
     }
 
     fn forward(&self, batch: &Prepared, comm: &dyn Collective) -> Result<Tensor, ModelError> {
@@ -111,7 +116,10 @@ impl Model for Mlp {
         };
         let mut x = x.shallow_clone();
         for b in &self.blocks {
-            let mut y = x.linear(&b.up_w, Some(&b.up_b)).gelu("none").linear::<Tensor>(&b.down_w, None);
+            let mut y = x
+                .linear(&b.up_w, Some(&b.up_b))
+                .gelu("none")
+                .linear::<Tensor>(&b.down_w, None);
             comm.all_reduce_sum(&mut y)?;
             x = x + y + &b.down_b;
         }
@@ -128,7 +136,11 @@ impl Model for Mlp {
             name: INPUT.into(),
             datatype: DataType::Fp32 as i32,
             shape: vec![2, self.cfg.hidden],
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into(),
+            data: values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
         }]
     }
 }

@@ -104,9 +104,11 @@ pub(crate) fn expect_input<'a>(
         )));
     }
     let fits = t.shape.len() == spec.shape.len()
-        && t.shape.iter().zip(&spec.shape).all(|(&got, &want)| {
-            if want == -1 { got >= 1 } else { got == want }
-        });
+        && t.shape.iter().zip(&spec.shape).all(
+            |(&got, &want)| {
+                if want == -1 { got >= 1 } else { got == want }
+            },
+        );
     if !fits {
         return Err(ModelError::InvalidInput(format!(
             "input {:?} has shape {:?}, expected {:?} (-1 = any batch size >= 1)",
@@ -140,7 +142,11 @@ pub(crate) fn i64_to_wire(name: &str, values: &[i64]) -> WireTensor {
         name: name.to_owned(),
         datatype: DataType::Int64 as i32,
         shape: vec![values.len() as i64],
-        data: values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into(),
+        data: values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into(),
     }
 }
 
