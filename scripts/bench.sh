@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# `make bench`: the model's in-process throughput (rankway-worker bench) against the
+# same model behind the gateway, loaded by k6 at $VUS virtual users over REST (OpenAI
+# embeddings) and gRPC (OIP ModelInfer), one text per request. Prints one table.
+# Everything binds to loopback; each k6 run is bounded by ITERATIONS and MAX_DURATION.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=target/release
+K6=.venv/bin/k6
+export VUS=${VUS:-32} ITERATIONS=${ITERATIONS:-3000} MAX_DURATION=${MAX_DURATION:-90s}
+HTTP=127.0.0.1:${BENCH_HTTP_PORT:-18000}
+GRPC=127.0.0.1:${BENCH_GRPC_PORT:-18001}
+WORKER=127.0.0.1:${BENCH_WORKER_PORT:-19000}
+OUT=$(mktemp -d)
+
+echo "bench: direct model throughput (rankway-worker bench)" >&2
+$BIN/rankway-worker bench --json --batch-sizes 1,8,32 --duration "${BENCH_DIRECT_DURATION:-8s}" > "$OUT/direct.jsonl"
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait "${pids[@]}" 2>/dev/null || true
+  rm -rf "$OUT"
+}
+trap cleanup EXIT
+$BIN/rankway-worker serve --listen "$WORKER" --group bench 2>"$OUT/worker.log" &
+pids+=($!)
+$BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "$GRPC" --group "bench=$WORKER" 2>"$OUT/gateway.log" &
+pids+=($!)
+for _ in $(seq 1 600); do
+  curl -fsS "http://$HTTP/v2/health/ready" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fsS "http://$HTTP/v2/health/ready" >/dev/null || { cat "$OUT"/*.log >&2; exit 1; }
+
+echo "bench: k6 at $VUS VUs, $ITERATIONS requests per protocol" >&2
+(cd loadtest && BASE_URL="http://$HTTP" ../$K6 run --no-usage-report -q --summary-export "$OUT/rest.json" rest_embeddings.js >/dev/null)
+(cd loadtest && GRPC_ADDR="$GRPC" ../$K6 run --no-usage-report -q --summary-export "$OUT/grpc.json" grpc_infer.js >/dev/null)
+curl -fsS "http://$HTTP/metrics" > "$OUT/metrics.txt"
+
+python3 - "$OUT" <<'PY'
+import json, re, sys
+out = sys.argv[1]
+direct = [json.loads(l) for l in open(f"{out}/direct.jsonl")]
+best = max(direct, key=lambda r: r["rows_per_sec"])
+print(f"{'path':<34} {'rows/s':>9} {'p50 ms*':>8} {'p99 ms':>8} {'vs direct':>10}")
+for r in direct:
+    print(f"{'direct, batch ' + str(r['batch_size']):<34} {r['rows_per_sec']:>9.1f} {r['mean_batch_ms']:>8.1f} {'-':>8} {r['rows_per_sec'] / best['rows_per_sec']:>10.2f}")
+for name, trend in (("rest", "http_req_duration"), ("grpc", "grpc_req_duration")):
+    m = json.load(open(f"{out}/{name}.json"))["metrics"]
+    rate = m["iterations"]["rate"]
+    d = m[trend]
+    label = "gateway REST /v1/embeddings" if name == "rest" else "gateway gRPC ModelInfer"
+    print(f"{label:<34} {rate:>9.1f} {d['med']:>8.1f} {d['p(99)']:>8.1f} {rate / best['rows_per_sec']:>10.2f}")
+metrics = open(f"{out}/metrics.txt").read()
+def total(name):
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", metrics, re.M))
+rows, batches = total("rankway_batch_rows_sum"), total("rankway_batch_rows_count")
+print(f"\nmean gateway batch: {rows / max(batches, 1):.1f} rows over {int(batches)} batches; "
+      f"* direct rows: mean ms per batch; ratio = rows/s over the best direct rows/s "
+      f"(batch {best['batch_size']})")
+PY
