@@ -1,8 +1,56 @@
-//! Lets the worker find libtorch at run time without LD_LIBRARY_PATH: the libraries
-//! torch-sys linked against are in `$LIBTORCH/lib`, which goes into the rpath.
+//! Builds the c10d shim (`src/dist/c10d_shim.cpp`) against the libtorch that torch-sys
+//! uses (`$LIBTORCH`), and writes `$LIBTORCH/lib` into the binary's rpath so it runs
+//! without LD_LIBRARY_PATH. Gloo's headers come from Debian's libgloo-dev (the torch
+//! wheel does not ship them). With the `cuda` feature, ProcessGroupNCCL is compiled in.
+use std::path::PathBuf;
+
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    if let Ok(libtorch) = std::env::var("LIBTORCH") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{libtorch}/lib");
+    println!("cargo:rerun-if-changed=src/dist/c10d_shim.cpp");
+    let libtorch = PathBuf::from(
+        std::env::var("LIBTORCH")
+            .expect("set LIBTORCH to the torch/ folder of the torch wheel (see Makefile)"),
+    );
+    let include = libtorch.join("include");
+    let lib = libtorch.join("lib");
+    let cuda = std::env::var_os("CARGO_FEATURE_CUDA").is_some();
+
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file("src/dist/c10d_shim.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false);
+    if cuda {
+        build.define("RANKWAY_NCCL", None);
+        // CUDA headers from the nvidia-cuda-* wheels beside torch.
+        let nvidia = libtorch.parent().expect("site-packages").join("nvidia");
+        for sub in [
+            "cu13/include",
+            "cuda_runtime/include",
+            "cuda_nvcc/include",
+            "cccl/include",
+        ] {
+            let p = nvidia.join(sub);
+            if p.exists() {
+                build.include(p);
+            }
+        }
     }
+    build.compile("rankway_c10d");
+
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    if cuda {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
 }

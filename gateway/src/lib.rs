@@ -6,6 +6,8 @@
 //! dynamic batching), [`pool`] (groups, health, capacity), [`metrics`], [`error`],
 //! [`app`] (assembly and shutdown).
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod batcher;
 pub mod config;

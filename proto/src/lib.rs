@@ -4,6 +4,8 @@
 //!   wire compatible with KServe and Triton clients.
 //! - [`worker`]: `rankway.worker.v1.Worker`, between the gateway and a group's rank 0.
 
+#![forbid(unsafe_code)]
+
 /// Open Inference Protocol v2, package `inference`.
 pub mod inference {
     tonic::include_proto!("inference");

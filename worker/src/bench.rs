@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::config::{BenchArgs, ModelKind};
 use crate::dist::{Shard, SingleRank};
-use crate::engine::{self, EngineError};
+use crate::engine::{self, EngineError, EngineOptions};
 use crate::models;
 
 /// Sentences of mixed length, cycled to fill a batch.
@@ -56,15 +56,19 @@ fn inputs(args: &BenchArgs, batch: usize) -> Vec<WireTensor> {
 
 pub fn run(args: &BenchArgs) -> Result<Vec<BenchRow>, EngineError> {
     let model_args = args.model.clone();
-    let (engine, _thread) = engine::spawn(
-        Box::new(move || {
+    let opts = EngineOptions {
+        torch_threads: args.model.torch_threads(1),
+        capacity: 1,
+        heartbeat: Duration::MAX,
+    };
+    let (engine, _thread) = engine::spawn_leader(
+        Box::new(move |_| {
             let model = models::load(&model_args, Shard::SINGLE)?;
             Ok((model, Box::new(SingleRank) as Box<dyn crate::dist::Collective>))
         }),
-        args.model.torch_threads(),
-        1,
+        opts,
     )
-    .map_err(|_| EngineError::Stopped)?;
+    .map_err(|e| EngineError::Stopped(e.to_string()))?;
     let mut rows = Vec::new();
     for &batch in &args.batch_sizes {
         let input = inputs(args, batch);

@@ -62,7 +62,8 @@ pub struct ModelArgs {
     /// Seed of the synthetic MLP's weights; every rank must use the same one.
     #[arg(long, env = "RANKWAY_MLP_SEED", default_value_t = 42)]
     pub mlp_seed: i64,
-    /// libtorch intra-op threads (default: the cores this process may use).
+    /// libtorch intra-op threads (default: the cores this process may use divided by
+    /// LOCAL_WORLD_SIZE, so ranks sharing a host do not thrash).
     #[arg(long, env = "RANKWAY_TORCH_THREADS")]
     pub torch_threads: Option<usize>,
     /// Largest batch (rows) accepted in one call.
@@ -80,9 +81,12 @@ impl ModelArgs {
         })
     }
 
-    pub fn torch_threads(&self) -> usize {
-        self.torch_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    /// Threads for one of `ranks_on_host` ranks sharing this host's cores.
+    pub fn torch_threads(&self, ranks_on_host: usize) -> usize {
+        self.torch_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            (cores / ranks_on_host.max(1)).max(1)
+        })
     }
 }
 
@@ -90,7 +94,10 @@ impl ModelArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Address of the gRPC server (rankway.worker.v1.Worker and grpc.health.v1).
+    #[command(flatten)]
+    pub rendezvous: crate::rendezvous::RendezvousArgs,
+    /// Address of the gRPC server: rankway.worker.v1.Worker on rank 0, grpc.health.v1 on
+    /// every rank.
     #[arg(long, env = "RANKWAY_LISTEN", default_value = "0.0.0.0:9000")]
     pub listen: SocketAddr,
     /// Name of this group, reported in GroupStatus.

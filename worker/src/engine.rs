@@ -1,18 +1,22 @@
 //! The model thread: libtorch work runs here, never on the tokio reactor.
 //!
-//! A bounded channel feeds one dedicated OS thread that owns the model. Callers get a
-//! [`EngineHandle`]; a full channel is refused at once rather than queued without bound.
+//! A bounded channel feeds one dedicated OS thread that owns the model and the group's
+//! process group. On rank 0 it runs each batch through the group protocol
+//! ([`crate::group`]) and, when idle for `heartbeat`, sends a heartbeat step, so a lost
+//! rank is noticed within one interval. On the other ranks it follows rank 0's steps.
+//! Any failed collective ends the thread with an error: the group is broken.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rankway_proto::worker::{ModelInfo, Tensor as WireTensor};
+use rankway_proto::worker::{ModelInfo, RankPhase, Tensor as WireTensor};
 use tokio::sync::oneshot;
 
 use crate::dist::Collective;
+use crate::group::{self, Header, Op};
 use crate::models::{Model, ModelError};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,10 +25,10 @@ pub enum EngineError {
     Overloaded(usize),
     #[error("batch deadline expired {0:?} before it could run")]
     DeadlineExceeded(Duration),
-    #[error("model is not ready: {0}")]
+    #[error("group is not ready: {0}")]
     NotReady(String),
-    #[error("the model thread has stopped")]
-    Stopped,
+    #[error("the group stopped before finishing the batch: {0}")]
+    Stopped(String),
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -39,37 +43,80 @@ pub struct EngineOutput {
 }
 
 struct Job {
+    batch_id: u64,
     inputs: Vec<WireTensor>,
     deadline: Option<Instant>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<EngineOutput, EngineError>>,
 }
 
-/// Counters shared between the model thread and the server.
-#[derive(Debug, Default)]
+/// State shared between the model thread and the servers.
+#[derive(Debug)]
 pub struct EngineStats {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
     pub batches: AtomicUsize,
-    ready: AtomicBool,
+    phase: AtomicU8,
     info: OnceLock<ModelInfo>,
     failure: OnceLock<String>,
 }
 
+impl Default for EngineStats {
+    fn default() -> Self {
+        Self {
+            queued: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            batches: AtomicUsize::new(0),
+            phase: AtomicU8::new(RankPhase::Joining as u8),
+            info: OnceLock::new(),
+            failure: OnceLock::new(),
+        }
+    }
+}
+
 impl EngineStats {
+    pub fn phase(&self) -> RankPhase {
+        RankPhase::try_from(i32::from(self.phase.load(Ordering::Acquire))).unwrap_or(RankPhase::Unspecified)
+    }
+    pub fn set_phase(&self, phase: RankPhase) {
+        self.phase.store(phase as u8, Ordering::Release);
+    }
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.phase() == RankPhase::Ready
     }
     pub fn info(&self) -> Option<&ModelInfo> {
         self.info.get()
     }
-    /// Why the model could not be loaded or warmed up, if it could not.
+    /// Why the group broke or the model could not load, if it did.
     pub fn failure(&self) -> Option<&str> {
         self.failure.get().map(String::as_str)
     }
+    /// Why this rank is not ready, for GroupStatus and health.
+    pub fn not_ready_reason(&self) -> String {
+        match (self.phase(), self.failure()) {
+            (_, Some(why)) => format!("group broken: {why}"),
+            (RankPhase::Joining, _) => "waiting for every rank to join the group".into(),
+            (RankPhase::Warming, _) => "loading the model shard and warming up on every rank".into(),
+            (RankPhase::Ready, _) => String::new(),
+            _ => "stopped".into(),
+        }
+    }
 }
 
-/// Sends batches to the model thread. Cheap to clone.
+/// Joins the group (phase Joining) then loads this rank's shard; run on the model thread.
+pub type Loader =
+    Box<dyn FnOnce(&EngineStats) -> Result<(Box<dyn Model>, Box<dyn Collective>), ModelError> + Send>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    pub torch_threads: usize,
+    /// Batches that may wait for the model thread (rank 0).
+    pub capacity: usize,
+    /// Idle time after which rank 0 sends a heartbeat step.
+    pub heartbeat: Duration,
+}
+
+/// Sends batches to rank 0's model thread. Cheap to clone.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: SyncSender<Job>,
@@ -77,56 +124,107 @@ pub struct EngineHandle {
     stats: Arc<EngineStats>,
 }
 
-/// Loads a model and runs one batch on it; what the thread calls at start.
-pub type Loader = Box<dyn FnOnce() -> Result<(Box<dyn Model>, Box<dyn Collective>), ModelError> + Send>;
-
-/// Starts the model thread. `load` runs on that thread, followed by one warm-up batch;
-/// only then does [`EngineStats::is_ready`] turn true.
-pub fn spawn(
-    load: Loader,
+fn start_thread(
+    name: &str,
+    stats: Arc<EngineStats>,
     torch_threads: usize,
-    capacity: usize,
-) -> std::io::Result<(EngineHandle, JoinHandle<Result<(), ModelError>>)> {
-    let (tx, rx) = mpsc::sync_channel::<Job>(capacity);
-    let stats = Arc::new(EngineStats::default());
-    let thread_stats = stats.clone();
-    let thread = std::thread::Builder::new()
-        .name("rankway-model".into())
-        .spawn(move || {
-            let stats = thread_stats;
-            let result = run(load, torch_threads, &stats, rx);
-            if let Err(e) = &result {
-                let _ = stats.failure.set(e.to_string());
-            }
-            stats.ready.store(false, Ordering::Release);
-            result
-        })?;
-    Ok((EngineHandle { tx, capacity, stats }, thread))
+    body: impl FnOnce(&EngineStats) -> Result<(), ModelError> + Send + 'static,
+) -> std::io::Result<JoinHandle<Result<(), ModelError>>> {
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        tch::set_num_threads(torch_threads.max(1) as i32);
+        let _no_grad = tch::no_grad_guard();
+        let result = body(&stats);
+        if let Err(e) = &result {
+            let _ = stats.failure.set(e.to_string());
+            stats.set_phase(RankPhase::Broken);
+        } else {
+            stats.set_phase(RankPhase::Unspecified);
+        }
+        result
+    })
 }
 
-fn run(
+/// Starts rank 0's model thread: join, load, warm up with the whole group, then serve
+/// batches from the returned handle. Dropping every handle shuts the group down cleanly.
+pub fn spawn_leader(
+    load: Loader,
+    opts: EngineOptions,
+) -> std::io::Result<(EngineHandle, JoinHandle<Result<(), ModelError>>)> {
+    let (tx, rx) = mpsc::sync_channel::<Job>(opts.capacity);
+    let stats = Arc::new(EngineStats::default());
+    let thread = start_thread("rankway-model", stats.clone(), opts.torch_threads, move |stats| {
+        let started = Instant::now();
+        let (model, comm) = load(stats)?;
+        let mut warm = model.prepare(&model.warmup_inputs())?;
+        let _warm_output = group::lead_batch(comm.as_ref(), model.as_ref(), 0, &mut warm)?;
+        let _ = stats.info.set(model.info());
+        stats.set_phase(RankPhase::Ready);
+        tracing::info!(
+            model = %model.info().name,
+            layout = %model.info().shard_layout,
+            world_size = comm.shard().world,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "group ready: every rank joined, loaded its shard and ran the warm-up batch"
+        );
+        lead(model.as_ref(), comm.as_ref(), stats, &rx, opts.heartbeat)
+    })?;
+    Ok((
+        EngineHandle {
+            tx,
+            capacity: opts.capacity,
+            stats,
+        },
+        thread,
+    ))
+}
+
+/// Starts a follower's model thread: join, load, then run rank 0's steps until it shuts
+/// down (Ok) or the group breaks (Err).
+pub fn spawn_follower(
     load: Loader,
     torch_threads: usize,
-    stats: &EngineStats,
-    rx: mpsc::Receiver<Job>,
-) -> Result<(), ModelError> {
-    tch::set_num_threads(torch_threads.max(1) as i32);
-    let _no_grad = tch::no_grad_guard();
-    let started = Instant::now();
-    let (model, comm) = load()?;
-    let warm = model.prepare(&model.warmup_inputs())?;
-    let _warm_output = model.forward(&warm, comm.as_ref())?;
-    let _ = stats.info.set(model.info());
-    stats.ready.store(true, Ordering::Release);
-    tracing::info!(
-        model = %model.info().name,
-        layout = %model.info().shard_layout,
-        torch_threads,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "model loaded and warmed up"
-    );
+) -> std::io::Result<(Arc<EngineStats>, JoinHandle<Result<(), ModelError>>)> {
+    let stats = Arc::new(EngineStats::default());
+    let thread = start_thread("rankway-model", stats.clone(), torch_threads, move |stats| {
+        let (model, comm) = load(stats)?;
+        let _ = stats.info.set(model.info());
+        let rank = comm.shard().rank;
+        group::follow(comm.as_ref(), model.as_ref(), |h: &Header| {
+            if h.op == Op::Batch {
+                if !stats.is_ready() {
+                    // The first batch is rank 0's warm-up.
+                    stats.set_phase(RankPhase::Ready);
+                    tracing::info!(rank, "warm-up batch done; following rank 0");
+                }
+                stats.batches.fetch_add(1, Ordering::AcqRel);
+            }
+        })?;
+        tracing::info!(rank, "rank 0 shut the group down");
+        Ok(())
+    })?;
+    Ok((stats, thread))
+}
 
-    while let Ok(job) = rx.recv() {
+fn lead(
+    model: &dyn Model,
+    comm: &dyn Collective,
+    stats: &EngineStats,
+    rx: &mpsc::Receiver<Job>,
+    heartbeat: Duration,
+) -> Result<(), ModelError> {
+    loop {
+        let job = match rx.recv_timeout(heartbeat) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                group::send_header(comm, &Header::control(Op::Heartbeat))?;
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                // The server is gone: release the followers with a clean exit.
+                let _ = group::send_header(comm, &Header::control(Op::Shutdown));
+                return Ok(());
+            }
+        };
         stats.queued.fetch_sub(1, Ordering::AcqRel);
         if job.reply.is_closed() {
             continue; // the caller went away while the batch waited
@@ -137,36 +235,40 @@ fn run(
             continue;
         }
         stats.running.fetch_add(1, Ordering::AcqRel);
-        let result =
-            run_batch(model.as_ref(), comm.as_ref(), &job.inputs).map(|(outputs, rows)| EngineOutput {
-                outputs,
-                rows,
-                queue_time: now - job.enqueued,
-                compute_time: now.elapsed(),
-            });
+        let result = run_batch(model, comm, job.batch_id, &job.inputs).map(|(outputs, rows)| EngineOutput {
+            outputs,
+            rows,
+            queue_time: now - job.enqueued,
+            compute_time: now.elapsed(),
+        });
         stats.running.fetch_sub(1, Ordering::AcqRel);
         stats.batches.fetch_add(1, Ordering::AcqRel);
-        // A failed collective leaves the group unusable: report it and stop serving.
-        let fatal = matches!(
-            &result,
-            Err(ModelError::Collective(_)) | Err(ModelError::Torch(_))
-        );
-        let err_text = result.as_ref().err().map(|e| e.to_string());
-        let _ = job.reply.send(result.map_err(EngineError::from));
-        if fatal {
-            return Err(ModelError::Load(err_text.unwrap_or_default()));
+        match result {
+            Ok(out) => {
+                let _ = job.reply.send(Ok(out));
+            }
+            Err(ModelError::InvalidInput(m)) => {
+                // Refused before any collective ran: the group is still in step.
+                let _ = job.reply.send(Err(ModelError::InvalidInput(m).into()));
+            }
+            Err(fatal) => {
+                // A failed collective (or a libtorch error mid-forward) leaves the ranks
+                // out of step: the group is broken and must restart as a unit.
+                let _ = job.reply.send(Err(EngineError::Stopped(fatal.to_string())));
+                return Err(fatal);
+            }
         }
     }
-    Ok(())
 }
 
 fn run_batch(
     model: &dyn Model,
     comm: &dyn Collective,
+    batch_id: u64,
     inputs: &[WireTensor],
 ) -> Result<(Vec<WireTensor>, usize), ModelError> {
-    let batch = model.prepare(inputs)?;
-    let output = model.forward(&batch, comm)?;
+    let mut batch = model.prepare(inputs)?;
+    let output = group::lead_batch(comm, model, batch_id, &mut batch)?;
     Ok((model.outputs(&batch, output)?, batch.rows))
 }
 
@@ -178,47 +280,48 @@ impl EngineHandle {
     /// Queues a batch and waits for its result without blocking the reactor.
     pub async fn infer(
         &self,
+        batch_id: u64,
         inputs: Vec<WireTensor>,
         deadline: Option<Instant>,
     ) -> Result<EngineOutput, EngineError> {
         if !self.stats.is_ready() {
-            let why = self.stats.failure().unwrap_or("still loading").to_owned();
-            return Err(EngineError::NotReady(why));
+            return Err(EngineError::NotReady(self.stats.not_ready_reason()));
         }
         let (reply, rx) = oneshot::channel();
         let job = Job {
+            batch_id,
             inputs,
             deadline,
             enqueued: Instant::now(),
             reply,
         };
         self.stats.queued.fetch_add(1, Ordering::AcqRel);
-        match self.tx.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.stats.queued.fetch_sub(1, Ordering::AcqRel);
-                return Err(EngineError::Overloaded(self.capacity));
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.stats.queued.fetch_sub(1, Ordering::AcqRel);
-                return Err(EngineError::Stopped);
-            }
+        if let Err(e) = self.tx.try_send(job) {
+            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(match e {
+                TrySendError::Full(_) => EngineError::Overloaded(self.capacity),
+                TrySendError::Disconnected(_) => EngineError::Stopped(self.stats.not_ready_reason()),
+            });
         }
-        rx.await.map_err(|_| EngineError::Stopped)?
+        rx.await
+            .map_err(|_| EngineError::Stopped(self.stats.not_ready_reason()))?
     }
 
     /// Runs a batch from a blocking context (the `bench` command).
     pub fn infer_blocking(&self, inputs: Vec<WireTensor>) -> Result<EngineOutput, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::AcqRel);
+        let job = Job {
+            batch_id: 0,
+            inputs,
+            deadline: None,
+            enqueued: Instant::now(),
+            reply,
+        };
         self.tx
-            .send(Job {
-                inputs,
-                deadline: None,
-                enqueued: Instant::now(),
-                reply,
-            })
-            .map_err(|_| EngineError::Stopped)?;
-        rx.blocking_recv().map_err(|_| EngineError::Stopped)?
+            .send(job)
+            .map_err(|_| EngineError::Stopped(self.stats.not_ready_reason()))?;
+        rx.blocking_recv()
+            .map_err(|_| EngineError::Stopped(self.stats.not_ready_reason()))?
     }
 }

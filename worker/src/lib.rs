@@ -1,13 +1,18 @@
 //! Rankway worker: serves one tensor-parallel shard of a model with libtorch.
 //!
 //! Layout: [`config`] (flags), [`models`] (MiniLM, synthetic MLP), [`dist`] (collectives
-//! between ranks), [`engine`] (the model thread), [`server`] (gRPC), [`serve`] (the
+//! between ranks, the c10d binding), [`rendezvous`] (how a rank finds its group), [`group`]
+//! (the protocol rank 0 drives), [`engine`] (the model thread), [`server`] (gRPC), [`serve`] (the
 //! `serve` command), [`bench`] (the `bench` command).
+
+#![deny(unsafe_code)]
 
 pub mod bench;
 pub mod config;
 pub mod dist;
 pub mod engine;
+pub mod group;
 pub mod models;
+pub mod rendezvous;
 pub mod serve;
 pub mod server;

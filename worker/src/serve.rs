@@ -1,14 +1,20 @@
-//! `rankway-worker serve`: load the model on its thread, serve gRPC, drain on signal.
+//! `rankway-worker serve`: one rank of a group. Rank 0 serves `rankway.worker.v1.Worker`
+//! and drives the group; the other ranks follow it. Every rank serves grpc.health.v1.
+//!
+//! Exit status: 0 after a clean shutdown (a signal, or rank 0 releasing the group);
+//! non-zero when the group breaks, so a supervisor (Kubernetes, `launch`) restarts it.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::ServeArgs;
-use crate::dist::{Shard, SingleRank};
-use crate::engine;
-use crate::models;
+use crate::dist::c10d::ProcessGroup;
+use crate::dist::{Collective, Shard, SingleRank};
+use crate::engine::{self, EngineOptions, EngineStats, Loader};
+use crate::models::{self, ModelError};
 use crate::server::{WorkerService, track_health};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,18 +24,19 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Config(String),
     #[error("cannot start the model thread: {0}")]
     Thread(std::io::Error),
-    #[error("model thread failed: {0}")]
-    Model(#[from] models::ModelError),
+    #[error("group broken: {0}")]
+    Model(#[from] ModelError),
     #[error("model thread panicked")]
     Panicked,
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves until `shutdown` resolves (then drains) or the model thread fails (then
-/// returns its error, so the process exits non-zero and is restarted).
+/// Serves until `shutdown` resolves (then drains) or the model thread ends.
 pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let listener = TcpListener::bind(args.listen)
         .await
@@ -38,6 +45,25 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Resul
             source,
         })?;
     serve_on(listener, args, shutdown).await
+}
+
+/// Loads this rank's shard (a bad world size fails here, before anyone waits on us),
+/// then joins the group.
+fn loader(args: &ServeArgs, shard: Shard) -> Loader {
+    let model_args = args.model.clone();
+    let join = args.rendezvous.join_options(shard);
+    Box::new(move |_stats: &EngineStats| {
+        let model = models::load(&model_args, shard)?;
+        let comm: Box<dyn Collective> = if shard.world == 1 {
+            Box::new(SingleRank)
+        } else {
+            tracing::info!(rank = shard.rank, world_size = shard.world, master = %format!("{}:{}", join.master_addr, join.master_port), "joining the group");
+            let pg = ProcessGroup::join(&join)?;
+            tracing::info!(rank = shard.rank, world_size = shard.world, "joined the group");
+            Box::new(pg)
+        };
+        Ok((model, comm))
+    })
 }
 
 /// Like [`serve`], on a listener the caller bound (tests bind port 0 first).
@@ -50,59 +76,84 @@ pub async fn serve_on(
         addr: args.listen,
         source,
     })?;
-    let model_args = args.model.clone();
-    let (engine, thread) = engine::spawn(
-        Box::new(move || {
-            let model = models::load(&model_args, Shard::SINGLE)?;
-            Ok((model, Box::new(SingleRank) as Box<dyn crate::dist::Collective>))
-        }),
-        args.model.torch_threads(),
-        args.queue_capacity,
-    )
-    .map_err(ServeError::Thread)?;
-    let stats = engine.stats().clone();
+    let shard = args.rendezvous.shard().map_err(ServeError::Config)?;
+    let threads = args
+        .model
+        .torch_threads(args.rendezvous.local_world_size as usize);
+    let load = loader(&args, shard);
+    let (stats, thread, worker) = if shard.rank == 0 {
+        let opts = EngineOptions {
+            torch_threads: threads,
+            capacity: args.queue_capacity,
+            heartbeat: args.rendezvous.heartbeat_interval,
+        };
+        let (engine, thread) = engine::spawn_leader(load, opts).map_err(ServeError::Thread)?;
+        let stats = engine.stats().clone();
+        let service = WorkerService::new(engine, args.group.clone(), shard.world as u32).into_server();
+        (stats, thread, Some(service))
+    } else {
+        let (stats, thread) = engine::spawn_follower(load, threads).map_err(ServeError::Thread)?;
+        (stats, thread, None)
+    };
 
     let (reporter, health) = tonic_health::server::health_reporter();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let health_task = tokio::spawn(track_health(reporter, stats.clone(), stop_rx.clone()));
-    tracing::info!(%addr, group = %args.group, model = %args.model.served_name(), "worker listening");
+    tracing::info!(%addr, group = %args.group, rank = shard.rank, world_size = shard.world, model = %args.model.served_name(), torch_threads = threads, "worker listening");
 
-    // The model thread ends only on failure while the server holds its sender.
-    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
     let watcher = std::thread::spawn(move || {
         let result = thread.join();
-        let _ = failed_tx.send(());
+        let _ = ended_tx.send(());
         result
     });
 
-    let mut stop_for_server = stop_rx.clone();
+    let mut stop_server = stop_rx.clone();
     let server = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(WorkerService::new(engine, args.group.clone()).into_server())
+        .add_optional_service(worker)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = stop_for_server.wait_for(|stop| *stop).await;
+            let _ = stop_server.wait_for(|stop| *stop).await;
         });
-    let drain_timeout = args.drain_timeout;
     let server = tokio::spawn(server);
 
-    let model_failed = tokio::select! {
+    let model_ended = tokio::select! {
         _ = shutdown => false,
-        _ = failed_rx => true,
+        _ = ended_rx => true,
     };
     // Not ready first, so balancers stop sending; then stop accepting and drain.
     let _ = stop_tx.send(true);
-    tracing::info!(model_failed, "shutting down: draining in-flight batches");
-    match tokio::time::timeout(drain_timeout, server).await {
+    if model_ended {
+        tracing::warn!(
+            failure = stats.failure().unwrap_or("none"),
+            "model thread ended; shutting down"
+        );
+    } else {
+        tracing::info!("shutting down: draining in-flight batches");
+    }
+    match tokio::time::timeout(args.drain_timeout, server).await {
         Ok(joined) => joined.map_err(|_| ServeError::Panicked)??,
-        Err(_) => tracing::warn!(?drain_timeout, "drain timed out; exiting with batches in flight"),
+        Err(_) => tracing::warn!(drain_timeout = ?args.drain_timeout, "drain timed out"),
     }
     health_task.abort();
-    if model_failed {
-        return match watcher.join() {
-            Ok(Ok(Err(e))) => Err(e.into()),
-            Ok(Ok(Ok(()))) => Ok(()),
-            _ => Err(ServeError::Panicked),
-        };
+    finish(model_ended, watcher, &stats)
+}
+
+/// The process's result: the model thread's failure if it failed.
+fn finish(
+    model_ended: bool,
+    watcher: std::thread::JoinHandle<std::thread::Result<Result<(), ModelError>>>,
+    stats: &Arc<EngineStats>,
+) -> Result<(), ServeError> {
+    if !model_ended {
+        // A signal: the model thread ends when the server drops its handle (rank 0
+        // releases the followers) or with the process (followers).
+        return Ok(());
     }
-    Ok(())
+    match watcher.join() {
+        Ok(Ok(result)) => result.map_err(ServeError::from),
+        _ => Err(ServeError::Model(ModelError::Load(
+            stats.failure().unwrap_or("panicked").to_owned(),
+        ))),
+    }
 }

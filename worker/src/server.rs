@@ -1,4 +1,4 @@
-//! Rank 0's gRPC face: `rankway.worker.v1.Worker` and `grpc.health.v1.Health`.
+//! Rank 0's gRPC face: `rankway.worker.v1.Worker`, and `grpc.health.v1` on every rank.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -6,11 +6,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rankway_proto::worker::worker_server::{Worker, WorkerServer};
 use rankway_proto::worker::{
-    GroupStatusRequest, GroupStatusResponse, InferRequest, InferResponse, RankPhase, RankState,
+    GroupStatusRequest, GroupStatusResponse, InferRequest, InferResponse, RankState,
 };
 use tonic::{Request, Response, Status};
 
-use crate::engine::{EngineError, EngineHandle};
+use crate::engine::{EngineError, EngineHandle, EngineStats};
 use crate::models::ModelError;
 
 /// Largest gRPC message the worker accepts or sends.
@@ -23,7 +23,7 @@ impl From<EngineError> for Status {
         match e {
             EngineError::Overloaded(_) => Status::resource_exhausted(msg),
             EngineError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
-            EngineError::NotReady(_) | EngineError::Stopped => Status::unavailable(msg),
+            EngineError::NotReady(_) | EngineError::Stopped(_) => Status::unavailable(msg),
             EngineError::Model(ModelError::InvalidInput(_)) => Status::invalid_argument(msg),
             EngineError::Model(ModelError::Collective(_)) => Status::unavailable(msg),
             EngineError::Model(ModelError::Load(_) | ModelError::Torch(_)) => Status::internal(msg),
@@ -31,24 +31,25 @@ impl From<EngineError> for Status {
     }
 }
 
+/// Rank 0's `rankway.worker.v1.Worker`.
 pub struct WorkerService {
     engine: EngineHandle,
     group: String,
+    world_size: u32,
     generation: u64,
-    host: String,
 }
 
 impl WorkerService {
-    pub fn new(engine: EngineHandle, group: String) -> Self {
+    pub fn new(engine: EngineHandle, group: String, world_size: u32) -> Self {
+        // Start time in ms: a restarted group reports a new generation.
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
         Self {
             engine,
             group,
+            world_size,
             generation,
-            host,
         }
     }
 
@@ -65,7 +66,7 @@ impl Worker for WorkerService {
         let req = request.into_inner();
         let deadline = (req.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(req.timeout_ms));
         let started = Instant::now();
-        let out = self.engine.infer(req.inputs, deadline).await;
+        let out = self.engine.infer(req.batch_id, req.inputs, deadline).await;
         match &out {
             Ok(o) => tracing::debug!(
                 batch_id = req.batch_id,
@@ -91,35 +92,36 @@ impl Worker for WorkerService {
         _request: Request<GroupStatusRequest>,
     ) -> Result<Response<GroupStatusResponse>, Status> {
         let stats = self.engine.stats();
-        let ready = stats.is_ready();
-        let (phase, reason) = match (ready, stats.failure()) {
-            (true, _) => (RankPhase::Ready, String::new()),
-            (false, Some(why)) => (RankPhase::Broken, format!("model thread failed: {why}")),
-            (false, None) => (RankPhase::Warming, "loading the model and warming up".into()),
-        };
+        // Rank 0 sees the followers through the collectives: they are ready once the
+        // warm-up ran on all of them, and broken together with the group.
+        let phase = stats.phase();
+        let ranks = (0..self.world_size)
+            .map(|rank| RankState {
+                rank,
+                phase: phase as i32,
+                host: String::new(),
+            })
+            .collect();
         Ok(Response::new(GroupStatusResponse {
             group: self.group.clone(),
             generation: self.generation,
-            world_size: 1,
-            ranks: vec![RankState {
-                rank: 0,
-                phase: phase as i32,
-                host: self.host.clone(),
-            }],
+            world_size: self.world_size,
+            ranks,
             model: stats.info().cloned(),
             batches_in_flight: stats.running.load(Ordering::Acquire) as u32,
             queue_depth: stats.queued.load(Ordering::Acquire) as u32,
-            ready,
-            reason,
+            ready: stats.is_ready(),
+            reason: stats.not_ready_reason(),
             batches_completed: stats.batches.load(Ordering::Acquire) as u64,
         }))
     }
 }
 
-/// Keeps `grpc.health.v1` in step with the engine: SERVING exactly while it is ready.
+/// Keeps `grpc.health.v1` in step with the engine: SERVING exactly while this rank is
+/// ready, which on rank 0 means the whole group is complete and warm.
 pub async fn track_health(
     reporter: tonic_health::server::HealthReporter,
-    stats: Arc<crate::engine::EngineStats>,
+    stats: Arc<EngineStats>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use tonic_health::ServingStatus;
@@ -131,10 +133,9 @@ pub async fn track_health(
             ServingStatus::NotServing
         };
         if last != Some(status) {
-            reporter.set_service_status("", status).await;
-            reporter
-                .set_service_status("rankway.worker.v1.Worker", status)
-                .await;
+            for service in ["", rankway_proto::worker::worker_server::SERVICE_NAME] {
+                reporter.set_service_status(service, status).await;
+            }
             last = Some(status);
         }
         tokio::select! {

@@ -4,6 +4,8 @@
 //! rank (this module's [`SingleRank`]) or on a tensor-parallel group whose collectives
 //! go through torch c10d.
 
+pub mod c10d;
+
 use tch::Tensor;
 
 /// Where this process sits in its group: rank `rank` of `world` ranks.
@@ -38,6 +40,8 @@ pub trait Collective: Send {
     fn shard(&self) -> Shard;
     /// Sums `tensor` over all ranks, in place.
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), CollectiveError>;
+    /// Copies `tensor` from rank `root` to every rank, in place.
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError>;
 }
 
 /// A group of one: every collective is the identity.
@@ -50,6 +54,10 @@ impl Collective for SingleRank {
     }
 
     fn all_reduce_sum(&self, _tensor: &mut Tensor) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+
+    fn broadcast(&self, _tensor: &mut Tensor, _root: usize) -> Result<(), CollectiveError> {
         Ok(())
     }
 }

@@ -1,0 +1,209 @@
+//! Safe binding of the c10d shim (`c10d_shim.cpp`): a torch c10d process group joined
+//! through a TCPStore, Gloo on CPU or NCCL on GPU. This module is the only `unsafe` in
+//! the workspace.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::time::Duration;
+
+use tch::Tensor;
+
+use super::{Collective, CollectiveError, Shard};
+
+unsafe extern "C" {
+    fn rw_group_init(
+        master_addr: *const c_char,
+        master_port: u16,
+        rank: c_int,
+        world_size: c_int,
+        backend: c_int,
+        store_timeout_ms: i64,
+        collective_timeout_ms: i64,
+        iface: *const c_char,
+        host: *const c_char,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn rw_group_all_reduce_sum(
+        group: *mut c_void,
+        tensor: *mut torch_sys::C_tensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn rw_group_broadcast(
+        group: *mut c_void,
+        tensor: *mut torch_sys::C_tensor,
+        root: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn rw_group_all_gather(
+        group: *mut c_void,
+        input: *mut torch_sys::C_tensor,
+        outputs: *mut *mut torch_sys::C_tensor,
+        world_size: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn rw_group_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
+    fn rw_group_free(group: *mut c_void);
+    fn rw_free_error(err: *mut c_char);
+}
+
+/// Which c10d backend a group uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// ProcessGroupGloo, on CPU.
+    Gloo,
+    /// ProcessGroupNCCL, on GPU (needs the `cuda` build).
+    Nccl,
+}
+
+/// How to join a group.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    pub master_addr: String,
+    pub master_port: u16,
+    pub shard: Shard,
+    pub backend: Backend,
+    /// How long the store waits for every rank to arrive.
+    pub store_timeout: Duration,
+    /// How long one collective may take before the group counts as broken.
+    pub collective_timeout: Duration,
+    /// Network interface Gloo binds (GLOO_SOCKET_IFNAME); empty for `host`.
+    pub iface: String,
+    /// Address Gloo binds when no interface is named; empty for this host's name.
+    pub host: String,
+}
+
+/// Takes the message the shim allocated, if any.
+fn take_error(err: *mut c_char, op: &'static str) -> CollectiveError {
+    let message = if err.is_null() {
+        "unknown error".to_owned()
+    } else {
+        // SAFETY: the shim sets `err` to a NUL-terminated string from malloc, which we
+        // own and free exactly once here.
+        unsafe {
+            let m = CStr::from_ptr(err).to_string_lossy().into_owned();
+            rw_free_error(err);
+            m
+        }
+    };
+    CollectiveError { op, message }
+}
+
+/// A joined torch c10d process group.
+pub struct ProcessGroup {
+    raw: *mut c_void,
+    shard: Shard,
+}
+
+// SAFETY: the c10d backend is used from one thread at a time (the model thread owns the
+// group); moving it between threads is fine, as torch's own Python bindings do.
+unsafe impl Send for ProcessGroup {}
+
+impl ProcessGroup {
+    /// Rendezvous: blocks until every rank has joined or the store times out.
+    pub fn join(opts: &JoinOptions) -> Result<Self, CollectiveError> {
+        let cstr = |s: &str| {
+            CString::new(s).map_err(|_| CollectiveError {
+                op: "init",
+                message: format!("NUL byte in {s:?}"),
+            })
+        };
+        let (addr, iface, host) = (cstr(&opts.master_addr)?, cstr(&opts.iface)?, cstr(&opts.host)?);
+        let mut err: *mut c_char = std::ptr::null_mut();
+        // SAFETY: all strings are valid NUL-terminated C strings that outlive the call;
+        // `err` is a valid out-pointer.
+        let raw = unsafe {
+            rw_group_init(
+                addr.as_ptr(),
+                opts.master_port,
+                opts.shard.rank as c_int,
+                opts.shard.world as c_int,
+                match opts.backend {
+                    Backend::Gloo => 0,
+                    Backend::Nccl => 1,
+                },
+                opts.store_timeout.as_millis() as i64,
+                opts.collective_timeout.as_millis() as i64,
+                iface.as_ptr(),
+                host.as_ptr(),
+                &mut err,
+            )
+        };
+        if raw.is_null() {
+            return Err(take_error(err, "init"));
+        }
+        Ok(Self {
+            raw,
+            shard: opts.shard,
+        })
+    }
+
+    /// Gathers `input` from every rank; the result is in rank order.
+    pub fn all_gather(&self, input: &mut Tensor) -> Result<Vec<Tensor>, CollectiveError> {
+        let mut outputs: Vec<Tensor> = (0..self.shard.world).map(|_| input.empty_like()).collect();
+        let mut ptrs: Vec<*mut torch_sys::C_tensor> = outputs.iter_mut().map(|t| t.as_mut_ptr()).collect();
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `ptrs` holds `world` live tensors (kept alive by `outputs`) of the
+        // input's shape; `input` is live for the call.
+        let rc = unsafe {
+            rw_group_all_gather(
+                self.raw,
+                input.as_mut_ptr(),
+                ptrs.as_mut_ptr(),
+                ptrs.len() as c_int,
+                &mut err,
+            )
+        };
+        if rc != 0 {
+            Err(take_error(err, "all_gather"))
+        } else {
+            Ok(outputs)
+        }
+    }
+
+    /// Waits until every rank reaches the barrier.
+    pub fn barrier(&self) -> Result<(), CollectiveError> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `self.raw` is a live group.
+        let rc = unsafe { rw_group_barrier(self.raw, &mut err) };
+        if rc != 0 {
+            Err(take_error(err, "barrier"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Collective for ProcessGroup {
+    fn shard(&self) -> Shard {
+        self.shard
+    }
+
+    fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `self.raw` is a live group; `tensor` is a live at::Tensor for the call.
+        let rc = unsafe { rw_group_all_reduce_sum(self.raw, tensor.as_mut_ptr(), &mut err) };
+        if rc != 0 {
+            Err(take_error(err, "all_reduce"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `self.raw` is a live group; `tensor` is a live at::Tensor for the call.
+        let rc = unsafe { rw_group_broadcast(self.raw, tensor.as_mut_ptr(), root as c_int, &mut err) };
+        if rc != 0 {
+            Err(take_error(err, "broadcast"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from rw_group_init and is freed once.
+        unsafe { rw_group_free(self.raw) }
+    }
+}
