@@ -22,7 +22,7 @@ run: build
 
 ## The whole test suite: unit tests, then integration tests on the real binaries.
 test: build
-	$(CARGO) test --release -j$(JOBS) --workspace
+	$(CARGO) test --release -j$(JOBS) --workspace -- --test-threads=1
 
 ## Direct model throughput vs through the gateway (k6, 32 VUs).
 bench: build

@@ -24,6 +24,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Measure in-process batched throughput of the loaded model (no network).
     Bench(BenchArgs),
+    /// Start groups of ranks on this host like torchrun; restart a group when a rank dies.
+    Launch(crate::launch::LaunchArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

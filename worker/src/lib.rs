@@ -3,7 +3,7 @@
 //! Layout: [`config`] (flags), [`models`] (MiniLM, synthetic MLP), [`dist`] (collectives
 //! between ranks, the c10d binding), [`rendezvous`] (how a rank finds its group), [`group`]
 //! (the protocol rank 0 drives), [`engine`] (the model thread), [`server`] (gRPC), [`serve`] (the
-//! `serve` command), [`bench`] (the `bench` command).
+//! `serve` command), [`bench`] (the `bench` command), [`launch`] (the local launcher).
 
 #![deny(unsafe_code)]
 
@@ -12,6 +12,7 @@ pub mod config;
 pub mod dist;
 pub mod engine;
 pub mod group;
+pub mod launch;
 pub mod models;
 pub mod rendezvous;
 pub mod serve;

@@ -1,7 +1,7 @@
 use anyhow::Context;
 use clap::Parser;
 use rankway_worker::config::{Cli, Command, LogFormat};
-use rankway_worker::{bench, serve};
+use rankway_worker::{bench, launch, serve};
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -31,6 +31,10 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
             rt.block_on(serve::serve(args, shutdown_signal()))?;
+        }
+        Command::Launch(args) => {
+            let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
+            rt.block_on(launch::launch(args, shutdown_signal()));
         }
         Command::Bench(args) => {
             let rows = bench::run(&args)?;

@@ -28,7 +28,7 @@ pub enum ServeError {
     Config(String),
     #[error("cannot start the model thread: {0}")]
     Thread(std::io::Error),
-    #[error("group broken: {0}")]
+    #[error("model thread failed: {0}")]
     Model(#[from] ModelError),
     #[error("model thread panicked")]
     Panicked,

@@ -76,7 +76,7 @@ impl Proc {
     }
 
     /// Waits for the JSON log line whose message is `message`; returns its fields.
-    fn wait_for_log(&mut self, message: &str) -> serde_json::Map<String, Value> {
+    pub fn wait_for_log(&mut self, message: &str) -> serde_json::Map<String, Value> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -99,7 +99,7 @@ impl Proc {
         }
     }
 
-    fn addr_field(fields: &serde_json::Map<String, Value>, key: &str) -> SocketAddr {
+    pub fn addr_field(fields: &serde_json::Map<String, Value>, key: &str) -> SocketAddr {
         fields
             .get(key)
             .and_then(Value::as_str)
@@ -131,11 +131,18 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_rank(&[], extra)
+    }
+
+    /// A rank of a group: `env` carries the rendezvous contract (RANK, WORLD_SIZE, ...).
+    pub fn start_rank(env: &[(&str, String)], extra: &[&str]) -> Self {
         let mut cmd = Command::new(worker_bin());
         cmd.arg("serve")
             .arg("--listen=127.0.0.1:0")
             .arg(format!("--model-dir={}", model_dir().display()))
             .arg("--torch-threads=1")
+            .env("RANKWAY_DIST_HOST", "127.0.0.1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(extra);
         let mut proc = Proc::spawn(cmd);
         let fields = proc.wait_for_log("worker listening");
@@ -149,6 +156,50 @@ impl Worker {
             .expect("connect to worker")
     }
 
+    /// Starts every rank of a group of `world` ranks; element 0 is rank 0.
+    pub fn start_group(world: usize, extra: &[&str]) -> Vec<Worker> {
+        let master_port = free_port().to_string();
+        (0..world)
+            .map(|rank| {
+                let env = [
+                    ("RANK", rank.to_string()),
+                    ("WORLD_SIZE", world.to_string()),
+                    ("MASTER_ADDR", "127.0.0.1".to_owned()),
+                    ("MASTER_PORT", master_port.clone()),
+                ];
+                Worker::start_rank(&env, extra)
+            })
+            .collect()
+    }
+
+    /// grpc.health.v1 status of this rank ("" service), or None if it does not answer.
+    pub async fn health(&self) -> Option<i32> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_millis(500))
+            .connect()
+            .await
+            .ok()?;
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let req = tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        };
+        client.check(req).await.ok().map(|r| r.into_inner().status)
+    }
+
+    /// Waits for this rank's health to say SERVING.
+    pub async fn wait_serving(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.health().await != Some(SERVING) {
+            assert!(
+                Instant::now() < deadline,
+                "rank at {} not SERVING within {within:?}",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Batches the worker has run so far.
     pub async fn batches_completed(&self) -> u64 {
         let status = self
@@ -160,6 +211,17 @@ impl Worker {
     }
 }
 
+pub const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+
+/// A port that was free a moment ago (for the c10d store, which the worker binds itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// One `rankway-gateway` process in front of the given workers.
 pub struct Gateway {
     pub proc: Proc,
@@ -169,13 +231,19 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(workers: &[&Worker], extra: &[&str]) -> Self {
+        let addrs: Vec<String> = workers.iter().map(|w| w.addr.to_string()).collect();
+        Self::start_addrs(&addrs, extra)
+    }
+
+    /// A gateway in front of groups whose rank 0 listens at `addrs`.
+    pub fn start_addrs(addrs: &[String], extra: &[&str]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankway-gateway"));
         cmd.arg("--http-listen=127.0.0.1:0")
             .arg("--grpc-listen=127.0.0.1:0")
             .arg("--health-interval=200ms")
             .args(extra);
-        for (i, w) in workers.iter().enumerate() {
-            cmd.arg(format!("--group=g{i}={}", w.addr));
+        for (i, a) in addrs.iter().enumerate() {
+            cmd.arg(format!("--group=g{i}={a}"));
         }
         let mut proc = Proc::spawn(cmd);
         let fields = proc.wait_for_log("gateway listening");
@@ -215,6 +283,59 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// `rankway-worker launch`: groups of ranks on loopback under the launcher.
+pub struct Launcher {
+    pub proc: Proc,
+    pub leaders: Vec<String>,
+}
+
+impl Launcher {
+    pub fn start(groups: usize, ranks: usize, serve_args: &[&str]) -> Self {
+        let (port, follower_port, master_port) = (free_port(), free_port(), free_port());
+        let mut cmd = Command::new(worker_bin());
+        cmd.arg("launch")
+            .arg(format!("--groups={groups}"))
+            .arg(format!("--ranks-per-group={ranks}"))
+            .arg(format!("--port={port}"))
+            .arg(format!("--follower-port={follower_port}"))
+            .arg(format!("--master-port={master_port}"))
+            .arg("--backoff=200ms")
+            .arg("--")
+            .arg(format!("--model-dir={}", model_dir().display()))
+            .arg("--torch-threads=1")
+            .args(serve_args);
+        let proc = Proc::spawn(cmd);
+        let leaders = (0..groups)
+            .map(|g| format!("127.0.0.1:{}", port as usize + g))
+            .collect();
+        Self { proc, leaders }
+    }
+
+    /// Waits for the next "group started" line; returns the pids of that group's ranks.
+    pub fn next_group_start(&mut self) -> Vec<u32> {
+        let fields = self.proc.wait_for_log("group started");
+        let pids = fields
+            .get("pids")
+            .and_then(Value::as_str)
+            .expect("pids field")
+            .to_owned();
+        pids.trim_matches(|c| c == '[' || c == ']')
+            .split(", ")
+            .map(|p| p.parse().unwrap())
+            .collect()
+    }
+}
+
+/// SIGKILLs a process by pid.
+pub fn sigkill(pid: u32) {
+    let status = Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -9 {pid} failed");
 }
 
 /// The sentence-transformers reference fixture.
