@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# `make run`: one MiniLM worker group and the gateway on loopback, stopped with Ctrl-C.
-# Ports: REST 8000, gRPC 8001 (gateway), 9000 (worker rank 0). Override with the
-# RANKWAY_* variables the binaries read (see `--help`).
+# `make run`: two MiniLM groups of two tensor-parallel ranks each (rankway-worker launch)
+# behind the gateway, all on loopback; Ctrl-C stops everything.
+# Ports: REST 8000 and gRPC 8001 (gateway); 9000 and 9001 (rank 0 of groups g0, g1);
+# 9100+ (followers' health); 29500+ (c10d stores). RANKWAY_RUN_GROUPS and RANKWAY_RUN_RANKS change the shape.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release
 HTTP=${RANKWAY_HTTP_LISTEN:-127.0.0.1:8000}
 GRPC=${RANKWAY_GRPC_LISTEN:-127.0.0.1:8001}
-WORKER=${RANKWAY_WORKER_LISTEN:-127.0.0.1:9000}
+GROUPS_N=${RANKWAY_RUN_GROUPS:-2}
+RANKS_N=${RANKWAY_RUN_RANKS:-2}
 
 pids=()
 stop() {
@@ -18,9 +20,11 @@ stop() {
 }
 trap stop INT TERM EXIT
 
-$BIN/rankway-worker serve --listen "$WORKER" --group a &
+$BIN/rankway-worker launch --groups "$GROUPS_N" --ranks-per-group "$RANKS_N" &
 pids+=($!)
-$BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "$GRPC" --group "a=$WORKER" &
+group_flags=()
+for ((g = 0; g < GROUPS_N; g++)); do group_flags+=(--group "g$g=127.0.0.1:$((9000 + g))"); done
+$BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "$GRPC" "${group_flags[@]}" &
 pids+=($!)
 
 for _ in $(seq 1 600); do
@@ -32,7 +36,7 @@ curl -fsS "http://$HTTP/v2/health/ready" >/dev/null || { echo "run: gateway neve
 
 cat <<MSG
 
-Rankway is ready: REST http://$HTTP, gRPC $GRPC (model "minilm"). Try:
+Rankway is ready: $GROUPS_N groups x $RANKS_N ranks, REST http://$HTTP, gRPC $GRPC (model "minilm"). Try:
 
   curl -s http://$HTTP/v1/embeddings -H 'content-type: application/json' \\
     -d '{"model": "minilm", "input": ["Rankway batches requests", "across worker groups"]}'

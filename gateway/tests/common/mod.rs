@@ -117,7 +117,19 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so a launcher stops its ranks and a worker drains; SIGKILL if the
+    /// process is still there after a few seconds.
     fn drop(&mut self) {
+        if self.is_running() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.is_running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
