@@ -6,7 +6,7 @@ JOBS ?= 2
 export LIBTORCH = $(firstword $(wildcard $(CURDIR)/.venv/lib/python3*/site-packages/torch))
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: all setup build run test bench lint clean
+.PHONY: all setup build run test bench bench-groups lint clean
 
 all: build
 
@@ -27,6 +27,10 @@ test: build
 ## Direct model throughput vs through the gateway (k6, 32 VUs).
 bench: build
 	scripts/bench.sh
+
+## One 1-rank group vs one 2-rank group, same machine, through the gateway.
+bench-groups: build
+	scripts/bench_groups.sh
 
 lint:
 	$(CARGO) fmt --all --check

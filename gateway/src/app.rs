@@ -153,6 +153,7 @@ pub async fn run(
     tracing::info!(%http_addr, %grpc_addr, groups = cfg.groups.len(), "gateway listening");
 
     shutdown.await;
+    state.start_draining();
     tracing::info!(drain_timeout = ?cfg.drain_timeout, "shutting down: refusing new connections, draining requests");
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(cfg.drain_timeout, async {

@@ -162,7 +162,8 @@ impl BatchLoop {
                 }
             };
 
-            let close_at = first.enqueued + self.cfg.max_queue_delay;
+            // The window closes early if the first request's deadline comes first.
+            let close_at = (first.enqueued + self.cfg.max_queue_delay).min(first.deadline);
             let mut rows = first.request.rows;
             let mut batch = vec![first];
             while rows < self.cfg.max_batch_size {
@@ -180,6 +181,13 @@ impl BatchLoop {
                 rows += next.request.rows;
                 batch.push(next);
             }
+            // Callers that left or expired while the batch filled are answered, not sent.
+            let now = Instant::now();
+            let batch: Vec<Entry> = batch.into_iter().filter_map(|e| e.still_wanted(now)).collect();
+            if batch.is_empty() {
+                continue; // the lease drops here, freeing the slot
+            }
+            let rows = batch.iter().map(|e| e.request.rows).sum();
             let dispatch = Dispatch {
                 model: self.model.clone(),
                 metrics: self.metrics.clone(),

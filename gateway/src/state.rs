@@ -1,6 +1,7 @@
 //! The gateway's core, shared by every front end: model lookup, validation, batching.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ pub struct Gateway {
     batch: BatchConfig,
     request_timeout: Duration,
     batchers: Mutex<HashMap<String, Batcher>>,
+    draining: AtomicBool,
 }
 
 impl Gateway {
@@ -29,7 +31,18 @@ impl Gateway {
             batch,
             request_timeout,
             batchers: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// From now on: not ready, and new requests are refused; accepted ones finish.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Ready = not draining and at least one group routable.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Acquire) && self.pool.any_ready()
     }
 
     /// The model's signature if a ready group serves it; otherwise why not.
@@ -61,6 +74,16 @@ impl Gateway {
         deadline: Instant,
     ) -> Result<Vec<Tensor>, ApiError> {
         let result = async {
+            if self.draining.load(Ordering::Acquire) {
+                return Err(ApiError::Unavailable(
+                    "gateway is shutting down; retry on another replica".into(),
+                ));
+            }
+            if self.draining.load(Ordering::Acquire) {
+                return Err(ApiError::Unavailable(
+                    "gateway is shutting down; retry on another replica".into(),
+                ));
+            }
             let info = self.ready_model(model)?;
             let request = validate(&info, inputs)?;
             self.batcher(model).submit(request, deadline).await

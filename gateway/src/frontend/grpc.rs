@@ -126,7 +126,7 @@ impl GrpcInferenceService for InferenceService {
         _: Request<ServerReadyRequest>,
     ) -> Result<Response<ServerReadyResponse>, Status> {
         Ok(Response::new(ServerReadyResponse {
-            ready: self.state.pool.any_ready(),
+            ready: self.state.is_ready(),
         }))
     }
 
@@ -176,10 +176,10 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        let deadline = self.state.deadline(super::grpc_timeout(req.metadata())?);
         let req = req.into_inner();
         let inputs = to_tensors(req.inputs, req.raw_input_contents)?;
         let requested: Vec<String> = req.outputs.into_iter().map(|o| o.name).collect();
-        let deadline = self.state.deadline(None);
         let outputs = self.state.infer(&req.model_name, inputs, deadline).await?;
         let outputs = super::select_outputs(outputs, &requested)?;
         let version = self

@@ -108,8 +108,10 @@ fn texts(input: Value) -> Result<Vec<String>, ApiError> {
 pub async fn embeddings(
     State(state): State<AppState>,
     axum::Extension(limits): axum::Extension<Arc<RestLimits>>,
+    headers: http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
+    let deadline = state.deadline(super::rest_timeout(&headers)?);
     let req: EmbeddingsRequest = parse_json(body, limits.max_request_bytes)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -139,7 +141,6 @@ pub async fn embeddings(
         shape: vec![texts.len() as i64],
         data: encode_bytes_elements(&texts).into(),
     };
-    let deadline = state.deadline(None);
     let outputs = state.infer(&req.model, vec![input], deadline).await?;
 
     let find = |name: &str| outputs.iter().find(|t| t.name == name);

@@ -102,6 +102,7 @@ pub fn router(state: AppState, max_request_bytes: usize) -> Router {
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v1/embeddings", post(super::openai::embeddings))
         .route("/metrics", get(metrics))
+        .route("/admin/groups", get(admin_groups))
         .fallback(not_found)
         .layer(axum::Extension(limits))
         .layer(DefaultBodyLimit::max(max_request_bytes))
@@ -133,7 +134,7 @@ async fn live() -> Json<serde_json::Value> {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    let ready = state.pool.any_ready();
+    let ready = state.is_ready();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -193,8 +194,10 @@ async fn infer(
     State(state): State<AppState>,
     axum::Extension(limits): axum::Extension<Arc<RestLimits>>,
     Path(model): Path<String>,
+    headers: http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OipError> {
+    let deadline = state.deadline(super::rest_timeout(&headers)?);
     let req: InferRequestJson = parse_json(body, limits.max_request_bytes)?;
     let inputs = req
         .inputs
@@ -202,7 +205,6 @@ async fn infer(
         .map(input_to_tensor)
         .collect::<Result<Vec<_>, _>>()?;
     let requested: Vec<String> = req.outputs.into_iter().map(|o| o.name).collect();
-    let deadline = state.deadline(None);
     let outputs = state.infer(&model, inputs, deadline).await?;
     let outputs = super::select_outputs(outputs, &requested)?;
     let model_version = state
@@ -222,4 +224,9 @@ async fn infer(
 async fn metrics(State(state): State<AppState>) -> Response {
     let body = state.metrics.render(&state.pool.views());
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response()
+}
+
+/// Every known group: address, readiness and why, world size, ranks ready, in flight.
+async fn admin_groups(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "ready": state.is_ready(), "groups": state.pool.views() }))
 }
