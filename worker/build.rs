@@ -28,18 +28,11 @@ fn main() {
         .warnings(false);
     if cuda {
         build.define("RANKWAY_NCCL", None);
-        // CUDA headers from the nvidia-cuda-* wheels beside torch.
+        // CUDA, CCCL and NCCL headers from the nvidia-* wheels beside torch (torch's own
+        // CUDA dependencies plus nvidia-cuda-crt and nvidia-cuda-cccl).
         let nvidia = libtorch.parent().expect("site-packages").join("nvidia");
-        for sub in [
-            "cu13/include",
-            "cuda_runtime/include",
-            "cuda_nvcc/include",
-            "cccl/include",
-        ] {
-            let p = nvidia.join(sub);
-            if p.exists() {
-                build.include(p);
-            }
+        for sub in ["cu13/include", "cu13/include/cccl", "nccl/include"] {
+            build.include(nvidia.join(sub));
         }
     }
     build.compile("rankway_c10d");

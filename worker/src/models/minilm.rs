@@ -7,7 +7,6 @@
 //! row-parallel projections produce partial sums, reduced with one all-reduce each; their
 //! biases are added once, after the reduction. Embeddings and layer norms are replicated.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use rankway_proto::codec::decode_bytes_elements;
@@ -16,6 +15,7 @@ use serde::Deserialize;
 use tch::{Kind, Tensor};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use super::safetensors::ShardReader;
 use super::{Model, ModelError, Prepared};
 use crate::dist::{Collective, Shard};
 
@@ -79,20 +79,17 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelErro
     serde_json::from_str(&text).map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))
 }
 
-/// The safetensors file, name → tensor, with helpers that cut this rank's shard.
-struct Weights(HashMap<String, Tensor>);
+/// This rank's view of `model.safetensors`.
+struct Weights(ShardReader);
 
 impl Weights {
     fn full(&self, name: &str) -> Result<Tensor, ModelError> {
-        self.0
-            .get(name)
-            .map(|t| t.shallow_clone())
-            .ok_or_else(|| ModelError::Load(format!("model.safetensors has no tensor {name:?}")))
+        self.0.full(name)
     }
 
-    /// `len` entries of `dim` starting at `start`, copied so the full tensor can be freed.
-    fn slice(&self, name: &str, dim: i64, (start, len): (i64, i64)) -> Result<Tensor, ModelError> {
-        Ok(self.full(name)?.narrow(dim, start, len).contiguous())
+    /// `len` entries of `dim` starting at `start`: only this rank's part is read.
+    fn slice(&self, name: &str, dim: usize, range: (i64, i64)) -> Result<Tensor, ModelError> {
+        self.0.slice(name, dim, range)
     }
 
     fn layer_norm(&self, prefix: &str) -> Result<(Tensor, Tensor), ModelError> {
@@ -132,13 +129,7 @@ impl MiniLm {
             }))
             .map_err(|e| ModelError::Load(format!("tokenizer truncation: {e}")))?;
 
-        let path = dir.join("model.safetensors");
-        let weights = Weights(
-            Tensor::read_safetensors(&path)
-                .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?
-                .into_iter()
-                .collect(),
-        );
+        let weights = Weights(ShardReader::open(&dir.join("model.safetensors"))?);
         let head_dim = cfg.hidden_size / cfg.num_attention_heads;
         let local_heads = cfg.num_attention_heads / shard.world as i64;
         let heads = shard.range(cfg.num_attention_heads);

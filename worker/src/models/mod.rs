@@ -6,6 +6,7 @@
 
 pub mod minilm;
 pub mod mlp;
+pub mod safetensors;
 
 use rankway_proto::worker::{DataType, ModelInfo, Tensor as WireTensor, TensorSpec};
 use tch::Tensor;
