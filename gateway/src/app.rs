@@ -11,8 +11,10 @@ use tonic_health::ServingStatus;
 use crate::config::Config;
 use crate::frontend::{grpc, rest};
 use crate::metrics::Metrics;
-use crate::pool::{Group, Pool};
+use crate::pool::{Group, GroupSettings, Pool};
 use crate::state::Gateway;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -74,20 +76,23 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
+    let settings = GroupSettings {
+        max_in_flight: cfg.max_in_flight as usize,
+        connect_timeout: cfg.health_timeout,
+        breaker_failures: cfg.breaker_failures,
+        breaker_cooldown: cfg.breaker_cooldown,
+    };
     let groups = cfg
         .groups
         .iter()
-        .map(|g| {
-            Group::new(
-                g.name.clone(),
-                g.address.clone(),
-                cfg.max_in_flight as usize,
-                cfg.health_timeout,
-            )
-        })
+        .map(|g| Group::new(g.name.clone(), g.address.clone(), settings))
         .collect::<Result<Vec<_>, _>>()
         .map_err(AppError::Config)?;
-    let pool = Pool::new(groups);
+    let rng = match cfg.p2c_seed {
+        Some(seed) => StdRng::seed_from_u64(seed),
+        None => StdRng::from_os_rng(),
+    };
+    let pool = Pool::new(groups, rng);
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(Gateway::new(
         pool.clone(),

@@ -30,6 +30,8 @@ pub struct BatchConfig {
     pub max_queue_delay: Duration,
     /// Requests that may wait per model.
     pub queue_capacity: usize,
+    /// Other groups a batch may go to when a group refused it before running it.
+    pub retry_budget: usize,
 }
 
 type Reply = oneshot::Sender<Result<Vec<Tensor>, ApiError>>;
@@ -147,7 +149,7 @@ impl BatchLoop {
             // Hold the first request until a group can take a batch; others queue meanwhile.
             let deadline = first.deadline;
             let lease = tokio::select! {
-                lease = self.pool.acquire(&self.model) => lease,
+                lease = self.pool.acquire(&self.model, &[]) => lease,
                 _ = tokio::time::sleep_until(deadline) => {
                     // Answers the caller with DEADLINE_EXCEEDED.
                     let _ = first.still_wanted(Instant::now());
@@ -191,6 +193,8 @@ impl BatchLoop {
             let dispatch = Dispatch {
                 model: self.model.clone(),
                 metrics: self.metrics.clone(),
+                pool: self.pool.clone(),
+                retry_budget: self.cfg.retry_budget,
                 batch,
                 rows,
             };
@@ -202,29 +206,53 @@ impl BatchLoop {
 struct Dispatch {
     model: String,
     metrics: Arc<Metrics>,
+    pool: Pool,
+    retry_budget: usize,
     batch: Vec<Entry>,
     rows: usize,
 }
 
 impl Dispatch {
-    async fn run(self, lease: Lease) {
+    async fn run(self, mut lease: Lease) {
         let now = Instant::now();
         for e in &self.batch {
             self.metrics.observe_queue_time(&self.model, now - e.enqueued);
         }
-        self.metrics
-            .observe_batch(&self.model, lease.group().name(), self.rows);
         // The batch is worth running while any of its callers still waits.
         let deadline = self.batch.iter().map(|e| e.deadline).max().unwrap_or(now);
-        let timeout = deadline.saturating_duration_since(now);
         let request = InferRequest {
             batch_id: BATCH_IDS.fetch_add(1, Ordering::Relaxed),
             model: self.model.clone(),
             inputs: concat_inputs(&self.batch),
-            timeout_ms: timeout.as_millis().max(1) as u64,
+            timeout_ms: 0,
         };
         let batch_id = request.batch_id;
-        let result = lease.infer(request, Some(timeout)).await;
+        let mut tried = Vec::new();
+        let result = loop {
+            let group = lease.group().name().to_owned();
+            self.metrics.observe_batch(&self.model, &group, self.rows);
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            let attempt = InferRequest {
+                timeout_ms: timeout.as_millis().max(1) as u64,
+                ..request.clone()
+            };
+            match lease.infer(attempt, Some(timeout)).await {
+                Ok(resp) => break Ok(resp),
+                // Refused before it ran: another group may take it, within the budget.
+                Err(e) if e.not_started && tried.len() < self.retry_budget => {
+                    tracing::info!(model = %self.model, batch_id, %group, error = %e.error, "group refused the batch; retrying elsewhere");
+                    self.metrics.rejection(&self.model, "retried");
+                    tried.push(group);
+                    // The refused group's slot is held until another is found (it is
+                    // excluded anyway); assigning the new lease releases it.
+                    match tokio::time::timeout_at(deadline, self.pool.acquire(&self.model, &tried)).await {
+                        Ok(Ok(next)) => lease = next,
+                        Ok(Err(_)) | Err(_) => break Err(e.error),
+                    }
+                }
+                Err(e) => break Err(e.error),
+            }
+        };
         drop(lease);
         match result {
             Ok(resp) => {
@@ -368,5 +396,81 @@ mod tests {
             split_outputs(vec![out], &[1, 2]),
             Err(ApiError::Internal(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+    use crate::pool::tests::ready_pool;
+    use rankway_proto::worker::DataType;
+
+    fn request() -> ValidRequest {
+        let t = Tensor {
+            name: "text".into(),
+            datatype: DataType::Bytes as i32,
+            shape: vec![1],
+            data: encode_bytes_elements(&["x"]).into(),
+        };
+        ValidRequest {
+            inputs: vec![t],
+            rows: 1,
+        }
+    }
+
+    fn cfg(queue_capacity: usize) -> BatchConfig {
+        BatchConfig {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_millis(1),
+            queue_capacity,
+            retry_budget: 0,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_answers_at_once() {
+        let pool = ready_pool(&["a"], "m");
+        // Both slots busy: the batcher holds its first request, the queue fills behind it.
+        let _busy = (
+            pool.acquire("m", &[]).await.unwrap(),
+            pool.acquire("m", &[]).await.unwrap(),
+        );
+        let b = Batcher::spawn("m".into(), cfg(1), pool.clone(), Arc::new(Metrics::new()));
+        let far = Instant::now() + Duration::from_secs(60);
+        let held = tokio::spawn({
+            let b = b.clone();
+            async move { b.submit(request(), far).await }
+        });
+        tokio::task::yield_now().await;
+        let queued = tokio::spawn({
+            let b = b.clone();
+            async move { b.submit(request(), far).await }
+        });
+        tokio::task::yield_now().await;
+        let started = Instant::now();
+        let full = b.submit(request(), far).await;
+        assert!(matches!(full, Err(ApiError::QueueFull { .. })), "{full:?}");
+        assert_eq!(Instant::now(), started, "refused without waiting");
+        held.abort();
+        queued.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_requests_are_answered_and_never_dispatched() {
+        let pool = ready_pool(&["a"], "m");
+        let busy = (
+            pool.acquire("m", &[]).await.unwrap(),
+            pool.acquire("m", &[]).await.unwrap(),
+        );
+        let sent_before = pool.groups()[0].batches_sent();
+        let b = Batcher::spawn("m".into(), cfg(8), pool.clone(), Arc::new(Metrics::new()));
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let r = b.submit(request(), deadline).await;
+        assert!(matches!(r, Err(ApiError::DeadlineExceeded(_))), "{r:?}");
+        assert!(Instant::now() >= deadline);
+        // Free the slots: the expired request must not become a batch.
+        drop(busy);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(pool.groups()[0].batches_sent(), sent_before);
     }
 }

@@ -34,6 +34,18 @@ pub struct Config {
     /// Batches in flight per group at most (one running, one staged).
     #[arg(long, env = "RANKWAY_MAX_IN_FLIGHT", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
+    /// Consecutive failed dispatches after which a group's circuit breaker opens.
+    #[arg(long, env = "RANKWAY_BREAKER_FAILURES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps a group out before one probe batch.
+    #[arg(long, env = "RANKWAY_BREAKER_COOLDOWN", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub breaker_cooldown: Duration,
+    /// Other groups a batch may be retried on when a group refused it before running it.
+    #[arg(long, env = "RANKWAY_RETRY_BUDGET", default_value_t = 2)]
+    pub retry_budget: u32,
+    /// Seed of the load balancer's random choices (default: from the OS); for tests.
+    #[arg(long, env = "RANKWAY_P2C_SEED")]
+    pub p2c_seed: Option<u64>,
     /// Largest request body (REST) or message (gRPC), in bytes (413 / RESOURCE_EXHAUSTED).
     #[arg(long, env = "RANKWAY_MAX_REQUEST_BYTES", default_value_t = 8 << 20)]
     pub max_request_bytes: usize,
@@ -94,6 +106,7 @@ impl Config {
             max_batch_size: self.max_batch_size as usize,
             max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
             queue_capacity: self.queue_capacity as usize,
+            retry_budget: self.retry_budget as usize,
         }
     }
 }

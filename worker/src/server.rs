@@ -21,14 +21,25 @@ impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {
         let msg = e.to_string();
         match e {
-            EngineError::Overloaded(_) => Status::resource_exhausted(msg),
+            EngineError::Overloaded(_) => not_started(Status::resource_exhausted(msg)),
+            EngineError::NotReady(_) => not_started(Status::unavailable(msg)),
             EngineError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
-            EngineError::NotReady(_) | EngineError::Stopped(_) => Status::unavailable(msg),
+            EngineError::Stopped(_) => Status::unavailable(msg),
             EngineError::Model(ModelError::InvalidInput(_)) => Status::invalid_argument(msg),
             EngineError::Model(ModelError::Collective(_)) => Status::unavailable(msg),
             EngineError::Model(ModelError::Load(_) | ModelError::Torch(_)) => Status::internal(msg),
         }
     }
+}
+
+/// Marks an error for a batch refused before it ran, so the gateway may retry it on
+/// another group (the key the gateway's pool reads).
+fn not_started(mut status: Status) -> Status {
+    status.metadata_mut().insert(
+        "rankway-not-started",
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    status
 }
 
 /// Rank 0's `rankway.worker.v1.Worker`.

@@ -6,8 +6,15 @@
 //! work waits in the gateway where it can still go to whichever group frees first.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+pub mod breaker;
+pub mod p2c;
+
+use breaker::{Breaker, BreakerState};
+use rand::rngs::StdRng;
+use tokio::time::Instant;
 
 use rankway_proto::worker::worker_client::WorkerClient;
 use rankway_proto::worker::{GroupStatusRequest, InferRequest, InferResponse, ModelInfo, RankPhase};
@@ -34,8 +41,22 @@ pub struct GroupView {
     pub generation: u64,
     pub in_flight: usize,
     pub last_error: Option<String>,
+    /// Circuit breaker on consecutive failed dispatches.
+    pub breaker: Option<BreakerState>,
     #[serde(skip)]
     pub model_info: Option<ModelInfo>,
+}
+
+/// How the gateway treats each group.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupSettings {
+    /// Batches in flight at most (one running, one staged).
+    pub max_in_flight: usize,
+    pub connect_timeout: Duration,
+    /// Consecutive failed dispatches that open the breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps the group out before one probe batch.
+    pub breaker_cooldown: Duration,
 }
 
 /// One worker group, addressed through its rank 0.
@@ -46,19 +67,15 @@ pub struct Group {
     slots: Arc<Semaphore>,
     max_in_flight: usize,
     view: RwLock<GroupView>,
+    breaker: Mutex<Breaker>,
     batches: AtomicU64,
 }
 
 impl Group {
-    pub fn new(
-        name: String,
-        address: String,
-        max_in_flight: usize,
-        connect_timeout: Duration,
-    ) -> Result<Self, String> {
+    pub fn new(name: String, address: String, settings: GroupSettings) -> Result<Self, String> {
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("group {name}: bad address {address:?}: {e}"))?
-            .connect_timeout(connect_timeout)
+            .connect_timeout(settings.connect_timeout)
             .tcp_nodelay(true);
         let client = WorkerClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_WORKER_MESSAGE_BYTES)
@@ -73,9 +90,10 @@ impl Group {
             name,
             address,
             client,
-            slots: Arc::new(Semaphore::new(max_in_flight)),
-            max_in_flight,
+            slots: Arc::new(Semaphore::new(settings.max_in_flight)),
+            max_in_flight: settings.max_in_flight,
             view: RwLock::new(view),
+            breaker: Mutex::new(Breaker::new(settings.breaker_failures, settings.breaker_cooldown)),
             batches: AtomicU64::new(0),
         })
     }
@@ -86,7 +104,8 @@ impl Group {
 
     pub fn view(&self) -> GroupView {
         let mut v = self.view.read().expect("group view lock").clone();
-        v.in_flight = self.max_in_flight - self.slots.available_permits();
+        v.in_flight = self.in_flight();
+        v.breaker = Some(self.breaker.lock().expect("breaker lock").state(Instant::now()));
         v
     }
 
@@ -97,6 +116,11 @@ impl Group {
     /// Batches this gateway has sent to the group.
     pub fn batches_sent(&self) -> u64 {
         self.batches.load(Ordering::Relaxed)
+    }
+
+    /// Batches sent and not yet answered (running or staged).
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.slots.available_permits()
     }
 
     fn serves(&self, model: &str) -> bool {
@@ -143,14 +167,6 @@ impl Group {
         }
         was_ready != v.ready
     }
-
-    /// Takes a group out of rotation until its next successful health check.
-    fn mark_failed(&self, error: String) {
-        let mut v = self.view.write().expect("group view lock");
-        v.ready = false;
-        v.reason = "a batch failed".into();
-        v.last_error = Some(error);
-    }
 }
 
 /// A slot on one group; the batch it carries is sent with [`Lease::infer`].
@@ -165,29 +181,57 @@ impl Lease {
         &self.group
     }
 
+    /// Sends the batch. A failure says whether the group never started it (safe to
+    /// retry elsewhere) or lost it (its callers must be told).
     pub async fn infer(
         &self,
         request: InferRequest,
         timeout: Option<Duration>,
-    ) -> Result<InferResponse, ApiError> {
+    ) -> Result<InferResponse, DispatchError> {
         self.group.batches.fetch_add(1, Ordering::Relaxed);
         let mut client = self.group.client.clone();
         let mut req = tonic::Request::new(request);
         if let Some(t) = timeout {
             req.set_timeout(t);
         }
-        match client.infer(req).await {
-            Ok(resp) => Ok(resp.into_inner()),
+        let result = client.infer(req).await;
+        let mut breaker = self.group.breaker.lock().expect("breaker lock");
+        match result {
+            Ok(resp) => {
+                breaker.on_success();
+                Ok(resp.into_inner())
+            }
             Err(status) => {
-                let err = from_worker_status(&self.group.name, &status);
-                if matches!(err, ApiError::Unavailable(_)) {
-                    self.group.mark_failed(status.message().to_owned());
-                    self.pool.readiness_changed();
+                let error = from_worker_status(&self.group.name, &status);
+                let not_started = never_started(&status);
+                if matches!(error, ApiError::Unavailable(_)) {
+                    breaker.on_failure(Instant::now());
+                    drop(breaker);
+                    let mut v = self.group.view.write().expect("group view lock");
+                    v.last_error = Some(format!("{}: {}", status.code(), status.message()));
                 }
-                Err(err)
+                Err(DispatchError { error, not_started })
             }
         }
     }
+}
+
+/// A batch that did not come back.
+#[derive(Debug)]
+pub struct DispatchError {
+    pub error: ApiError,
+    /// The group never started the batch (it refused it, or could not be reached).
+    pub not_started: bool,
+}
+
+/// Metadata key a worker sets on errors for batches it refused before running them.
+pub const NOT_STARTED_KEY: &str = "rankway-not-started";
+
+/// Whether a failed call never reached the model: the worker said so, or no connection
+/// could be made (tonic reports a failed connect as UNAVAILABLE "tcp connect error").
+fn never_started(status: &tonic::Status) -> bool {
+    status.metadata().contains_key(NOT_STARTED_KEY)
+        || (status.code() == tonic::Code::Unavailable && status.message().contains("connect"))
 }
 
 impl Drop for Lease {
@@ -199,11 +243,12 @@ impl Drop for Lease {
 
 struct PoolInner {
     groups: Vec<Arc<Group>>,
+    /// For power-of-two-choices; seeded in tests.
+    rng: Mutex<StdRng>,
     /// Woken when a slot frees or a group's readiness changes.
     changed: Notify,
     /// Whether any group is routable, for health reporting.
     any_ready: watch::Sender<bool>,
-    next: AtomicU64,
 }
 
 impl PoolInner {
@@ -222,13 +267,13 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(groups: Vec<Group>) -> Self {
+    pub fn new(groups: Vec<Group>, rng: StdRng) -> Self {
         Self {
             inner: Arc::new(PoolInner {
                 groups: groups.into_iter().map(Arc::new).collect(),
                 changed: Notify::new(),
                 any_ready: watch::channel(false).0,
-                next: AtomicU64::new(0),
+                rng: Mutex::new(rng),
             }),
         }
     }
@@ -286,30 +331,52 @@ impl Pool {
         names
     }
 
-    /// Waits for a free slot on a ready group serving `model`, trying groups in
-    /// rotation. Fails at once, rather than waiting, when no such group is ready.
-    pub async fn acquire(&self, model: &str) -> Result<Lease, ApiError> {
+    /// Waits for a free slot on a ready group serving `model` (not one of `exclude`),
+    /// choosing by power of two choices on in-flight batches among the groups with a
+    /// free slot and a closed (or probing) breaker. Fails at once, rather than waiting,
+    /// when no such group is ready or every one has its breaker open.
+    pub async fn acquire(&self, model: &str, exclude: &[String]) -> Result<Lease, ApiError> {
         loop {
             let changed = self.inner.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
 
-            let candidates: Vec<&Arc<Group>> = self.inner.groups.iter().filter(|g| g.serves(model)).collect();
+            let now = Instant::now();
+            let candidates: Vec<&Arc<Group>> = self
+                .inner
+                .groups
+                .iter()
+                .filter(|g| g.serves(model) && !exclude.contains(&g.name))
+                .collect();
             if candidates.is_empty() {
                 return Err(ApiError::Unavailable(format!(
                     "no ready worker group serves model {model:?}"
                 )));
             }
-            let start = self.inner.next.fetch_add(1, Ordering::Relaxed) as usize;
-            for i in 0..candidates.len() {
-                let group = candidates[(start + i) % candidates.len()];
-                if let Ok(permit) = group.slots.clone().try_acquire_owned() {
-                    return Ok(Lease {
-                        group: group.clone(),
-                        pool: self.inner.clone(),
-                        _permit: permit,
-                    });
-                }
+            let allowed: Vec<&Arc<Group>> = candidates
+                .into_iter()
+                .filter(|g| g.breaker.lock().expect("breaker lock").allows(now))
+                .collect();
+            if allowed.is_empty() {
+                return Err(ApiError::Unavailable(format!(
+                    "every group serving model {model:?} is failing (circuit breaker open)"
+                )));
+            }
+            let free: Vec<&Arc<Group>> = allowed
+                .into_iter()
+                .filter(|g| g.slots.available_permits() > 0)
+                .collect();
+            let loads: Vec<usize> = free.iter().map(|g| g.in_flight()).collect();
+            let pick = p2c::choose(&loads, &mut *self.inner.rng.lock().expect("rng lock"));
+            if let Some(group) = pick.map(|i| free[i])
+                && let Ok(permit) = group.slots.clone().try_acquire_owned()
+            {
+                group.breaker.lock().expect("breaker lock").on_dispatch(now);
+                return Ok(Lease {
+                    group: group.clone(),
+                    pool: self.inner.clone(),
+                    _permit: permit,
+                });
             }
             changed.await;
         }
@@ -340,5 +407,116 @@ impl Pool {
         if changed.into_iter().any(|c| c) {
             self.inner.readiness_changed();
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    pub(crate) fn settings() -> GroupSettings {
+        GroupSettings {
+            max_in_flight: 2,
+            connect_timeout: Duration::from_secs(1),
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(5),
+        }
+    }
+
+    /// A pool of groups that look ready for `model` (no worker is contacted).
+    pub(crate) fn ready_pool(names: &[&str], model: &str) -> Pool {
+        let groups = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let g = Group::new(n.to_string(), format!("127.0.0.1:{}", 1 + i), settings()).unwrap();
+                {
+                    let mut v = g.view.write().unwrap();
+                    v.ready = true;
+                    v.model = Some(model.to_owned());
+                    v.model_info = Some(ModelInfo {
+                        name: model.to_owned(),
+                        ..Default::default()
+                    });
+                }
+                g
+            })
+            .collect();
+        Pool::new(groups, StdRng::seed_from_u64(1))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_is_capped_and_work_waits_for_a_free_slot() {
+        let pool = ready_pool(&["a"], "m");
+        let first = pool.acquire("m", &[]).await.unwrap();
+        let _second = pool.acquire("m", &[]).await.unwrap();
+        assert_eq!(pool.groups()[0].in_flight(), 2);
+        let third = tokio::time::timeout(Duration::from_secs(10), pool.acquire("m", &[])).await;
+        assert!(third.is_err(), "a third batch must wait while two are in flight");
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.acquire("m", &[]).await.map(|l| l.group().name().to_owned()) }
+        });
+        tokio::task::yield_now().await;
+        drop(first);
+        assert_eq!(
+            waiting.await.unwrap().unwrap(),
+            "a",
+            "a freed slot is taken at once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_sends_work_to_the_less_loaded_group() {
+        let pool = ready_pool(&["a", "b"], "m");
+        let first = pool.acquire("m", &[]).await.unwrap();
+        let busy = first.group().name().to_owned();
+        for _ in 0..20 {
+            let next = pool.acquire("m", &[]).await.unwrap();
+            assert_ne!(next.group().name(), busy, "the idle group wins every choice");
+        }
+        // Excluded groups are never chosen.
+        drop(first);
+        let l = pool.acquire("m", &["a".to_owned()]).await.unwrap();
+        assert_eq!(l.group().name(), "b");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_ready_group_fails_at_once() {
+        let pool = ready_pool(&["a"], "m");
+        let err = pool.acquire("other", &[]).await.err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("no ready worker group serves model \"other\""),
+            "{err}"
+        );
+        pool.groups()[0].view.write().unwrap().ready = false;
+        assert!(pool.acquire("m", &[]).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_breakers_take_a_group_out_until_the_probe() {
+        let pool = ready_pool(&["a"], "m");
+        for _ in 0..3 {
+            pool.groups()[0]
+                .breaker
+                .lock()
+                .unwrap()
+                .on_failure(Instant::now());
+        }
+        let err = pool.acquire("m", &[]).await.err().unwrap();
+        assert!(err.to_string().contains("circuit breaker open"), "{err}");
+        assert_eq!(pool.views()[0].breaker, Some(BreakerState::Open));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let probe = pool
+            .acquire("m", &[])
+            .await
+            .expect("half-open lets one probe through");
+        let second = tokio::time::timeout(Duration::from_secs(1), pool.acquire("m", &[])).await;
+        assert!(matches!(second, Ok(Err(_))), "only one probe while half-open");
+        drop(probe);
+        pool.groups()[0].breaker.lock().unwrap().on_success();
+        assert_eq!(pool.views()[0].breaker, Some(BreakerState::Closed));
     }
 }
