@@ -147,6 +147,10 @@ impl Group {
                     .iter()
                     .filter(|r| r.phase == RankPhase::Ready as i32)
                     .count() as u32;
+                if v.generation != s.generation && v.ready {
+                    // A restarted group is a new group: forget its predecessor's failures.
+                    self.breaker.lock().expect("breaker lock").on_success();
+                }
                 v.generation = s.generation;
                 v.model = s.model.as_ref().map(|m| m.name.clone());
                 v.model_info = s.model;

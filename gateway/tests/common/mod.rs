@@ -325,18 +325,21 @@ impl Launcher {
         Self { proc, leaders }
     }
 
-    /// Waits for the next "group started" line; returns the pids of that group's ranks.
-    pub fn next_group_start(&mut self) -> Vec<u32> {
+    /// Waits for the next "group started" line; returns the group's name and its pids.
+    pub fn next_group_start(&mut self) -> (String, Vec<u32>) {
         let fields = self.proc.wait_for_log("group started");
-        let pids = fields
-            .get("pids")
+        let group = fields
+            .get("group")
             .and_then(Value::as_str)
-            .expect("pids field")
+            .expect("group field")
             .to_owned();
-        pids.trim_matches(|c| c == '[' || c == ']')
+        let pids = fields.get("pids").and_then(Value::as_str).expect("pids field");
+        let pids = pids
+            .trim_matches(|c| c == '[' || c == ']')
             .split(", ")
             .map(|p| p.parse().unwrap())
-            .collect()
+            .collect();
+        (group, pids)
     }
 }
 
