@@ -147,7 +147,7 @@ impl Group {
                     .iter()
                     .filter(|r| r.phase == RankPhase::Ready as i32)
                     .count() as u32;
-                if v.generation != s.generation && v.ready {
+                if v.generation != s.generation {
                     // A restarted group is a new group: forget its predecessor's failures.
                     self.breaker.lock().expect("breaker lock").on_success();
                 }
