@@ -9,6 +9,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
+use crate::discovery::LeadersDns;
 use crate::frontend::{grpc, rest};
 use crate::metrics::Metrics;
 use crate::pool::{Group, GroupSettings, Pool};
@@ -92,7 +93,7 @@ pub async fn run(
         Some(seed) => StdRng::seed_from_u64(seed),
         None => StdRng::from_os_rng(),
     };
-    let pool = Pool::new(groups, rng);
+    let pool = Pool::new(groups, settings, rng);
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(Gateway::new(
         pool.clone(),
@@ -102,6 +103,15 @@ pub async fn run(
     ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let discovery = cfg.leaders_dns.clone().map(|(host, port)| {
+        let dns = LeadersDns {
+            host,
+            port,
+            server: cfg.dns_server,
+            timeout: cfg.health_timeout,
+        };
+        tokio::spawn(dns.run(pool.clone(), cfg.dns_interval, stop_rx.clone()))
+    });
     let health_checks = tokio::spawn(pool.clone().run_health_checks(
         cfg.health_interval,
         cfg.health_timeout,
@@ -167,6 +177,9 @@ pub async fn run(
     })
     .await;
     health_checks.abort();
+    if let Some(d) = discovery {
+        d.abort();
+    }
     health_task.abort();
     match drained {
         Ok((r, g)) => {

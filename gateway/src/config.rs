@@ -20,8 +20,19 @@ pub struct Config {
     pub grpc_listen: SocketAddr,
     /// A worker group as NAME=HOST:PORT of its rank 0; repeat for more groups
     /// (comma-separated in the environment variable).
-    #[arg(long = "group", env = "RANKWAY_GROUPS", value_delimiter = ',', value_parser = parse_group, required = true)]
+    #[arg(long = "group", env = "RANKWAY_GROUPS", value_delimiter = ',', value_parser = parse_group,
+          required_unless_present = "leaders_dns")]
     pub groups: Vec<GroupAddr>,
+    /// HOST:PORT of a DNS name whose A records are every group's rank 0 (in Kubernetes a
+    /// headless Service selecting each group's rank-0 pod); re-resolved every --dns-interval.
+    #[arg(long, env = "RANKWAY_LEADERS_DNS", value_parser = parse_host_port)]
+    pub leaders_dns: Option<(String, u16)>,
+    /// DNS server (IP:PORT) to ask for --leaders-dns (default: the system resolver).
+    #[arg(long, env = "RANKWAY_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
+    /// How often --leaders-dns is resolved again.
+    #[arg(long, env = "RANKWAY_DNS_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub dns_interval: Duration,
     /// Most rows (texts or samples) in one batch; a larger single request goes alone.
     #[arg(long, env = "RANKWAY_MAX_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_batch_size: u32,
@@ -70,6 +81,16 @@ pub struct Config {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => Ok((
+            host.to_owned(),
+            port.parse().map_err(|_| format!("bad port in {s:?}"))?,
+        )),
+        _ => Err(format!("expected HOST:PORT, got {s:?}")),
+    }
 }
 
 /// `NAME=HOST:PORT` of one group's rank 0.

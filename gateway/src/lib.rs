@@ -11,6 +11,7 @@
 pub mod app;
 pub mod batcher;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod frontend;
 pub mod metrics;

@@ -69,6 +69,8 @@ pub struct Group {
     view: RwLock<GroupView>,
     breaker: Mutex<Breaker>,
     batches: AtomicU64,
+    /// Found through DNS (so DNS may also remove it), rather than given with --group.
+    discovered: bool,
 }
 
 impl Group {
@@ -95,6 +97,7 @@ impl Group {
             view: RwLock::new(view),
             breaker: Mutex::new(Breaker::new(settings.breaker_failures, settings.breaker_cooldown)),
             batches: AtomicU64::new(0),
+            discovered: false,
         })
     }
 
@@ -246,7 +249,9 @@ impl Drop for Lease {
 }
 
 struct PoolInner {
-    groups: Vec<Arc<Group>>,
+    groups: RwLock<Vec<Arc<Group>>>,
+    /// How new (discovered) groups are set up.
+    settings: GroupSettings,
     /// For power-of-two-choices; seeded in tests.
     rng: Mutex<StdRng>,
     /// Woken when a slot frees or a group's readiness changes.
@@ -256,8 +261,13 @@ struct PoolInner {
 }
 
 impl PoolInner {
+    /// The current groups (cheap: clones a few Arcs).
+    fn snapshot(&self) -> Vec<Arc<Group>> {
+        self.groups.read().expect("groups lock").clone()
+    }
+
     fn readiness_changed(&self) {
-        let ready = self.groups.iter().any(|g| g.is_ready());
+        let ready = self.snapshot().iter().any(|g| g.is_ready());
         self.any_ready
             .send_if_modified(|r| std::mem::replace(r, ready) != ready);
         self.changed.notify_waiters();
@@ -271,10 +281,11 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(groups: Vec<Group>, rng: StdRng) -> Self {
+    pub fn new(groups: Vec<Group>, settings: GroupSettings, rng: StdRng) -> Self {
         Self {
             inner: Arc::new(PoolInner {
-                groups: groups.into_iter().map(Arc::new).collect(),
+                groups: RwLock::new(groups.into_iter().map(Arc::new).collect()),
+                settings,
                 changed: Notify::new(),
                 any_ready: watch::channel(false).0,
                 rng: Mutex::new(rng),
@@ -282,12 +293,12 @@ impl Pool {
         }
     }
 
-    pub fn groups(&self) -> &[Arc<Group>] {
-        &self.inner.groups
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        self.inner.snapshot()
     }
 
     pub fn views(&self) -> Vec<GroupView> {
-        self.inner.groups.iter().map(|g| g.view()).collect()
+        self.inner.snapshot().iter().map(|g| g.view()).collect()
     }
 
     /// Follows whether any group is routable.
@@ -297,13 +308,13 @@ impl Pool {
 
     /// True when at least one group is routable.
     pub fn any_ready(&self) -> bool {
-        self.inner.groups.iter().any(|g| g.is_ready())
+        self.inner.snapshot().iter().any(|g| g.is_ready())
     }
 
     /// Signature of `model` from a ready group serving it.
     pub fn model_info(&self, model: &str) -> Option<ModelInfo> {
         self.inner
-            .groups
+            .snapshot()
             .iter()
             .filter(|g| g.serves(model))
             .find_map(|g| g.view.read().expect("group view lock").model_info.clone())
@@ -312,7 +323,7 @@ impl Pool {
     /// Signature of `model` from any group that has reported it, ready or not.
     pub fn known_model_info(&self, model: &str) -> Option<ModelInfo> {
         self.model_info(model).or_else(|| {
-            self.inner.groups.iter().find_map(|g| {
+            self.inner.snapshot().iter().find_map(|g| {
                 let v = g.view.read().expect("group view lock");
                 v.model_info.clone().filter(|m| m.name == model)
             })
@@ -323,7 +334,7 @@ impl Pool {
     pub fn ready_models(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .inner
-            .groups
+            .snapshot()
             .iter()
             .filter_map(|g| {
                 let v = g.view.read().expect("group view lock");
@@ -346,9 +357,8 @@ impl Pool {
             changed.as_mut().enable();
 
             let now = Instant::now();
-            let candidates: Vec<&Arc<Group>> = self
-                .inner
-                .groups
+            let groups = self.inner.snapshot();
+            let candidates: Vec<&Arc<Group>> = groups
                 .iter()
                 .filter(|g| g.serves(model) && !exclude.contains(&g.name))
                 .collect();
@@ -386,6 +396,41 @@ impl Pool {
         }
     }
 
+    /// Makes the discovered groups exactly `addrs` (static `--group`s are kept). A group
+    /// that leaves is only unlisted: batches in flight on it finish, none are added.
+    pub fn sync_discovered(&self, addrs: &[std::net::SocketAddr]) {
+        let wanted: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        let mut groups = self.inner.groups.write().expect("groups lock");
+        let before = groups.len();
+        groups.retain(|g| {
+            let keep = !g.discovered || wanted.contains(&g.address);
+            if !keep {
+                tracing::info!(group = %g.name, "group left DNS; draining it");
+            }
+            keep
+        });
+        let mut added = 0;
+        for addr in wanted {
+            if groups.iter().any(|g| g.address == addr) {
+                continue;
+            }
+            match Group::new(addr.clone(), addr.clone(), self.inner.settings) {
+                Ok(mut g) => {
+                    g.discovered = true;
+                    tracing::info!(group = %addr, "group found in DNS");
+                    groups.push(Arc::new(g));
+                    added += 1;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot add discovered group"),
+            }
+        }
+        let changed = added > 0 || groups.len() != before;
+        drop(groups);
+        if changed {
+            self.inner.readiness_changed();
+        }
+    }
+
     /// Polls every group until `stop` turns true.
     pub async fn run_health_checks(
         self,
@@ -406,7 +451,8 @@ impl Pool {
 
     /// Checks every group once, concurrently.
     pub async fn check_all(&self, timeout: Duration) {
-        let checks = self.inner.groups.iter().map(|g| g.check(timeout));
+        let groups = self.inner.snapshot();
+        let checks = groups.iter().map(|g| g.check(timeout));
         let changed = futures_util::future::join_all(checks).await;
         if changed.into_iter().any(|c| c) {
             self.inner.readiness_changed();
@@ -447,7 +493,7 @@ pub(crate) mod tests {
                 g
             })
             .collect();
-        Pool::new(groups, StdRng::seed_from_u64(1))
+        Pool::new(groups, settings(), StdRng::seed_from_u64(1))
     }
 
     #[tokio::test(start_paused = true)]

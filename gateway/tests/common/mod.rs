@@ -150,7 +150,7 @@ impl Worker {
     pub fn start_rank(env: &[(&str, String)], extra: &[&str]) -> Self {
         let mut cmd = Command::new(worker_bin());
         cmd.arg("serve")
-            .arg("--listen=127.0.0.1:0")
+            .env("RANKWAY_LISTEN", "127.0.0.1:0") // a --listen flag in `extra` wins
             .arg(format!("--model-dir={}", model_dir().display()))
             .arg("--torch-threads=1")
             .env("RANKWAY_DIST_HOST", "127.0.0.1")

@@ -1,0 +1,140 @@
+//! DNS discovery with a DNS server on loopback: the gateway resolves a leaders name
+//! (`--leaders-dns`, `--dns-server`); adding an address adds a group live, removing it
+//! takes the group out. The groups are real workers on 127.0.0.1 and 127.0.0.2 (both
+//! loopback on Linux), so one port serves both addresses.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Gateway, Worker, free_port};
+use hickory_proto::op::{Message, OpCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record};
+use serde_json::{Value, json};
+use tokio::net::UdpSocket;
+
+/// A minimal authoritative DNS server answering A queries from `records` (TTL 0).
+async fn dns_server(records: Arc<Mutex<Vec<Ipv4Addr>>>) -> std::net::SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut resp = Message::response(query.metadata.id, OpCode::Query);
+            resp.metadata.authoritative = true;
+            for q in &query.queries {
+                resp.add_query(q.clone());
+                for ip in records.lock().unwrap().iter() {
+                    resp.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(*ip))));
+                }
+            }
+            let _ = sock.send_to(&resp.to_vec().unwrap(), peer).await;
+        }
+    });
+    addr
+}
+
+async fn groups(http: &reqwest::Client, gw: &Gateway) -> Vec<Value> {
+    let v: Value = http
+        .get(gw.url("/admin/groups"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["groups"].as_array().unwrap().clone()
+}
+
+async fn wait_for(
+    http: &reqwest::Client,
+    gw: &Gateway,
+    what: &str,
+    ok: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let g = groups(http, gw).await;
+        if ok(&g) {
+            return g;
+        }
+        assert!(Instant::now() < deadline, "{what}: groups are {g:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_follow_the_leaders_dns_name() {
+    let port = free_port();
+    let w1 = Worker::start(&[&format!("--listen=127.0.0.1:{port}")]);
+    let w2 = Worker::start(&[&format!("--listen=127.0.0.2:{port}")]);
+    w1.wait_serving(Duration::from_secs(60)).await;
+    w2.wait_serving(Duration::from_secs(60)).await;
+    let records = Arc::new(Mutex::new(vec![Ipv4Addr::new(127, 0, 0, 1)]));
+    let dns = dns_server(records.clone()).await;
+    let gw = Gateway::start_addrs(
+        &[],
+        &[
+            &format!("--leaders-dns=leaders.rankway.test:{port}"),
+            &format!("--dns-server={dns}"),
+            "--dns-interval=200ms",
+        ],
+    );
+    gw.wait_ready().await;
+    let http = reqwest::Client::new();
+    let one = groups(&http, &gw).await;
+    assert_eq!(one.len(), 1, "{one:?}");
+    assert_eq!(one[0]["address"], format!("127.0.0.1:{port}"));
+
+    // A new address is a new group, live.
+    records.lock().unwrap().push(Ipv4Addr::new(127, 0, 0, 2));
+    let two = wait_for(&http, &gw, "second group added", |g| {
+        g.len() == 2 && g.iter().all(|x| x["ready"] == true)
+    })
+    .await;
+    assert!(two.iter().any(|g| g["address"] == format!("127.0.0.2:{port}")));
+    let r = http
+        .post(gw.url("/v1/embeddings"))
+        .json(&json!({"model": "minilm", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A removed address leaves the pool; traffic goes on through the remaining group.
+    records
+        .lock()
+        .unwrap()
+        .retain(|ip| *ip != Ipv4Addr::new(127, 0, 0, 1));
+    let left = wait_for(&http, &gw, "first group removed", |g| g.len() == 1).await;
+    assert_eq!(left[0]["address"], format!("127.0.0.2:{port}"));
+    let before = w2.batches_completed().await;
+    let removed_before = w1.batches_completed().await;
+    for _ in 0..3 {
+        let r = http
+            .post(gw.url("/v1/embeddings"))
+            .json(&json!({"model": "minilm", "input": "still"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert!(
+        w2.batches_completed().await >= before + 3,
+        "the remaining group serves"
+    );
+    assert_eq!(
+        w1.batches_completed().await,
+        removed_before,
+        "the removed group gets no more batches"
+    );
+}
