@@ -47,12 +47,15 @@ fn groups(kind: &str, worlds: &[usize], extra: &[&str]) -> Vec<Vec<Worker>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minilm_groups_of_2_and_3_ranks_equal_one_rank() {
     let r = reference();
-    let all = groups("minilm", &[1, 2, 3], &[]);
+    const KIND: &str = "minilm";
+    const WORLDS: [usize; 3] = [1, 2, 3];
+    let all = groups(KIND, &WORLDS, &[]);
     let leaders: Vec<&Worker> = all.iter().map(|g| &g[0]).collect();
     let gw = Gateway::start(&leaders, &[]);
     gw.wait_ready().await;
-    for g in &all {
+    for (g, world) in all.iter().zip(WORLDS) {
         g[0].wait_serving(std::time::Duration::from_secs(60)).await;
+        gw.wait_model_ready(&format!("{KIND}-tp{world}")).await;
     }
     let http = reqwest::Client::new();
     let body = json!({
@@ -76,12 +79,15 @@ async fn minilm_groups_of_2_and_3_ranks_equal_one_rank() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mlp_groups_of_4_and_6_ranks_equal_one_rank() {
     // hidden 96: the inner width 384 divides by 1, 4 and 6.
-    let all = groups("mlp", &[1, 4, 6], &["--mlp-hidden=96", "--mlp-layers=3"]);
+    const KIND: &str = "mlp";
+    const WORLDS: [usize; 3] = [1, 4, 6];
+    let all = groups(KIND, &WORLDS, &["--mlp-hidden=96", "--mlp-layers=3"]);
     let leaders: Vec<&Worker> = all.iter().map(|g| &g[0]).collect();
     let gw = Gateway::start(&leaders, &[]);
     gw.wait_ready().await;
-    for g in &all {
+    for (g, world) in all.iter().zip(WORLDS) {
         g[0].wait_serving(std::time::Duration::from_secs(60)).await;
+        gw.wait_model_ready(&format!("{KIND}-tp{world}")).await;
     }
     let http = reqwest::Client::new();
     let rows = 5;

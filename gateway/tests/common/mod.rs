@@ -274,6 +274,20 @@ impl Gateway {
             .expect("connect to gateway")
     }
 
+    /// Waits until the gateway routes to a ready group serving `model`.
+    pub async fn wait_model_ready(&self, model: &str) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + START_TIMEOUT;
+        let url = self.url(&format!("/v2/models/{model}/ready"));
+        while !http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+            assert!(
+                Instant::now() < deadline,
+                "model {model} not ready within {START_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until the gateway reports ready (its groups passed a health check).
     pub async fn wait_ready(&self) {
         let http = reqwest::Client::new();
