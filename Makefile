@@ -6,7 +6,7 @@ JOBS ?= 2
 export LIBTORCH = $(firstword $(wildcard $(CURDIR)/.venv/lib/python3*/site-packages/torch))
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: all setup build run test bench bench-groups lint clean
+.PHONY: all setup build run test bench bench-groups bench-pool lint clean
 
 all: build
 
@@ -31,6 +31,10 @@ bench: build
 ## One 1-rank group vs one 2-rank group, same machine, through the gateway.
 bench-groups: build
 	scripts/bench_groups.sh
+
+## Two groups vs one, and p99 at 70% load before and after losing a group.
+bench-pool: build
+	scripts/bench_pool.sh
 
 lint:
 	$(CARGO) fmt --all --check

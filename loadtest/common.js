@@ -17,16 +17,28 @@ export function sentence() {
   return SENTENCES[(__VU + __ITER) % SENTENCES.length];
 }
 
+// With RATE set, an open-loop run instead: RATE requests per second for DURATION
+// (bounded by RATE x DURATION requests), however fast the server answers.
+const RATE = Number(__ENV.RATE || 0);
+const DURATION = __ENV.DURATION || '20s';
+
+function scenario() {
+  if (RATE > 0) {
+    return {
+      executor: 'constant-arrival-rate',
+      rate: RATE,
+      timeUnit: '1s',
+      duration: DURATION,
+      preAllocatedVUs: VUS,
+      maxVUs: VUS * 4,
+    };
+  }
+  return { executor: 'shared-iterations', vus: VUS, iterations: ITERATIONS, maxDuration: MAX_DURATION };
+}
+
 export function options(extraThresholds) {
   return {
-    scenarios: {
-      load: {
-        executor: 'shared-iterations',
-        vus: VUS,
-        iterations: ITERATIONS,
-        maxDuration: MAX_DURATION,
-      },
-    },
+    scenarios: { load: scenario() },
     thresholds: Object.assign(
       {
         checks: ['rate>0.99'],

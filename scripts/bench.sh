@@ -5,6 +5,8 @@
 # Everything binds to loopback; each k6 run is bounded by ITERATIONS and MAX_DURATION.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 BIN=target/release
 K6=.venv/bin/k6
 export VUS=${VUS:-32} ITERATIONS=${ITERATIONS:-3000} MAX_DURATION=${MAX_DURATION:-90s}
@@ -16,22 +18,12 @@ OUT=$(mktemp -d)
 echo "bench: direct model throughput (rankway-worker bench)" >&2
 $BIN/rankway-worker bench --json --batch-sizes 1,8,32 --duration "${BENCH_DIRECT_DURATION:-8s}" > "$OUT/direct.jsonl"
 
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait "${pids[@]}" 2>/dev/null || true
-  rm -rf "$OUT"
-}
-trap cleanup EXIT
+trap 'stop_all; rm -rf "$OUT"' EXIT
 $BIN/rankway-worker serve --listen "$WORKER" --group bench 2>"$OUT/worker.log" &
 pids+=($!)
 $BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "$GRPC" --group "bench=$WORKER" 2>"$OUT/gateway.log" &
 pids+=($!)
-for _ in $(seq 1 600); do
-  curl -fsS "http://$HTTP/v2/health/ready" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-curl -fsS "http://$HTTP/v2/health/ready" >/dev/null || { cat "$OUT"/*.log >&2; exit 1; }
+wait_ready "$HTTP" || { cat "$OUT"/*.log >&2; exit 1; }
 
 echo "bench: k6 at $VUS VUs, $ITERATIONS requests per protocol" >&2
 (cd loadtest && BASE_URL="http://$HTTP" ../$K6 run --no-usage-report -q --summary-export "$OUT/rest.json" rest_embeddings.js >/dev/null)

@@ -4,15 +4,11 @@
 # Both runs use all cores: 1 rank x all threads, or 2 ranks x half the threads each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 BIN=target/release
 export VUS=${VUS:-32} ITERATIONS=${ITERATIONS:-2000} MAX_DURATION=${MAX_DURATION:-120s}
 OUT=$(mktemp -d)
-pids=()
-stop_all() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait "${pids[@]}" 2>/dev/null || true
-  pids=()
-}
 trap 'stop_all; rm -rf "$OUT"' EXIT
 
 for ranks in 1 2; do
@@ -22,10 +18,7 @@ for ranks in 1 2; do
   $BIN/rankway-gateway --http-listen 127.0.0.1:18100 --grpc-listen 127.0.0.1:18101 \
     --group "g=127.0.0.1:19100" 2>"$OUT/gateway-$ranks.log" &
   pids+=($!)
-  for _ in $(seq 1 600); do
-    curl -fsS http://127.0.0.1:18100/v2/health/ready >/dev/null 2>&1 && break
-    sleep 0.1
-  done
+  wait_ready 127.0.0.1:18100
   (cd loadtest && BASE_URL=http://127.0.0.1:18100 ../.venv/bin/k6 run --no-usage-report -q \
     --summary-export "$OUT/k6-$ranks.json" rest_embeddings.js >/dev/null)
   stop_all

@@ -11,12 +11,12 @@ GRPC=${RANKWAY_GRPC_LISTEN:-127.0.0.1:8001}
 GROUPS_N=${RANKWAY_RUN_GROUPS:-2}
 RANKS_N=${RANKWAY_RUN_RANKS:-2}
 
-pids=()
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 stop() {
   trap - INT TERM EXIT
   echo "run: stopping" >&2
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait "${pids[@]}" 2>/dev/null || true
+  stop_all
 }
 trap stop INT TERM EXIT
 
@@ -27,12 +27,7 @@ for ((g = 0; g < GROUPS_N; g++)); do group_flags+=(--group "g$g=127.0.0.1:$((900
 $BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "$GRPC" "${group_flags[@]}" &
 pids+=($!)
 
-for _ in $(seq 1 600); do
-  if curl -fsS "http://$HTTP/v2/health/ready" >/dev/null 2>&1; then break; fi
-  for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || { echo "run: a process exited" >&2; exit 1; }; done
-  sleep 0.1
-done
-curl -fsS "http://$HTTP/v2/health/ready" >/dev/null || { echo "run: gateway never became ready" >&2; exit 1; }
+wait_ready "$HTTP" || exit 1
 
 cat <<MSG
 

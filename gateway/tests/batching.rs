@@ -85,20 +85,8 @@ async fn concurrent_requests_share_batches_and_keep_their_own_results() {
     );
     eprintln!("{N} concurrent requests -> {batches} worker batches");
 
-    // The gateway's own view agrees: its batch-size histogram saw multi-row batches.
-    let metrics = http
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let sent: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("rankway_batches_total{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
+    // The gateway's own count of dispatched batches agrees.
+    let sent = gw.metric_sum("rankway_batches_total", "").await;
     assert!(
         sent >= batches as f64,
         "gateway counted {sent} batches, worker ran {batches}"

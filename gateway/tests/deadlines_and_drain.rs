@@ -88,20 +88,10 @@ async fn expired_requests_are_never_dispatched() {
     );
     // The gateway counted the REST one as expired (the gRPC one too, unless the client's
     // own timer cancelled the call first).
-    let metrics = http
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let expired: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("rankway_rejections_total{") && l.contains("reason=\"deadline_exceeded\""))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
-    assert!(expired >= 1.0, "{metrics}");
+    let expired = gw
+        .metric_sum("rankway_rejections_total", "reason=\"deadline_exceeded\"")
+        .await;
+    assert!(expired >= 1.0, "expired requests are counted: {expired}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

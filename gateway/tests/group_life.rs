@@ -103,9 +103,9 @@ async fn a_follower_killed_while_idle_breaks_the_group_within_two_heartbeats() {
     let took = time_to_not_serving(&ranks[0], killed, 10 * HEARTBEAT).await;
     eprintln!("idle: SIGKILL -> rank 0 not serving in {took:?} (heartbeat {HEARTBEAT:?})");
     assert!(took <= 2 * HEARTBEAT, "took {took:?}, more than two heartbeats");
-    for r in 0..2 {
+    for (r, rank) in ranks.iter_mut().enumerate().take(2) {
         assert!(
-            exits_non_zero(&mut ranks[r], Duration::from_secs(30)).await,
+            exits_non_zero(rank, Duration::from_secs(30)).await,
             "rank {r} must exit non-zero"
         );
     }

@@ -13,26 +13,14 @@ use common::{Gateway, Launcher, sigkill};
 use serde_json::{Value, json};
 
 /// Batches the gateway sent to each group, from its metrics.
-async fn batches_by_group(http: &reqwest::Client, gw: &Gateway) -> HashMap<String, f64> {
-    let text = http
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+async fn batches_by_group(gw: &Gateway) -> HashMap<String, f64> {
     let mut out = HashMap::new();
-    for line in text.lines().filter(|l| l.starts_with("rankway_batches_total{")) {
-        let group = line
-            .split("group=\"")
-            .nth(1)
-            .unwrap()
-            .split('"')
-            .next()
-            .unwrap()
-            .to_owned();
-        *out.entry(group).or_insert(0.0) += line.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    for g in ["g0", "g1"] {
+        out.insert(
+            g.to_owned(),
+            gw.metric_sum("rankway_batches_total", &format!("group=\"{g}\""))
+                .await,
+        );
     }
     out
 }
@@ -104,7 +92,7 @@ async fn load_spreads_and_a_lost_rank_only_fails_its_groups_in_flight_batches() 
     let stop = Arc::new(AtomicBool::new(false));
     let clients = spawn_clients(8, gw.url("/v1/embeddings"), stop.clone());
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let share = batches_by_group(&http, &gw).await;
+    let share = batches_by_group(&gw).await;
     let total: f64 = share.values().sum();
     for g in ["g0", "g1"] {
         let s = share.get(g).copied().unwrap_or(0.0) / total;
@@ -130,10 +118,10 @@ async fn load_spreads_and_a_lost_rank_only_fails_its_groups_in_flight_batches() 
         assert!(Instant::now() < deadline, "g1 not back in rotation: {v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let before_back = batches_by_group(&http, &gw).await;
+    let before_back = batches_by_group(&gw).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
-    let after_back = batches_by_group(&http, &gw).await;
+    let after_back = batches_by_group(&gw).await;
     let gained = after_back.get("g1").copied().unwrap_or(0.0) - before_back.get("g1").copied().unwrap_or(0.0);
     assert!(gained > 0.0, "g1 takes batches again after its restart");
 

@@ -103,6 +103,9 @@ impl EngineStats {
     }
 }
 
+/// The model thread; it ends with the group's failure, if the group broke.
+pub type ModelThread = JoinHandle<Result<(), ModelError>>;
+
 /// Joins the group (phase Joining) then loads this rank's shard; run on the model thread.
 pub type Loader =
     Box<dyn FnOnce(&EngineStats) -> Result<(Box<dyn Model>, Box<dyn Collective>), ModelError> + Send>;
@@ -129,7 +132,7 @@ fn start_thread(
     stats: Arc<EngineStats>,
     torch_threads: usize,
     body: impl FnOnce(&EngineStats) -> Result<(), ModelError> + Send + 'static,
-) -> std::io::Result<JoinHandle<Result<(), ModelError>>> {
+) -> std::io::Result<ModelThread> {
     std::thread::Builder::new().name(name.into()).spawn(move || {
         tch::set_num_threads(torch_threads.max(1) as i32);
         let _no_grad = tch::no_grad_guard();
@@ -146,10 +149,7 @@ fn start_thread(
 
 /// Starts rank 0's model thread: join, load, warm up with the whole group, then serve
 /// batches from the returned handle. Dropping every handle shuts the group down cleanly.
-pub fn spawn_leader(
-    load: Loader,
-    opts: EngineOptions,
-) -> std::io::Result<(EngineHandle, JoinHandle<Result<(), ModelError>>)> {
+pub fn spawn_leader(load: Loader, opts: EngineOptions) -> std::io::Result<(EngineHandle, ModelThread)> {
     let (tx, rx) = mpsc::sync_channel::<Job>(opts.capacity);
     let stats = Arc::new(EngineStats::default());
     let thread = start_thread("rankway-model", stats.clone(), opts.torch_threads, move |stats| {
@@ -183,7 +183,7 @@ pub fn spawn_leader(
 pub fn spawn_follower(
     load: Loader,
     torch_threads: usize,
-) -> std::io::Result<(Arc<EngineStats>, JoinHandle<Result<(), ModelError>>)> {
+) -> std::io::Result<(Arc<EngineStats>, ModelThread)> {
     let stats = Arc::new(EngineStats::default());
     let thread = start_thread("rankway-model", stats.clone(), torch_threads, move |stats| {
         let (model, comm) = load(stats)?;

@@ -203,7 +203,6 @@ pub async fn launch(args: LaunchArgs, shutdown: impl std::future::Future<Output 
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::config::{Cli, Command};
     use clap::Parser;
 

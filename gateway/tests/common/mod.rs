@@ -274,6 +274,21 @@ impl Gateway {
             .expect("connect to gateway")
     }
 
+    /// Sum of the samples of counter `name` (e.g. `rankway_batches_total`) whose labels
+    /// contain `label` (e.g. `group="g1"`; empty for all), from `GET /metrics`.
+    pub async fn metric_sum(&self, name: &str, label: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    }
+
     /// Waits until the gateway routes to a ready group serving `model`.
     pub async fn wait_model_ready(&self, model: &str) {
         let http = reqwest::Client::new();
