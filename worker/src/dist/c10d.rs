@@ -207,3 +207,88 @@ impl Drop for ProcessGroup {
         unsafe { rw_group_free(self.raw) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    fn join(rank: usize, port: u16) -> ProcessGroup {
+        ProcessGroup::join(&JoinOptions {
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            shard: Shard { rank, world: 2 },
+            backend: Backend::Gloo,
+            store_timeout: Duration::from_secs(30),
+            collective_timeout: Duration::from_secs(30),
+            iface: String::new(),
+            host: "127.0.0.1".into(),
+        })
+        .expect("join")
+    }
+
+    /// Two ranks in two threads of this process, over real Gloo on loopback.
+    #[test]
+    fn every_collective_works_between_two_ranks() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let run = move |rank: usize| {
+            let pg = join(rank, port);
+            let opts = (Kind::Float, tch::Device::Cpu);
+            let mut sum = Tensor::full([3], (rank + 1) as f64, opts);
+            pg.all_reduce_sum(&mut sum).unwrap();
+            let mut b = if rank == 0 {
+                Tensor::from_slice(&[7.0f32, 8.0])
+            } else {
+                Tensor::zeros([2], opts)
+            };
+            pg.broadcast(&mut b, 0).unwrap();
+            let mut mine = Tensor::full([2], rank as f64, opts);
+            let gathered = pg.all_gather(&mut mine).unwrap();
+            pg.barrier().unwrap();
+            (
+                Vec::<f32>::try_from(sum).unwrap(),
+                Vec::<f32>::try_from(b).unwrap(),
+                gathered
+                    .iter()
+                    .map(|t| Vec::<f32>::try_from(t).unwrap())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let other = std::thread::spawn(move || run(1));
+        let here = run(0);
+        let there = other.join().unwrap();
+        for (sum, b, gathered) in [here, there] {
+            assert_eq!(sum, vec![3.0; 3], "1 + 2 on every rank");
+            assert_eq!(b, vec![7.0, 8.0], "rank 0's values everywhere");
+            assert_eq!(gathered, vec![vec![0.0, 0.0], vec![1.0, 1.0]], "in rank order");
+        }
+    }
+
+    #[test]
+    fn a_failed_rendezvous_is_an_error_not_an_abort() {
+        // Rank 1 of a group whose rank 0 never comes: the store times out.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = ProcessGroup::join(&JoinOptions {
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            shard: Shard { rank: 1, world: 2 },
+            backend: Backend::Gloo,
+            store_timeout: Duration::from_millis(1500),
+            collective_timeout: Duration::from_secs(1),
+            iface: String::new(),
+            host: "127.0.0.1".into(),
+        })
+        .err()
+        .expect("no rank 0: join must fail");
+        assert_eq!(err.op, "init");
+        assert!(!err.message.is_empty());
+    }
+}
