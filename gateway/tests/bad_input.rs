@@ -3,9 +3,8 @@
 
 mod common;
 
-use common::{Gateway, Worker, reference};
+use common::{Gateway, Worker, grpc_text, reference};
 use rankway_proto::codec::encode_bytes_elements;
-use rankway_proto::inference::model_infer_request::InferInputTensor;
 use rankway_proto::inference::{ModelInferRequest, ModelMetadataRequest, ModelReadyRequest};
 use serde_json::{Value, json};
 use tonic::Code;
@@ -50,20 +49,6 @@ fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> (Co
     match r {
         Ok(resp) => panic!("expected an error, got {resp:?}"),
         Err(s) => (s.code(), s.message().to_owned()),
-    }
-}
-
-fn grpc_text(shape: Vec<i64>, datatype: &str, raw: Vec<u8>) -> ModelInferRequest {
-    ModelInferRequest {
-        model_name: "minilm".into(),
-        inputs: vec![InferInputTensor {
-            name: "text".into(),
-            datatype: datatype.into(),
-            shape,
-            ..Default::default()
-        }],
-        raw_input_contents: vec![raw.into()],
-        ..Default::default()
     }
 }
 

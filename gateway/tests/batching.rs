@@ -3,10 +3,8 @@
 
 mod common;
 
-use common::{Gateway, Worker, assert_matches_reference, f32s, reference};
+use common::{Gateway, Worker, assert_matches_reference, f32s, grpc_text, json_f32s, reference};
 use rankway_proto::codec::encode_bytes_elements;
-use rankway_proto::inference::ModelInferRequest;
-use rankway_proto::inference::model_infer_request::InferInputTensor;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,24 +35,9 @@ async fn concurrent_requests_share_batches_and_keep_their_own_results() {
                     .json()
                     .await
                     .unwrap();
-                v["data"][0]["embedding"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect()
+                json_f32s(&v["data"][0]["embedding"])
             } else {
-                let req = ModelInferRequest {
-                    model_name: "minilm".into(),
-                    inputs: vec![InferInputTensor {
-                        name: "text".into(),
-                        datatype: "BYTES".into(),
-                        shape: vec![1],
-                        ..Default::default()
-                    }],
-                    raw_input_contents: vec![encode_bytes_elements(&[text]).into()],
-                    ..Default::default()
-                };
+                let req = grpc_text(vec![1], "BYTES", encode_bytes_elements(&[text]));
                 let resp = grpc.model_infer(req).await.unwrap().into_inner();
                 let i = resp.outputs.iter().position(|o| o.name == "embedding").unwrap();
                 f32s(&resp.raw_output_contents[i])

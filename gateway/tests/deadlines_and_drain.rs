@@ -6,10 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Worker};
+use common::{Gateway, Worker, grpc_text};
 use rankway_proto::codec::encode_bytes_elements;
-use rankway_proto::inference::ModelInferRequest;
-use rankway_proto::inference::model_infer_request::InferInputTensor;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,17 +48,11 @@ async fn expired_requests_are_never_dispatched() {
     // while a window is closing rightly joins that batch and is sent at once.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut grpc = gw.grpc_client().await;
-    let mut req = tonic::Request::new(ModelInferRequest {
-        model_name: "minilm".into(),
-        inputs: vec![InferInputTensor {
-            name: "text".into(),
-            datatype: "BYTES".into(),
-            shape: vec![1],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![encode_bytes_elements(&["too slow too"]).into()],
-        ..Default::default()
-    });
+    let mut req = tonic::Request::new(grpc_text(
+        vec![1],
+        "BYTES",
+        encode_bytes_elements(&["too slow too"]),
+    ));
     req.set_timeout(Duration::from_millis(300));
     // The client enforces the same deadline, so either side may report it first.
     let err = grpc.model_infer(req).await.unwrap_err();

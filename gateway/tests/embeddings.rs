@@ -4,7 +4,7 @@
 mod common;
 
 use base64::Engine;
-use common::{Gateway, Worker, assert_matches_reference, f32s, reference};
+use common::{Gateway, Worker, assert_matches_reference, f32s, json_f32s, reference};
 use rankway_proto::codec::encode_bytes_elements;
 use rankway_proto::inference::model_infer_request::InferInputTensor;
 use rankway_proto::inference::{
@@ -13,13 +13,7 @@ use rankway_proto::inference::{
 use serde_json::{Value, json};
 
 fn rows(data: &Value, dim: usize) -> Vec<Vec<f32>> {
-    let flat: Vec<f32> = data
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    flat.chunks(dim).map(<[f32]>::to_vec).collect()
+    json_f32s(data).chunks(dim).map(<[f32]>::to_vec).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,12 +95,7 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
                 assert_eq!(d["index"], i);
                 assert_eq!(d["object"], "embedding");
                 match format {
-                    "float" => d["embedding"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_f64().unwrap() as f32)
-                        .collect(),
+                    "float" => json_f32s(&d["embedding"]),
                     _ => f32s(
                         &base64::engine::general_purpose::STANDARD
                             .decode(d["embedding"].as_str().unwrap())
@@ -130,14 +119,7 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
         .json()
         .await
         .unwrap();
-    let one = vec![
-        v["data"][0]["embedding"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect(),
-    ];
+    let one = vec![json_f32s(&v["data"][0]["embedding"])];
     assert_matches_reference(
         "OpenAI single string",
         &one,

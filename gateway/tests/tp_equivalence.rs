@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Gateway, Worker, assert_matches_reference, reference};
+use common::{Gateway, Worker, assert_matches_reference, json_f32s, reference};
 use serde_json::{Value, json};
 
 const TOLERANCE: f32 = 1e-5;
@@ -18,12 +18,7 @@ async fn infer(http: &reqwest::Client, gw: &Gateway, model: &str, body: &Value) 
         .unwrap();
     assert_eq!(resp.status(), 200, "{model}");
     let v: Value = resp.json().await.unwrap();
-    v["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
+    json_f32s(&v["outputs"][0]["data"])
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

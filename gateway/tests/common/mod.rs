@@ -10,7 +10,9 @@ use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use rankway_proto::inference::ModelInferRequest;
 use rankway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use rankway_proto::inference::model_infer_request::InferInputTensor;
 use rankway_proto::worker::worker_client::WorkerClient;
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -441,6 +443,30 @@ pub fn assert_matches_reference(what: &str, got: &[Vec<f32>], want: &[Vec<f32>],
             "{what}: sentence {i} {:?}: cosine {c} < 0.9999",
             sentences[i]
         );
+    }
+}
+
+/// A JSON array of numbers (an embedding or flat OIP `data`) as f32s.
+pub fn json_f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// An OIP gRPC request for model "minilm" with one input `text`, data in raw_input_contents.
+pub fn grpc_text(shape: Vec<i64>, datatype: &str, raw: Vec<u8>) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: "minilm".into(),
+        inputs: vec![InferInputTensor {
+            name: "text".into(),
+            datatype: datatype.into(),
+            shape,
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw.into()],
+        ..Default::default()
     }
 }
 
