@@ -2,8 +2,10 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 JOBS ?= 2
-# libtorch comes from the torch wheel in the project's venv (scripts/setup.sh).
-export LIBTORCH = $(firstword $(wildcard $(CURDIR)/.venv/lib/python3*/site-packages/torch))
+# libtorch comes from the torch wheel in the project's venv (scripts/setup.sh). Looked up
+# with $(shell) when a recipe runs, after `setup` created .venv: $(wildcard) would answer
+# from make's cached directory listing, empty on a fresh clone.
+export LIBTORCH = $(shell ls -d $(CURDIR)/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -n1)
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .PHONY: all setup build run test bench bench-groups bench-pool lint clean
