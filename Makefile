@@ -8,7 +8,7 @@ JOBS ?= 2
 export LIBTORCH = $(shell ls -d $(CURDIR)/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -n1)
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: all setup build run test bench bench-groups bench-pool lint clean
+.PHONY: all setup build run test manifests images bench bench-groups bench-pool lint clean
 
 all: build
 
@@ -22,9 +22,18 @@ build: setup
 run: build
 	scripts/run.sh
 
-## The whole test suite: unit tests, then integration tests on the real binaries.
-test: build
+## The whole test suite: manifest schemas, unit tests, then integration tests on the
+## real binaries (deploy_manifests.rs runs the rendered Kubernetes manifests).
+test: build manifests
 	$(CARGO) test --release -j$(JOBS) --workspace -- --test-threads=1
+
+## Every kustomization in deploy/, rendered and validated against Kubernetes 1.37 schemas.
+manifests: setup
+	.venv/bin/python scripts/check_manifests.py
+
+## Container images built with podman (no registry), then smoke-run on loopback.
+images: build
+	scripts/build_images.sh
 
 ## Direct model throughput vs through the gateway (k6, 32 VUs).
 bench: build

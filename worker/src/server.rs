@@ -128,6 +128,11 @@ impl Worker for WorkerService {
     }
 }
 
+/// Health service name that is SERVING for as long as the process serves gRPC, even
+/// while the rank waits for its peers: the liveness probe's, so Kubernetes does not kill
+/// a rank merely waiting at rendezvous (a group that breaks ends its processes itself).
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// Keeps `grpc.health.v1` in step with the engine: SERVING exactly while this rank is
 /// ready, which on rank 0 means the whole group is complete and warm.
 pub async fn track_health(

@@ -4,12 +4,15 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, ChildStderr, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use hickory_proto::op::{Message, OpCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record};
 use rankway_proto::inference::ModelInferRequest;
 use rankway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use rankway_proto::inference::model_infer_request::InferInputTensor;
@@ -27,7 +30,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// The worker binary: `RANKWAY_WORKER_BIN`, else the release build in `target/`.
-fn worker_bin() -> PathBuf {
+pub fn worker_bin() -> PathBuf {
     let path = std::env::var_os("RANKWAY_WORKER_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/release/rankway-worker"));
@@ -53,11 +56,11 @@ pub fn model_dir() -> PathBuf {
 pub struct Proc {
     pub child: Child,
     lines: mpsc::Receiver<String>,
-    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command) -> Self {
+    pub fn spawn(mut cmd: Command) -> Self {
         cmd.env("RANKWAY_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -66,7 +69,7 @@ impl Proc {
         let mut child = cmd.spawn().expect("spawn process");
         let stderr: ChildStderr = child.stderr.take().expect("piped stderr");
         let (tx, lines) = mpsc::channel();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = Arc::new(Mutex::new(Vec::new()));
         let log2 = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -188,20 +191,9 @@ impl Worker {
 
     /// grpc.health.v1 status of this rank ("" service), or None if it does not answer.
     pub async fn health(&self) -> Option<i32> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect_timeout(Duration::from_millis(500))
-            .connect()
-            .await
-            .ok()?;
-        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-        let req = tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        };
-        client.check(req).await.ok().map(|r| r.into_inner().status)
+        health(&self.addr.to_string(), "").await
     }
 
-    /// Waits for this rank's health to say SERVING.
     pub async fn wait_serving(&self, within: Duration) {
         let deadline = Instant::now() + within;
         while self.health().await != Some(SERVING) {
@@ -223,6 +215,21 @@ impl Worker {
             .await;
         status.expect("group status").into_inner().batches_completed
     }
+}
+
+/// The grpc.health.v1 status of `service` at `addr` (None if it cannot be asked).
+pub async fn health(addr: &str, service: &str) -> Option<i32> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let req = tonic_health::pb::HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    client.check(req).await.ok().map(|r| r.into_inner().status)
 }
 
 pub const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
@@ -475,4 +482,44 @@ pub fn f32s(bytes: &[u8]) -> Vec<f32> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
+}
+
+/// The groups a gateway reports at `GET {base}/admin/groups`.
+pub async fn admin_groups(http: &reqwest::Client, base: &str) -> Vec<Value> {
+    let v: Value = http
+        .get(format!("{base}/admin/groups"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["groups"].as_array().unwrap().clone()
+}
+
+/// A minimal authoritative DNS server answering A queries from `records` (TTL 0).
+pub async fn dns_server(records: Arc<Mutex<Vec<Ipv4Addr>>>) -> SocketAddr {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut resp = Message::response(query.metadata.id, OpCode::Query);
+            resp.metadata.authoritative = true;
+            for q in &query.queries {
+                resp.add_query(q.clone());
+                for ip in records.lock().unwrap().iter() {
+                    resp.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(*ip))));
+                }
+            }
+            let _ = sock.send_to(&resp.to_vec().unwrap(), peer).await;
+        }
+    });
+    addr
 }

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Builds the two container images with podman, without a registry, and smoke-runs them.
+#   1. A Debian bookworm base made by debootstrap (--variant=minbase), imported as
+#      localhost/rankway-base:bookworm (the Dockerfiles default to debian:bookworm-slim).
+#   2. Staging folders in target/image/: the release binaries, the libraries the worker
+#      links outside the base system (found with ldd: libtorch, c10, gomp, CUDA runtime),
+#      the MiniLM weights.
+#   3. podman build of deploy/docker/{gateway,worker}.Dockerfile.
+#   4. Smoke run: the worker and the gateway containers (read-only root, non-root user,
+#      host network on loopback) answer one embedding; both stop cleanly on SIGTERM.
+# Needs: the release binaries (make build) and scripts/setup.sh done. Installs podman,
+# runc and debootstrap with apt when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+source scripts/lib.sh
+log() { echo "build_images: $*" >&2; }
+
+apt_install_missing podman runc debootstrap
+export CONTAINERS_CONF=$ROOT/deploy/docker/podman-ci.conf
+BASE=localhost/rankway-base:bookworm
+
+if ! podman image exists "$BASE"; then
+  rootfs=$ROOT/target/rootfs-bookworm
+  if [ ! -x "$rootfs/bin/sh" ]; then
+    log "debootstrap bookworm (minbase) into $rootfs"
+    rm -rf "$rootfs"
+    debootstrap --variant=minbase bookworm "$rootfs" >/dev/null
+  fi
+  tar -C "$rootfs" -c . | podman import -q - "$BASE" >/dev/null
+fi
+
+stage=$ROOT/target/image
+rm -rf "$stage"
+mkdir -p "$stage"/gateway/bin "$stage"/worker/{bin,lib,models}
+# Without debug info: the release profile keeps it for profiling, images need not.
+strip --strip-debug -o "$stage/gateway/bin/rankway-gateway" target/release/rankway-gateway
+strip --strip-debug -o "$stage/worker/bin/rankway-worker" target/release/rankway-worker
+# Every library ldd resolves outside the system folders (the base image has those).
+ldd target/release/rankway-worker | awk '$3 ~ /^\// && $3 !~ /^\/(usr\/)?lib/ {print $3}' |
+  while read -r lib; do cp -L "$lib" "$stage/worker/lib/"; done
+cp -r models/minilm "$stage/worker/models/"
+log "staged: $(du -sh "$stage/worker" | cut -f1) worker, $(du -sh "$stage/gateway" | cut -f1) gateway"
+
+for img in gateway worker; do
+  log "podman build rankway-$img"
+  podman build -q --network=host --build-arg BASE="$BASE" -f "deploy/docker/$img.Dockerfile" \
+    -t "localhost/rankway-$img:latest" "$stage/$img" >/dev/null
+done
+podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep rankway- >&2
+
+# Smoke run on loopback.
+WPORT=$(free_port); HPORT=$(free_port); GPORT=$(free_port)
+cleanup() { podman rm -f -t 0 rankway-smoke-gateway rankway-smoke-worker >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+cleanup
+common=(--network=host --read-only --cap-drop=ALL --security-opt=no-new-privileges)
+podman run -d --name rankway-smoke-worker "${common[@]}" -e RANKWAY_TORCH_THREADS=1 \
+  localhost/rankway-worker:latest serve --listen "127.0.0.1:$WPORT" >/dev/null
+podman run -d --name rankway-smoke-gateway "${common[@]}" localhost/rankway-gateway:latest \
+  --http-listen "127.0.0.1:$HPORT" --grpc-listen "127.0.0.1:$GPORT" --group "a=127.0.0.1:$WPORT" >/dev/null
+if ! wait_ready "127.0.0.1:$HPORT"; then
+  podman logs rankway-smoke-worker | tail -20 >&2
+  podman logs rankway-smoke-gateway | tail -20 >&2
+  log "FAILED: the containers did not become ready"
+  exit 1
+fi
+curl -sf "http://127.0.0.1:$HPORT/v1/embeddings" -H 'content-type: application/json' \
+  -d '{"model": "minilm", "input": "containers on loopback"}' |
+  .venv/bin/python -c '
+import json, math, sys
+v = json.load(sys.stdin)["data"][0]["embedding"]
+norm = math.sqrt(sum(x * x for x in v))
+assert len(v) == 384 and abs(norm - 1) < 1e-3, (len(v), norm)
+print(f"build_images: embedding from the containers: {len(v)} floats, norm {norm:.6f}", file=sys.stderr)
+'
+for c in rankway-smoke-gateway rankway-smoke-worker; do
+  podman stop -t 30 "$c" >/dev/null
+  code=$(podman inspect -f '{{.State.ExitCode}}' "$c")
+  [ "$code" = 0 ] || { log "FAILED: $c exited $code on SIGTERM"; exit 1; }
+done
+log "ok: images built, served an embedding, stopped cleanly"
