@@ -156,6 +156,7 @@ pub async fn run(
 
     let mut stop_grpc = stop_rx.clone();
     let grpc_server = tonic::transport::Server::builder()
+        .layer(crate::request_id::RequestIdLayer)
         .layer(tower::util::MapResponseLayer::new(
             over_limit_is_resource_exhausted(cfg.max_request_bytes),
         ))

@@ -17,4 +17,5 @@ pub mod frontend;
 pub mod metrics;
 pub mod model;
 pub mod pool;
+pub mod request_id;
 pub mod state;

@@ -14,7 +14,7 @@ use rankway_proto::worker::{DataType, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::rest::{AppState, RestLimits, parse_json, with_retry_after};
+use super::rest::{AppState, RestLimits, finish_error, parse_json};
 use crate::error::ApiError;
 use crate::model::text_embedding_io;
 
@@ -41,7 +41,7 @@ impl IntoResponse for OpenAiError {
         let body = json!({
             "error": { "message": self.0.to_string(), "type": kind, "param": null, "code": self.0.kind() }
         });
-        with_retry_after((self.0.http_status(), Json(body)).into_response(), &self.0)
+        finish_error((self.0.http_status(), Json(body)).into_response(), &self.0)
     }
 }
 

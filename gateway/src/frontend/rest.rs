@@ -31,7 +31,10 @@ impl From<ApiError> for OipError {
 }
 
 /// Adds `Retry-After` to answers that ask the client to come back later.
-pub fn with_retry_after(mut resp: Response, err: &ApiError) -> Response {
+/// Finishes an error answer: `Retry-After` when the error has one, and the error itself in
+/// the response's extensions for the request's log line (crate::request_id).
+pub fn finish_error(mut resp: Response, err: &ApiError) -> Response {
+    resp.extensions_mut().insert(err.clone());
     if let Some(after) = err.retry_after() {
         let secs = after.as_secs().max(1).to_string();
         resp.headers_mut()
@@ -43,7 +46,7 @@ pub fn with_retry_after(mut resp: Response, err: &ApiError) -> Response {
 impl IntoResponse for OipError {
     fn into_response(self) -> Response {
         let resp = (self.0.http_status(), Json(json!({ "error": self.0.to_string() }))).into_response();
-        with_retry_after(resp, &self.0)
+        finish_error(resp, &self.0)
     }
 }
 
@@ -107,6 +110,7 @@ pub fn router(state: AppState, max_request_bytes: usize) -> Router {
         .layer(axum::Extension(limits))
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), track_request))
+        .layer(crate::request_id::RequestIdLayer)
         .with_state(state)
 }
 

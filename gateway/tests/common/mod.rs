@@ -61,8 +61,10 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(mut cmd: Command) -> Self {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
         cmd.env("RANKWAY_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -258,8 +260,14 @@ impl Gateway {
 
     /// A gateway in front of groups whose rank 0 listens at `addrs`.
     pub fn start_addrs(addrs: &[String], extra: &[&str]) -> Self {
+        Self::start_with_env(addrs, &[], extra)
+    }
+
+    /// Like [`Gateway::start_addrs`], with environment variables (e.g. `RUST_LOG`).
+    pub fn start_with_env(addrs: &[String], env: &[(&str, &str)], extra: &[&str]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankway-gateway"));
-        cmd.arg("--http-listen=127.0.0.1:0")
+        cmd.envs(env.iter().copied())
+            .arg("--http-listen=127.0.0.1:0")
             .arg("--grpc-listen=127.0.0.1:0")
             .arg("--health-interval=200ms")
             .args(extra);

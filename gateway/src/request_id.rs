@@ -1,0 +1,123 @@
+//! Request ids, on REST and gRPC alike: `x-request-id` from the client (header or gRPC
+//! metadata) when it is a sane token, else a new random one. The id is echoed in the
+//! response, is a field of the `request` span every log line of the request carries, and
+//! closes the request with one log line: debug when it succeeded, warn with the error's
+//! message when it failed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response};
+use tracing::Instrument;
+
+use crate::error::ApiError;
+
+pub const HEADER: &str = "x-request-id";
+/// Longest client-chosen id kept; a longer one is replaced.
+const MAX_LEN: usize = 128;
+
+/// The id of the request being served, in its extensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    /// The client's id if it is 1..=128 visible ASCII characters, else a new one.
+    fn from_header(value: Option<&HeaderValue>) -> Self {
+        match value.and_then(|v| v.to_str().ok()) {
+            Some(s) if !s.is_empty() && s.len() <= MAX_LEN && s.bytes().all(|b| b.is_ascii_graphic()) => {
+                Self(s.to_owned())
+            }
+            _ => Self(format!("{:032x}", rand::random::<u128>())),
+        }
+    }
+}
+
+/// Wraps a REST router or a tonic server; see the module docs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestIdLayer;
+
+impl<S> tower::Layer<S> for RequestIdLayer {
+    type Service = RequestIdService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestIdService { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RequestIdService<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<Request<B>> for RequestIdService<S>
+where
+    S: tower::Service<Request<B>, Response = Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<R>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<R>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let id = RequestId::from_header(req.headers().get(HEADER));
+        let span = tracing::info_span!("request", request_id = %id.0, method = %req.method(), path = %req.uri().path());
+        req.extensions_mut().insert(id.clone());
+        let started = Instant::now();
+        let fut = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        Box::pin(
+            async move {
+                let mut resp = fut.await?;
+                if let Ok(v) = HeaderValue::from_str(&id.0) {
+                    resp.headers_mut().insert(HEADER, v);
+                }
+                log_outcome(&resp, started);
+                Ok(resp)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// The request's closing log line.
+fn log_outcome<R>(resp: &Response<R>, started: Instant) {
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let status = resp.status().as_u16();
+    if let Some(err) = resp.extensions().get::<ApiError>() {
+        tracing::warn!(status, kind = err.kind(), error = %err, elapsed_ms, "request failed");
+    } else if let Some(grpc) =
+        tonic::Status::from_header_map(resp.headers()).filter(|s| s.code() != tonic::Code::Ok)
+    {
+        tracing::warn!(status, grpc_code = ?grpc.code(), error = grpc.message(), elapsed_ms, "request failed");
+    } else if resp.status().is_client_error() || resp.status().is_server_error() {
+        tracing::warn!(status, elapsed_ms, "request failed");
+    } else {
+        tracing::debug!(status, elapsed_ms, "request");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_are_kept_when_sane() {
+        let id = |s: &str| RequestId::from_header(Some(&HeaderValue::from_str(s).unwrap())).0;
+        assert_eq!(id("abc-123_XYZ.7"), "abc-123_XYZ.7");
+        for bad in ["", "has space", &"x".repeat(MAX_LEN + 1)] {
+            let got = id(bad);
+            assert_ne!(got, bad);
+            assert_eq!(got.len(), 32, "a new id replaces {bad:?}");
+            assert!(got.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+        let fresh = RequestId::from_header(None).0;
+        assert_ne!(fresh, RequestId::from_header(None).0, "new ids differ");
+    }
+}

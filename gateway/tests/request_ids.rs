@@ -1,0 +1,123 @@
+//! Request ids: `x-request-id` from the client comes back in the response (REST header,
+//! gRPC metadata) and is in the gateway's log lines for that request; without one (or with
+//! an unusable one) the gateway makes one up and returns it; a failed request is logged at
+//! warn with its id and the error.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Gateway, Worker, grpc_text};
+use rankway_proto::codec;
+use serde_json::{Value, json};
+
+/// The gateway's JSON log lines whose `request` span has `request_id == id`.
+fn lines_with_id(gw: &Gateway, id: &str) -> Vec<Value> {
+    gw.proc
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| {
+            v["span"]["request_id"] == id
+                || v["spans"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["request_id"] == id))
+        })
+        .collect()
+}
+
+/// Waits (the log reader is a thread) for a line with `id` and `message`; returns it.
+fn wait_line(gw: &Gateway, id: &str, message: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(l) = lines_with_id(gw, id)
+            .into_iter()
+            .find(|l| l["fields"]["message"] == message)
+        {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {message:?} log line with request id {id}:\n{}",
+            gw.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_round_trip_and_reach_the_logs() {
+    let worker = Worker::start(&[]);
+    let gw = Gateway::start_with_env(
+        &[worker.addr.to_string()],
+        &[("RUST_LOG", "info,rankway_gateway::request_id=debug")],
+        &[],
+    );
+    gw.wait_model_ready("minilm").await;
+    let http = reqwest::Client::new();
+    let embed = |id: Option<&str>, model: &str| {
+        let mut req = http
+            .post(gw.url("/v1/embeddings"))
+            .json(&json!({"model": model, "input": "request ids"}));
+        if let Some(id) = id {
+            req = req.header("x-request-id", id);
+        }
+        req.send()
+    };
+
+    // REST, the client's id.
+    let resp = embed(Some("client-id-123"), "minilm").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "client-id-123");
+    let line = wait_line(&gw, "client-id-123", "request");
+    assert_eq!(line["level"], "DEBUG");
+    assert_eq!(line["fields"]["status"], 200);
+    assert_eq!(line["span"]["path"], "/v1/embeddings");
+
+    // REST, no id: a new one, returned and logged.
+    let resp = embed(None, "minilm").await.unwrap();
+    let made = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(made.len(), 32, "{made}");
+    wait_line(&gw, &made, "request");
+
+    // REST, an unusable id (a space) is replaced.
+    let resp = embed(Some("two words"), "minilm").await.unwrap();
+    assert_ne!(resp.headers()["x-request-id"], "two words");
+
+    // REST error: warn, with the id and the error's message.
+    let resp = embed(Some("bad-model-789"), "nope").await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["x-request-id"], "bad-model-789");
+    let line = wait_line(&gw, "bad-model-789", "request failed");
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["fields"]["kind"], "model_not_found");
+    assert!(
+        line["fields"]["error"].as_str().unwrap().contains("nope"),
+        "{line}"
+    );
+
+    // gRPC: metadata in, metadata out, in the logs; and a gRPC error.
+    let mut client = gw.grpc_client().await;
+    let text = |model: &str, id: &str| {
+        let mut req = grpc_text(vec![1], "BYTES", codec::encode_bytes_elements(&["grpc ids"]));
+        req.model_name = model.into();
+        let mut req = tonic::Request::new(req);
+        req.metadata_mut().insert("x-request-id", id.parse().unwrap());
+        req
+    };
+    let resp = client.model_infer(text("minilm", "grpc-id-456")).await.unwrap();
+    assert_eq!(resp.metadata().get("x-request-id").unwrap(), "grpc-id-456");
+    let line = wait_line(&gw, "grpc-id-456", "request");
+    assert_eq!(line["span"]["path"], "/inference.GRPCInferenceService/ModelInfer");
+    let err = client.model_infer(text("nope", "grpc-bad-1")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(err.metadata().get("x-request-id").unwrap(), "grpc-bad-1");
+    let line = wait_line(&gw, "grpc-bad-1", "request failed");
+    assert_eq!(line["level"], "WARN");
+    assert!(
+        line["fields"]["error"].as_str().unwrap().contains("nope"),
+        "{line}"
+    );
+}
