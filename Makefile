@@ -8,7 +8,7 @@ JOBS ?= 2
 export LIBTORCH = $(shell ls -d $(CURDIR)/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -n1)
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: all setup build run test manifests images bench bench-groups bench-pool lint clean
+.PHONY: all setup build run test manifests images bench bench-groups bench-pool bench-tracing lint clean
 
 all: build
 
@@ -46,6 +46,10 @@ bench-groups: build
 ## Two groups vs one, and p99 at 70% load before and after losing a group.
 bench-pool: build
 	scripts/bench_pool.sh
+
+## One 2-rank group with tracing off vs on (100% sampled, exported to a loopback sink).
+bench-tracing: build
+	scripts/bench_tracing.sh
 
 lint:
 	$(CARGO) fmt --all --check

@@ -19,7 +19,7 @@ echo "bench: direct model throughput (rankway-worker bench)" >&2
 $BIN/rankway-worker bench --json --batch-sizes 1,8,32 --duration "${BENCH_DIRECT_DURATION:-8s}" > "$OUT/direct.jsonl"
 
 trap 'stop_all; rm -rf "$OUT"' EXIT
-$BIN/rankway-worker serve --listen "$WORKER" --group bench 2>"$OUT/worker.log" &
+$BIN/rankway-worker serve --listen "$WORKER" --metrics-listen 127.0.0.1:0 --group bench 2>"$OUT/worker.log" &
 pids+=($!)
 $BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "$GRPC" --group "bench=$WORKER" 2>"$OUT/gateway.log" &
 pids+=($!)

@@ -9,9 +9,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 BIN=target/release
-export VUS=${VUS:-32} ITERATIONS=${ITERATIONS:-2000} MAX_DURATION=${MAX_DURATION:-120s}
-OUT=$(mktemp -d)
-trap 'stop_all; rm -rf "$OUT"' EXIT
+bench_init
 HTTP=127.0.0.1:18200
 
 start() { # $1 = gateway group flags
@@ -25,8 +23,7 @@ start() { # $1 = gateway group flags
   sleep 2 # let every listed group pass a health check
 }
 k6() { # $1 = summary file; env decides closed/open loop
-  (cd loadtest && BASE_URL="http://$HTTP" ../.venv/bin/k6 run --no-usage-report -q \
-    --summary-export "$OUT/$1.json" rest_embeddings.js >/dev/null) || true
+  k6_embeddings "$HTTP" "$1" || true
 }
 both="--group g0=127.0.0.1:19300 --group g1=127.0.0.1:19301"
 

@@ -38,3 +38,18 @@ apt_install_missing() {
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
+
+# Common start of the bench scripts: bounded k6 runs, and a scratch folder $OUT that is
+# removed at exit, after every process in $pids is stopped.
+bench_init() {
+  export VUS=${VUS:-32} ITERATIONS=${ITERATIONS:-2000} MAX_DURATION=${MAX_DURATION:-120s}
+  OUT=$(mktemp -d)
+  trap 'stop_all; rm -rf "$OUT"' EXIT
+}
+
+# k6's rest_embeddings.js against the gateway at $1 (host:port); its summary goes to
+# $OUT/$2.json. Closed or open loop as the environment says (loadtest/README.md).
+k6_embeddings() {
+  (cd loadtest && BASE_URL="http://$1" ../.venv/bin/k6 run --no-usage-report -q \
+    --summary-export "$OUT/$2.json" rest_embeddings.js >/dev/null)
+}

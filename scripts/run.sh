@@ -2,7 +2,7 @@
 # `make run`: two MiniLM groups of two tensor-parallel ranks each (rankway-worker launch)
 # behind the gateway, all on loopback; Ctrl-C stops everything.
 # Ports: REST 8000 and gRPC 8001 (gateway); 9000 and 9001 (rank 0 of groups g0, g1);
-# 9100+ (followers' health); 29500+ (c10d stores). RANKWAY_RUN_GROUPS and RANKWAY_RUN_RANKS change the shape.
+# 9100+ (followers' health); 9400+ (each rank's /metrics); 29500+ (c10d stores). RANKWAY_RUN_GROUPS and RANKWAY_RUN_RANKS change the shape.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release
@@ -39,7 +39,8 @@ Rankway is ready: $GROUPS_N groups x $RANKS_N ranks, REST http://$HTTP, gRPC $GR
   curl -s http://$HTTP/v2/models/minilm/infer -H 'content-type: application/json' \\
     -d '{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]}'
 
-  curl -s http://$HTTP/metrics
+  curl -s http://$HTTP/metrics              # the gateway's
+  curl -s http://127.0.0.1:9400/metrics     # rank 0 of g0 (rank i of the launch: 9400+i)
 
 Ctrl-C stops everything.
 MSG

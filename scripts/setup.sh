@@ -21,7 +21,8 @@ MINILM_SUMS=$ROOT/scripts/minilm.sha256
 source scripts/lib.sh
 log() { echo "setup: $*" >&2; }
 
-apt_install_missing libgloo-dev
+# promtool (package prometheus) lints /metrics in the tests.
+apt_install_missing libgloo-dev prometheus
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"

@@ -97,7 +97,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(Gateway::new(
         pool.clone(),
-        metrics,
+        metrics.clone(),
         cfg.batch(),
         cfg.request_timeout,
     ));
@@ -156,7 +156,7 @@ pub async fn run(
 
     let mut stop_grpc = stop_rx.clone();
     let grpc_server = tonic::transport::Server::builder()
-        .layer(crate::request_id::RequestIdLayer)
+        .layer(crate::request_id::RequestIdLayer::grpc(metrics.clone()))
         .layer(tower::util::MapResponseLayer::new(
             over_limit_is_resource_exhausted(cfg.max_request_bytes),
         ))

@@ -6,6 +6,11 @@
 //! `max_batch_size` rows. While every group is busy, requests pile up in the queue and the
 //! next batch is larger: the batch size follows the load. A request whose caller has gone
 //! (timed out or disconnected) before dispatch is dropped from its batch.
+//!
+//! Spans: each request's `queue` span lasts until its batch is dispatched; the `batch`
+//! span is a child of its first request's span (so a one-request batch is in the
+//! client's trace) and links to the span of every request in it; each call to a group's
+//! rank 0 is a `worker.Infer` span under it, whose context goes along in gRPC metadata.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,9 +18,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rankway_proto::codec::{decode_bytes_elements, encode_bytes_elements};
+use rankway_proto::telemetry;
 use rankway_proto::worker::{InferRequest, Tensor};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -41,6 +48,10 @@ struct Entry {
     deadline: Instant,
     enqueued: Instant,
     reply: Reply,
+    /// The caller's request span, which the batch links to.
+    span: tracing::Span,
+    /// Open while the request waits for its batch.
+    queue_span: Option<tracing::Span>,
 }
 
 impl Entry {
@@ -98,6 +109,8 @@ impl Batcher {
             deadline,
             enqueued: Instant::now(),
             reply,
+            span: tracing::Span::current(),
+            queue_span: Some(tracing::info_span!("queue", model = %self.model)),
         };
         if self.tx.try_send(entry).is_err() {
             return Err(ApiError::QueueFull {
@@ -165,6 +178,7 @@ impl BatchLoop {
             };
 
             // The window closes early if the first request's deadline comes first.
+            let opened = Instant::now();
             let close_at = (first.enqueued + self.cfg.max_queue_delay).min(first.deadline);
             let mut rows = first.request.rows;
             let mut batch = vec![first];
@@ -189,6 +203,7 @@ impl BatchLoop {
             if batch.is_empty() {
                 continue; // the lease drops here, freeing the slot
             }
+            self.metrics.observe_fill_delay(&self.model, now - opened);
             let rows = batch.iter().map(|e| e.request.rows).sum();
             let dispatch = Dispatch {
                 model: self.model.clone(),
@@ -213,30 +228,52 @@ struct Dispatch {
 }
 
 impl Dispatch {
-    async fn run(self, mut lease: Lease) {
+    async fn run(mut self, lease: Lease) {
         let now = Instant::now();
-        for e in &self.batch {
+        let batch_id = BATCH_IDS.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "batch",
+            model = %self.model,
+            batch_id,
+            batch_size = self.rows,
+            requests = self.batch.len(),
+            group = tracing::field::Empty,
+        );
+        telemetry::set_parent_span(&span, &self.batch[0].span);
+        for e in &mut self.batch {
             self.metrics.observe_queue_time(&self.model, now - e.enqueued);
+            telemetry::add_link(&span, &e.span);
+            e.queue_span = None;
         }
+        self.dispatch(lease, batch_id).instrument(span).await;
+    }
+
+    async fn dispatch(self, mut lease: Lease, batch_id: u64) {
+        let now = Instant::now();
         // The batch is worth running while any of its callers still waits.
         let deadline = self.batch.iter().map(|e| e.deadline).max().unwrap_or(now);
         let request = InferRequest {
-            batch_id: BATCH_IDS.fetch_add(1, Ordering::Relaxed),
+            batch_id,
             model: self.model.clone(),
             inputs: concat_inputs(&self.batch),
             timeout_ms: 0,
         };
-        let batch_id = request.batch_id;
         let mut tried = Vec::new();
         let result = loop {
             let group = lease.group().name().to_owned();
+            tracing::Span::current().record("group", group.as_str());
             self.metrics.observe_batch(&self.model, &group, self.rows);
             let timeout = deadline.saturating_duration_since(Instant::now());
             let attempt = InferRequest {
                 timeout_ms: timeout.as_millis().max(1) as u64,
                 ..request.clone()
             };
-            match lease.infer(attempt, Some(timeout)).await {
+            let call = tracing::info_span!("worker.Infer", otel.kind = "client", group = %group, batch_id);
+            match lease
+                .infer(attempt, Some(timeout), &call)
+                .instrument(call.clone())
+                .await
+            {
                 Ok(resp) => break Ok(resp),
                 // Refused before it ran: another group may take it, within the budget.
                 Err(e) if e.not_started && tried.len() < self.retry_budget => {

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
 use crate::batcher::BatchConfig;
 
@@ -72,15 +72,8 @@ pub struct Config {
     /// How long a graceful shutdown waits for accepted requests to finish.
     #[arg(long, env = "RANKWAY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
-    /// Log format.
-    #[arg(long, env = "RANKWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
+    #[command(flatten)]
+    pub telemetry: rankway_proto::telemetry::TelemetryArgs,
 }
 
 fn parse_host_port(s: &str) -> Result<(String, u16), String> {

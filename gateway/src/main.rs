@@ -1,18 +1,7 @@
 use clap::Parser;
 use rankway_gateway::app::{self, Listeners};
-use rankway_gateway::config::{Config, LogFormat};
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
+use rankway_gateway::config::Config;
+use rankway_proto::telemetry;
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -26,8 +15,10 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
-    init_logs(cfg.log_format);
+    let telemetry = telemetry::init(&cfg.telemetry, "rankway-gateway")?;
     let listeners = Listeners::bind(&cfg).await?;
-    app::run(cfg, listeners, shutdown_signal()).await?;
-    Ok(())
+    let result = app::run(cfg, listeners, shutdown_signal()).await;
+    // After the drain: the spans of the last requests are flushed too.
+    telemetry.shutdown().await;
+    Ok(result?)
 }

@@ -1,67 +1,82 @@
-//! Prometheus metrics of the gateway, served at `GET /metrics` (OpenMetrics text).
-//! Every name starts with `rankway_`; units are in the names; counters end in `_total`.
+//! Prometheus metrics of the gateway, served at `GET /metrics` in the Prometheus text
+//! format (version 0.0.4, what `promtool check metrics` lints). Every name starts with
+//! `rankway_`; units are in the names; counters end in `_total`. The README's
+//! "Observability" section lists them all.
 
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets,
+};
 
 use crate::pool::GroupView;
+use crate::pool::breaker::BreakerState;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: String,
-    pub code: String,
+/// Content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// 100 µs .. ~52 s.
+fn seconds_buckets() -> Vec<f64> {
+    exponential_buckets(1e-4, 2.0, 20).expect("valid buckets")
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModelLabels {
-    pub model: String,
+/// 1 .. 1024 rows.
+fn rows_buckets() -> Vec<f64> {
+    exponential_buckets(1.0, 2.0, 11).expect("valid buckets")
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BatchLabels {
-    pub model: String,
-    pub group: String,
+/// Registers `metric` in `registry` and returns it (names are fixed, so this cannot clash).
+fn registered<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RejectLabels {
-    pub model: String,
-    pub reason: String,
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    registered(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"),
+    )
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GroupLabels {
-    pub group: String,
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    registered(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge"),
+    )
 }
 
-fn latency_histogram() -> Histogram {
-    // 100 µs .. ~52 s
-    Histogram::new(exponential_buckets(1e-4, 2.0, 20))
-}
-
-fn rows_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(1.0, 2.0, 11))
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(buckets);
+    registered(
+        registry,
+        HistogramVec::new(opts, labels).expect("valid histogram"),
+    )
 }
 
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RouteLabels, Counter>,
-    request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
-    queue_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
-    batch_rows: Family<ModelLabels, Histogram, fn() -> Histogram>,
-    batches: Family<BatchLabels, Counter>,
-    queue_depth: Family<ModelLabels, Gauge>,
-    rejections: Family<RejectLabels, Counter>,
-    group_ready: Family<GroupLabels, Gauge>,
-    group_ranks_ready: Family<GroupLabels, Gauge>,
-    group_world_size: Family<GroupLabels, Gauge>,
-    group_in_flight: Family<GroupLabels, Gauge>,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    queue_duration: HistogramVec,
+    batch_fill_delay: HistogramVec,
+    batch_rows: HistogramVec,
+    batches: IntCounterVec,
+    queue_depth: IntGaugeVec,
+    rejections: IntCounterVec,
+    group_ready: IntGaugeVec,
+    group_ranks_ready: IntGaugeVec,
+    group_world_size: IntGaugeVec,
+    group_in_flight: IntGaugeVec,
+    group_breaker: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -72,165 +87,188 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("rankway");
-        let requests = Family::<RouteLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests answered, by route and status code",
-            requests.clone(),
-        );
-        let request_duration: Family<RouteLabels, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(latency_histogram);
-        registry.register_with_unit(
-            "request_duration",
-            "Time from request to response, by route and status code",
-            Unit::Seconds,
-            request_duration.clone(),
-        );
-        let queue_duration: Family<ModelLabels, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(latency_histogram);
-        registry.register_with_unit(
-            "queue_duration",
-            "Time a request waited in the gateway before its batch was dispatched",
-            Unit::Seconds,
-            queue_duration.clone(),
-        );
-        let batch_rows: Family<ModelLabels, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(rows_histogram);
-        registry.register(
-            "batch_rows",
-            "Rows (texts or samples) per dispatched batch",
-            batch_rows.clone(),
-        );
-        let batches = Family::<BatchLabels, Counter>::default();
-        registry.register(
-            "batches",
-            "Batches dispatched, by model and group",
-            batches.clone(),
-        );
-        let queue_depth = Family::<ModelLabels, Gauge>::default();
-        registry.register(
-            "queue_depth",
-            "Requests waiting in the gateway, by model",
-            queue_depth.clone(),
-        );
-        let rejections = Family::<RejectLabels, Counter>::default();
-        registry.register(
-            "rejections",
-            "Requests refused or failed, by model and reason",
-            rejections.clone(),
-        );
-        let group_ready = Family::<GroupLabels, Gauge>::default();
-        registry.register(
-            "group_ready",
-            "1 if the group is complete, warm and routable",
-            group_ready.clone(),
-        );
-        let group_ranks_ready = Family::<GroupLabels, Gauge>::default();
-        registry.register(
-            "group_ranks_ready",
-            "Ranks of the group that report ready",
-            group_ranks_ready.clone(),
-        );
-        let group_world_size = Family::<GroupLabels, Gauge>::default();
-        registry.register(
-            "group_world_size",
-            "Ranks the group is made of",
-            group_world_size.clone(),
-        );
-        let group_in_flight = Family::<GroupLabels, Gauge>::default();
-        registry.register(
-            "group_in_flight_batches",
-            "Batches sent to the group and not yet answered",
-            group_in_flight.clone(),
-        );
+        let r = Registry::new_custom(Some("rankway".into()), None).expect("valid prefix");
         Self {
-            registry,
-            requests,
-            request_duration,
-            queue_duration,
-            batch_rows,
-            batches,
-            queue_depth,
-            rejections,
-            group_ready,
-            group_ranks_ready,
-            group_world_size,
-            group_in_flight,
+            requests: counter(
+                &r,
+                "requests_total",
+                "Requests answered, by route and status code (HTTP status or gRPC code).",
+                &["route", "code"],
+            ),
+            request_duration: histogram(
+                &r,
+                "request_duration_seconds",
+                "Time from request to response, by route and status code.",
+                &["route", "code"],
+                seconds_buckets(),
+            ),
+            queue_duration: histogram(
+                &r,
+                "queue_duration_seconds",
+                "Time a request waited in the gateway before its batch was dispatched.",
+                &["model"],
+                seconds_buckets(),
+            ),
+            batch_fill_delay: histogram(
+                &r,
+                "batch_fill_delay_seconds",
+                "Time a batch stayed open for more requests once a group could take it.",
+                &["model"],
+                seconds_buckets(),
+            ),
+            batch_rows: histogram(
+                &r,
+                "batch_rows",
+                "Rows (texts or samples) per dispatched batch.",
+                &["model"],
+                rows_buckets(),
+            ),
+            batches: counter(
+                &r,
+                "batches_total",
+                "Batches dispatched, by model and group (a retried batch counts once per group).",
+                &["model", "group"],
+            ),
+            queue_depth: gauge(
+                &r,
+                "queue_depth",
+                "Requests waiting in the gateway, by model.",
+                &["model"],
+            ),
+            rejections: counter(
+                &r,
+                "rejections_total",
+                "Requests refused or failed, and batches retried, by model and reason.",
+                &["model", "reason"],
+            ),
+            group_ready: gauge(
+                &r,
+                "group_ready",
+                "1 if the group is complete, warm and routable, else 0.",
+                &["group"],
+            ),
+            group_ranks_ready: gauge(
+                &r,
+                "group_ranks_ready",
+                "Ranks of the group that report ready.",
+                &["group"],
+            ),
+            group_world_size: gauge(&r, "group_world_size", "Ranks the group is made of.", &["group"]),
+            group_in_flight: gauge(
+                &r,
+                "group_in_flight_batches",
+                "Batches sent to the group and not yet answered.",
+                &["group"],
+            ),
+            group_breaker: gauge(
+                &r,
+                "group_breaker_state",
+                "Circuit breaker of the group: 1 for the state it is in (closed, open, half_open).",
+                &["group", "state"],
+            ),
+            registry: r,
         }
     }
 
     pub fn observe_request(&self, route: &str, code: &str, elapsed: Duration) {
-        let labels = RouteLabels {
-            route: route.to_owned(),
-            code: code.to_owned(),
-        };
-        self.requests.get_or_create(&labels).inc();
+        self.requests.with_label_values(&[route, code]).inc();
         self.request_duration
-            .get_or_create(&labels)
+            .with_label_values(&[route, code])
             .observe(elapsed.as_secs_f64());
     }
 
     pub fn observe_queue_time(&self, model: &str, waited: Duration) {
         self.queue_duration
-            .get_or_create(&ModelLabels {
-                model: model.to_owned(),
-            })
+            .with_label_values(&[model])
             .observe(waited.as_secs_f64());
     }
 
-    pub fn observe_batch(&self, model: &str, group: &str, rows: usize) {
-        self.batch_rows
-            .get_or_create(&ModelLabels {
-                model: model.to_owned(),
-            })
-            .observe(rows as f64);
-        self.batches
-            .get_or_create(&BatchLabels {
-                model: model.to_owned(),
-                group: group.to_owned(),
-            })
-            .inc();
+    pub fn observe_fill_delay(&self, model: &str, open: Duration) {
+        self.batch_fill_delay
+            .with_label_values(&[model])
+            .observe(open.as_secs_f64());
     }
 
-    pub fn queue_depth(&self, model: &str) -> Gauge {
-        self.queue_depth
-            .get_or_create(&ModelLabels {
-                model: model.to_owned(),
-            })
-            .clone()
+    pub fn observe_batch(&self, model: &str, group: &str, rows: usize) {
+        self.batch_rows.with_label_values(&[model]).observe(rows as f64);
+        self.batches.with_label_values(&[model, group]).inc();
+    }
+
+    pub fn queue_depth(&self, model: &str) -> IntGauge {
+        self.queue_depth.with_label_values(&[model])
     }
 
     pub fn rejection(&self, model: &str, reason: &str) {
-        self.rejections
-            .get_or_create(&RejectLabels {
-                model: model.to_owned(),
-                reason: reason.to_owned(),
-            })
-            .inc();
+        self.rejections.with_label_values(&[model, reason]).inc();
     }
 
-    /// Renders the registry, after refreshing the per-group gauges from `groups`.
+    /// Renders the registry, after refreshing the per-group gauges from `groups` (groups
+    /// that left the pool leave the output too).
     pub fn render(&self, groups: &[GroupView]) -> String {
+        for family in [
+            &self.group_ready,
+            &self.group_ranks_ready,
+            &self.group_world_size,
+            &self.group_in_flight,
+            &self.group_breaker,
+        ] {
+            family.reset();
+        }
         for g in groups {
-            let l = GroupLabels {
-                group: g.name.clone(),
-            };
-            self.group_ready.get_or_create(&l).set(i64::from(g.ready));
+            let l = [g.name.as_str()];
+            self.group_ready.with_label_values(&l).set(i64::from(g.ready));
             self.group_ranks_ready
-                .get_or_create(&l)
+                .with_label_values(&l)
                 .set(i64::from(g.ranks_ready));
             self.group_world_size
-                .get_or_create(&l)
+                .with_label_values(&l)
                 .set(i64::from(g.world_size));
-            self.group_in_flight.get_or_create(&l).set(g.in_flight as i64);
+            self.group_in_flight.with_label_values(&l).set(g.in_flight as i64);
+            let current = g.breaker.unwrap_or(BreakerState::Closed);
+            for (state, name) in [
+                (BreakerState::Closed, "closed"),
+                (BreakerState::Open, "open"),
+                (BreakerState::HalfOpen, "half_open"),
+            ] {
+                self.group_breaker
+                    .with_label_values(&[g.name.as_str(), name])
+                    .set(i64::from(current == state));
+            }
         }
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .expect("encoding to a String cannot fail")
     }
 }
 
-/// Content type of [`Metrics::render`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_units_and_totals() {
+        let m = Metrics::new();
+        m.observe_request("/v1/embeddings", "200", Duration::from_millis(3));
+        m.rejection("minilm", "queue_full");
+        m.observe_fill_delay("minilm", Duration::from_micros(500));
+        let text = m.render(&[]);
+        assert!(text.contains("# TYPE rankway_requests_total counter"), "{text}");
+        assert!(
+            text.contains("rankway_requests_total{code=\"200\",route=\"/v1/embeddings\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE rankway_request_duration_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rankway_rejections_total{model=\"minilm\",reason=\"queue_full\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rankway_batch_fill_delay_seconds_count{model=\"minilm\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "classic text format, not OpenMetrics");
+    }
+}

@@ -1,18 +1,24 @@
-//! Request ids, on REST and gRPC alike: `x-request-id` from the client (header or gRPC
-//! metadata) when it is a sane token, else a new random one. The id is echoed in the
-//! response, is a field of the `request` span every log line of the request carries, and
-//! closes the request with one log line: debug when it succeeded, warn with the error's
-//! message when it failed.
+//! The request span and request ids, on REST and gRPC alike.
+//!
+//! `x-request-id` from the client (header or gRPC metadata) is kept when it is a sane
+//! token, else a new random one is made. The id is echoed in the response and is a field
+//! of the `request` span, which every log line of the request carries along with the
+//! trace id. The span continues the client's trace when the request has a W3C
+//! `traceparent`. One log line closes the request: debug when it succeeded, warn with the
+//! error's message when it failed.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{HeaderValue, Request, Response};
+use rankway_proto::telemetry;
 use tracing::Instrument;
 
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 
 pub const HEADER: &str = "x-request-id";
 /// Longest client-chosen id kept; a longer one is replaced.
@@ -35,19 +41,40 @@ impl RequestId {
 }
 
 /// Wraps a REST router or a tonic server; see the module docs.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RequestIdLayer;
+#[derive(Clone, Default)]
+pub struct RequestIdLayer {
+    grpc_metrics: Option<Arc<Metrics>>,
+}
+
+impl RequestIdLayer {
+    /// For the REST router, which counts its requests by matched route itself.
+    pub fn rest() -> Self {
+        Self { grpc_metrics: None }
+    }
+
+    /// For the gRPC server: also counts each call in `rankway_requests_total` and
+    /// `rankway_request_duration_seconds`, by method path and gRPC code name.
+    pub fn grpc(metrics: Arc<Metrics>) -> Self {
+        Self {
+            grpc_metrics: Some(metrics),
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for RequestIdLayer {
     type Service = RequestIdService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RequestIdService { inner }
+        RequestIdService {
+            inner,
+            grpc_metrics: self.grpc_metrics.clone(),
+        }
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RequestIdService<S> {
     inner: S,
+    grpc_metrics: Option<Arc<Metrics>>,
 }
 
 impl<S, B, R> tower::Service<Request<B>> for RequestIdService<S>
@@ -65,8 +92,25 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let id = RequestId::from_header(req.headers().get(HEADER));
-        let span = tracing::info_span!("request", request_id = %id.0, method = %req.method(), path = %req.uri().path());
+        let span = tracing::info_span!(
+            "request",
+            otel.name = %format!("{} {}", req.method(), req.uri().path()),
+            otel.kind = "server",
+            request_id = %id.0,
+            method = %req.method(),
+            path = %req.uri().path(),
+            trace_id = tracing::field::Empty,
+        );
+        // With tracing off the span has no context of its own: log the client's trace id.
+        let client = telemetry::extract(req.headers());
+        let client_trace = telemetry::context_trace_id(&client);
+        telemetry::set_parent(&span, client);
+        if let Some(trace_id) = telemetry::trace_id(&span).or(client_trace) {
+            span.record("trace_id", trace_id.as_str());
+        }
+        let path = req.uri().path().to_owned();
         req.extensions_mut().insert(id.clone());
+        let metrics = self.grpc_metrics.clone();
         let started = Instant::now();
         let fut = {
             let _entered = span.enter();
@@ -78,7 +122,10 @@ where
                 if let Ok(v) = HeaderValue::from_str(&id.0) {
                     resp.headers_mut().insert(HEADER, v);
                 }
-                log_outcome(&resp, started);
+                let grpc = log_outcome(&resp, started);
+                if let Some(m) = metrics {
+                    m.observe_request(&path, &format!("{grpc:?}"), started.elapsed());
+                }
                 Ok(resp)
             }
             .instrument(span),
@@ -86,21 +133,23 @@ where
     }
 }
 
-/// The request's closing log line.
-fn log_outcome<R>(resp: &Response<R>, started: Instant) {
+/// The request's closing log line. Returns the gRPC code: a failed call carries it in its
+/// headers (a trailers-only answer); a successful one sends OK later, in its trailers.
+fn log_outcome<R>(resp: &Response<R>, started: Instant) -> tonic::Code {
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     let status = resp.status().as_u16();
+    let grpc = tonic::Status::from_header_map(resp.headers());
+    let code = grpc.as_ref().map_or(tonic::Code::Ok, |s| s.code());
     if let Some(err) = resp.extensions().get::<ApiError>() {
         tracing::warn!(status, kind = err.kind(), error = %err, elapsed_ms, "request failed");
-    } else if let Some(grpc) =
-        tonic::Status::from_header_map(resp.headers()).filter(|s| s.code() != tonic::Code::Ok)
-    {
-        tracing::warn!(status, grpc_code = ?grpc.code(), error = grpc.message(), elapsed_ms, "request failed");
+    } else if let Some(g) = grpc.filter(|s| s.code() != tonic::Code::Ok) {
+        tracing::warn!(status, grpc_code = ?g.code(), error = g.message(), elapsed_ms, "request failed");
     } else if resp.status().is_client_error() || resp.status().is_server_error() {
         tracing::warn!(status, elapsed_ms, "request failed");
     } else {
         tracing::debug!(status, elapsed_ms, "request");
     }
+    code
 }
 
 #[cfg(test)]

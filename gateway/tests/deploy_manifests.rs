@@ -272,6 +272,7 @@ fn manifests_agree_with_each_other_and_with_the_binaries() {
     let worker_cmds = Help::of(&worker_bin(), &[]);
     let gateway_help = Help::of(&gateway_bin(), &[]);
     let grpc_port = worker_help.default_port("--listen");
+    let metrics_port = worker_help.default_port("--metrics-listen");
     let http_port = gateway_help.default_port("--http-listen");
     let gw_grpc_port = gateway_help.default_port("--grpc-listen");
     let store_port: u16 = {
@@ -435,7 +436,11 @@ fn manifests_agree_with_each_other_and_with_the_binaries() {
                     &what,
                     c,
                     &worker_help,
-                    &[("grpc", grpc_port), ("c10d-store", store_port)],
+                    &[
+                        ("grpc", grpc_port),
+                        ("c10d-store", store_port),
+                        ("metrics", metrics_port),
+                    ],
                 );
             }
             if let Some(c) = container(&p.spec, "rankway-gateway") {
@@ -515,7 +520,7 @@ fn kubelet_env(c: &Value, pod: &Pod, ip: Ipv4Addr, hosts: &[Host]) -> Vec<(Strin
 
 /// The rendered CPU overlay, run. Substitutions, and only these: each pod gets its own
 /// loopback address (127.0.0.10 and up) for the pod IP, its DNS names and its 0.0.0.0
-/// listen address; the TCPStore port is a free one per group (the store listens on every
+/// listen addresses (gRPC, metrics); the TCPStore port is a free one per group (the store listens on every
 /// address, so groups on one host cannot share it); the model folder of the image is the
 /// checkout's; the cluster's DNS is a loopback server answering the leaders name with the
 /// pods the rankway-leaders Service selects; workers use one torch thread.
@@ -562,6 +567,10 @@ async fn rendered_cpu_overlay_serves_an_embedding() {
         }
         let port = port_of(c, "grpc");
         env.push(("RANKWAY_LISTEN".into(), format!("{}:{port}", h.ip)));
+        env.push((
+            "RANKWAY_METRICS_LISTEN".into(),
+            format!("{}:{}", h.ip, port_of(c, "metrics")),
+        ));
         env.push(("RANKWAY_TORCH_THREADS".into(), "1".into()));
         let mut cmd = Command::new(worker_bin());
         cmd.env_clear()

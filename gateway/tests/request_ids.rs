@@ -1,7 +1,7 @@
 //! Request ids: `x-request-id` from the client comes back in the response (REST header,
 //! gRPC metadata) and is in the gateway's log lines for that request; without one (or with
 //! an unusable one) the gateway makes one up and returns it; a failed request is logged at
-//! warn with its id and the error.
+//! warn with its id and the error. gRPC calls are counted in the request metrics.
 
 mod common;
 
@@ -120,4 +120,15 @@ async fn request_ids_round_trip_and_reach_the_logs() {
         line["fields"]["error"].as_str().unwrap().contains("nope"),
         "{line}"
     );
+
+    // gRPC calls are counted by method and code, like REST requests by route and status.
+    let method = "route=\"/inference.GRPCInferenceService/ModelInfer\"";
+    for code in ["Ok", "NotFound"] {
+        let label = format!("code=\"{code}\",{method}");
+        assert_eq!(
+            gw.metric_sum("rankway_requests_total", &label).await,
+            1.0,
+            "{label}"
+        );
+    }
 }

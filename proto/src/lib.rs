@@ -3,6 +3,8 @@
 //! - [`inference`]: the Open Inference Protocol v2 (`inference.GRPCInferenceService`),
 //!   wire compatible with KServe and Triton clients.
 //! - [`worker`]: `rankway.worker.v1.Worker`, between the gateway and a group's rank 0.
+//! - [`telemetry`]: logs and OpenTelemetry traces, and how trace context travels over
+//!   these protocols; shared by both binaries.
 
 #![forbid(unsafe_code)]
 
@@ -17,3 +19,4 @@ pub mod worker {
 }
 
 pub mod codec;
+pub mod telemetry;

@@ -1,6 +1,7 @@
 //! `rankway-worker bench`: batched throughput of the model in process, with no network,
 //! the ceiling the gateway's throughput is measured against.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rankway_proto::codec::encode_bytes_elements;
@@ -10,6 +11,7 @@ use serde::Serialize;
 use crate::config::{BenchArgs, ModelKind};
 use crate::dist::{Shard, SingleRank};
 use crate::engine::{self, EngineError, EngineOptions};
+use crate::metrics::WorkerMetrics;
 use crate::models;
 
 /// Sentences of mixed length, cycled to fill a batch.
@@ -67,6 +69,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchRow>, EngineError> {
             Ok((model, Box::new(SingleRank) as Box<dyn crate::dist::Collective>))
         }),
         opts,
+        Arc::new(WorkerMetrics::new("bench", Shard::SINGLE)),
     )
     .map_err(|e| EngineError::Stopped(e.to_string()))?;
     let mut rows = Vec::new();

@@ -13,9 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Log format.
-    #[arg(long, env = "RANKWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub telemetry: rankway_proto::telemetry::TelemetryArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,12 +31,6 @@ pub enum Command {
     Bench(BenchArgs),
     /// Start groups of ranks on this host like torchrun; restart a group when a rank dies.
     Launch(crate::launch::LaunchArgs),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -108,6 +101,9 @@ pub struct ServeArgs {
     /// every rank.
     #[arg(long, env = "RANKWAY_LISTEN", default_value = "0.0.0.0:9000")]
     pub listen: SocketAddr,
+    /// Address of the Prometheus metrics server (GET /metrics), on every rank.
+    #[arg(long, env = "RANKWAY_METRICS_LISTEN", default_value = "0.0.0.0:9400")]
+    pub metrics_listen: SocketAddr,
     /// Name of this group, reported in GroupStatus.
     #[arg(long, env = "RANKWAY_GROUP", default_value = "default")]
     pub group: String,

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 use crate::dist::Collective;
 use crate::group::{self, Header, Op};
+use crate::metrics::WorkerMetrics;
 use crate::models::{Model, ModelError};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,8 @@ struct Job {
     deadline: Option<Instant>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<EngineOutput, EngineError>>,
+    /// The caller's span; the model thread runs the batch inside it.
+    span: tracing::Span,
 }
 
 /// State shared between the model thread and the servers.
@@ -149,14 +152,18 @@ fn start_thread(
 
 /// Starts rank 0's model thread: join, load, warm up with the whole group, then serve
 /// batches from the returned handle. Dropping every handle shuts the group down cleanly.
-pub fn spawn_leader(load: Loader, opts: EngineOptions) -> std::io::Result<(EngineHandle, ModelThread)> {
+pub fn spawn_leader(
+    load: Loader,
+    opts: EngineOptions,
+    metrics: Arc<WorkerMetrics>,
+) -> std::io::Result<(EngineHandle, ModelThread)> {
     let (tx, rx) = mpsc::sync_channel::<Job>(opts.capacity);
     let stats = Arc::new(EngineStats::default());
     let thread = start_thread("rankway-model", stats.clone(), opts.torch_threads, move |stats| {
         let started = Instant::now();
         let (model, comm) = load(stats)?;
         let mut warm = model.prepare(&model.warmup_inputs())?;
-        let _warm_output = group::lead_batch(comm.as_ref(), model.as_ref(), 0, &mut warm)?;
+        let _warm_output = group::lead_batch(comm.as_ref(), model.as_ref(), 0, &mut warm, &metrics)?;
         let _ = stats.info.set(model.info());
         stats.set_phase(RankPhase::Ready);
         tracing::info!(
@@ -166,7 +173,14 @@ pub fn spawn_leader(load: Loader, opts: EngineOptions) -> std::io::Result<(Engin
             elapsed_ms = started.elapsed().as_millis() as u64,
             "group ready: every rank joined, loaded its shard and ran the warm-up batch"
         );
-        lead(model.as_ref(), comm.as_ref(), stats, &rx, opts.heartbeat)
+        lead(
+            model.as_ref(),
+            comm.as_ref(),
+            stats,
+            &metrics,
+            &rx,
+            opts.heartbeat,
+        )
     })?;
     Ok((
         EngineHandle {
@@ -183,13 +197,14 @@ pub fn spawn_leader(load: Loader, opts: EngineOptions) -> std::io::Result<(Engin
 pub fn spawn_follower(
     load: Loader,
     torch_threads: usize,
+    metrics: Arc<WorkerMetrics>,
 ) -> std::io::Result<(Arc<EngineStats>, ModelThread)> {
     let stats = Arc::new(EngineStats::default());
     let thread = start_thread("rankway-model", stats.clone(), torch_threads, move |stats| {
         let (model, comm) = load(stats)?;
         let _ = stats.info.set(model.info());
         let rank = comm.shard().rank;
-        group::follow(comm.as_ref(), model.as_ref(), |h: &Header| {
+        group::follow(comm.as_ref(), model.as_ref(), &metrics, |h: &Header| {
             if h.op == Op::Batch {
                 if !stats.is_ready() {
                     // The first batch is rank 0's warm-up.
@@ -209,6 +224,7 @@ fn lead(
     model: &dyn Model,
     comm: &dyn Collective,
     stats: &EngineStats,
+    metrics: &WorkerMetrics,
     rx: &mpsc::Receiver<Job>,
     heartbeat: Duration,
 ) -> Result<(), ModelError> {
@@ -235,12 +251,15 @@ fn lead(
             continue;
         }
         stats.running.fetch_add(1, Ordering::AcqRel);
-        let result = run_batch(model, comm, job.batch_id, &job.inputs).map(|(outputs, rows)| EngineOutput {
-            outputs,
-            rows,
-            queue_time: now - job.enqueued,
-            compute_time: now.elapsed(),
-        });
+        let entered = job.span.enter();
+        let result =
+            run_batch(model, comm, metrics, job.batch_id, &job.inputs).map(|(outputs, rows)| EngineOutput {
+                outputs,
+                rows,
+                queue_time: now - job.enqueued,
+                compute_time: now.elapsed(),
+            });
+        drop(entered);
         stats.running.fetch_sub(1, Ordering::AcqRel);
         stats.batches.fetch_add(1, Ordering::AcqRel);
         match result {
@@ -264,11 +283,12 @@ fn lead(
 fn run_batch(
     model: &dyn Model,
     comm: &dyn Collective,
+    metrics: &WorkerMetrics,
     batch_id: u64,
     inputs: &[WireTensor],
 ) -> Result<(Vec<WireTensor>, usize), ModelError> {
     let mut batch = model.prepare(inputs)?;
-    let output = group::lead_batch(comm, model, batch_id, &mut batch)?;
+    let output = group::lead_batch(comm, model, batch_id, &mut batch, metrics)?;
     Ok((model.outputs(&batch, output)?, batch.rows))
 }
 
@@ -294,6 +314,7 @@ impl EngineHandle {
             deadline,
             enqueued: Instant::now(),
             reply,
+            span: tracing::Span::current(),
         };
         self.stats.queued.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.tx.try_send(job) {
@@ -317,6 +338,7 @@ impl EngineHandle {
             deadline: None,
             enqueued: Instant::now(),
             reply,
+            span: tracing::Span::current(),
         };
         self.tx
             .send(job)

@@ -7,12 +7,22 @@
 //! must take part, so a lost rank fails the very next step — including the heartbeat
 //! rank 0 sends when idle — instead of going unnoticed in a socket buffer.
 
+//!
+//! The header also carries rank 0's trace context (trace id, span id, sampled flag), so
+//! each follower's `forward` span joins the trace of the batch it computes.
+
+use std::time::Instant;
+
+use rankway_proto::telemetry::{self, TraceParent};
 use tch::{Kind, Tensor};
 
 use crate::dist::{Collective, CollectiveError};
+use crate::metrics::WorkerMetrics;
 use crate::models::{Model, ModelError, Prepared};
 
-const HEADER_LEN: usize = 32;
+const HEADER_LEN: usize = 36;
+/// Where the trace context sits: trace id (two words), span id, flags.
+const TRACE_AT: usize = 32;
 const MAX_TENSORS: usize = 4;
 const MAX_DIMS: usize = 5;
 
@@ -33,6 +43,8 @@ pub struct Header {
     pub op: Op,
     pub batch_id: u64,
     pub tensors: Vec<(Kind, Vec<i64>)>,
+    /// The span the followers' spans are children of, when the step is traced.
+    pub trace: Option<TraceParent>,
 }
 
 fn kind_code(kind: Kind) -> Result<i64, ModelError> {
@@ -59,10 +71,13 @@ impl Header {
             op,
             batch_id: 0,
             tensors: Vec::new(),
+            trace: None,
         }
     }
 
-    /// Layout: [op, batch_id, n, then per tensor: kind, ndim, dims (MAX_DIMS slots)].
+    /// Layout: [op, batch_id, n, then per tensor: kind, ndim, dims (MAX_DIMS slots)],
+    /// and at TRACE_AT: trace id high and low words, span id, flags (1 = traced, 2 =
+    /// sampled). Each value is an i64 bit pattern: the all-reduce adds only zeros to it.
     pub fn encode(&self) -> Result<Tensor, ModelError> {
         if self.tensors.len() > MAX_TENSORS {
             return Err(ModelError::InvalidInput(format!(
@@ -83,6 +98,12 @@ impl Header {
             v[at] = kind_code(*kind)?;
             v[at + 1] = shape.len() as i64;
             v[at + 2..at + 2 + shape.len()].copy_from_slice(shape);
+        }
+        if let Some(t) = self.trace {
+            v[TRACE_AT] = (t.trace_id >> 64) as u64 as i64;
+            v[TRACE_AT + 1] = t.trace_id as u64 as i64;
+            v[TRACE_AT + 2] = t.span_id as i64;
+            v[TRACE_AT + 3] = 1 | if t.sampled { 2 } else { 0 };
         }
         Ok(Tensor::from_slice(&v))
     }
@@ -115,10 +136,17 @@ impl Header {
                 Ok((kind, v[at + 2..at + 2 + ndim].to_vec()))
             })
             .collect::<Result<_, CollectiveError>>()?;
+        let flags = v[TRACE_AT + 3];
+        let trace = (flags & 1 == 1).then(|| TraceParent {
+            trace_id: (u128::from(v[TRACE_AT] as u64) << 64) | u128::from(v[TRACE_AT + 1] as u64),
+            span_id: v[TRACE_AT + 2] as u64,
+            sampled: flags & 2 == 2,
+        });
         Ok(Self {
             op,
             batch_id: v[1] as u64,
             tensors,
+            trace,
         })
     }
 }
@@ -133,25 +161,43 @@ pub fn send_header(comm: &dyn Collective, header: &Header) -> Result<(), ModelEr
     Ok(())
 }
 
-/// Rank 0: runs one batch on the whole group and returns rank 0's output.
+/// Runs the model on `batch`, timing it into the metrics.
+fn forward(
+    model: &dyn Model,
+    batch: &Prepared,
+    comm: &dyn Collective,
+    metrics: &WorkerMetrics,
+) -> Result<Tensor, ModelError> {
+    let started = Instant::now();
+    let output = model.forward(batch, comm)?;
+    metrics.observe_forward(started.elapsed());
+    Ok(output)
+}
+
+/// Rank 0: runs one batch on the whole group and returns rank 0's output. Its `forward`
+/// span is a child of the current span (the batch's gRPC call).
 pub fn lead_batch(
     comm: &dyn Collective,
     model: &dyn Model,
     batch_id: u64,
     batch: &mut Prepared,
+    metrics: &WorkerMetrics,
 ) -> Result<Tensor, ModelError> {
+    let span = tracing::info_span!("forward", rank = 0, batch_id, rows = batch.rows);
+    let _entered = span.enter();
     if comm.shard().world > 1 {
         let header = Header {
             op: Op::Batch,
             batch_id,
             tensors: batch.tensors.iter().map(|t| (t.kind(), t.size())).collect(),
+            trace: TraceParent::of(&span),
         };
         send_header(comm, &header)?;
         for t in batch.tensors.iter_mut() {
             comm.broadcast(t, 0)?;
         }
     }
-    model.forward(batch, comm)
+    forward(model, batch, comm, metrics)
 }
 
 /// Followers: serve rank 0's steps until it shuts down (Ok) or a collective fails (Err).
@@ -159,8 +205,10 @@ pub fn lead_batch(
 pub fn follow(
     comm: &dyn Collective,
     model: &dyn Model,
+    metrics: &WorkerMetrics,
     mut on_step: impl FnMut(&Header),
 ) -> Result<(), ModelError> {
+    let rank = comm.shard().rank;
     loop {
         let mut t = Tensor::zeros([HEADER_LEN as i64], (Kind::Int64, tch::Device::Cpu));
         comm.all_reduce_sum(&mut t)?;
@@ -170,6 +218,11 @@ pub fn follow(
             Op::Heartbeat => continue,
             Op::Shutdown => return Ok(()),
             Op::Batch => {
+                let span = tracing::info_span!("forward", rank, batch_id = header.batch_id);
+                if let Some(parent) = header.trace {
+                    telemetry::set_parent(&span, parent.context());
+                }
+                let _entered = span.enter();
                 let tensors = header
                     .tensors
                     .iter()
@@ -186,7 +239,7 @@ pub fn follow(
                     tensors,
                     token_counts: None,
                 };
-                let _output = model.forward(&batch, comm)?;
+                let _output = forward(model, &batch, comm, metrics)?;
             }
         }
     }
@@ -202,8 +255,28 @@ mod tests {
             op: Op::Batch,
             batch_id: 77,
             tensors: vec![(Kind::Int64, vec![3, 9]), (Kind::Float, vec![3, 256])],
+            trace: None,
         };
         assert_eq!(Header::decode(&h.encode().unwrap()).unwrap(), h);
+        // Trace ids use all 128 bits; span ids all 64.
+        let traced = Header {
+            trace: Some(TraceParent {
+                trace_id: u128::MAX - 5,
+                span_id: u64::MAX - 7,
+                sampled: true,
+            }),
+            ..h.clone()
+        };
+        assert_eq!(Header::decode(&traced.encode().unwrap()).unwrap(), traced);
+        let unsampled = Header {
+            trace: Some(TraceParent {
+                trace_id: 1,
+                span_id: 2,
+                sampled: false,
+            }),
+            ..h
+        };
+        assert_eq!(Header::decode(&unsampled.encode().unwrap()).unwrap(), unsampled);
         let c = Header::control(Op::Heartbeat);
         assert_eq!(Header::decode(&c.encode().unwrap()).unwrap(), c);
     }
@@ -216,6 +289,7 @@ mod tests {
             op: Op::Batch,
             batch_id: 1,
             tensors: vec![(Kind::Float, vec![1]); 5],
+            trace: None,
         };
         assert!(too_many.encode().is_err());
     }

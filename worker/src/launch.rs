@@ -33,6 +33,9 @@ pub struct LaunchArgs {
     /// First health port of the followers.
     #[arg(long, env = "RANKWAY_LAUNCH_FOLLOWER_PORT", default_value_t = 9100)]
     pub follower_port: u16,
+    /// Metrics port of the first rank; the i-th rank started uses this + i.
+    #[arg(long, env = "RANKWAY_LAUNCH_METRICS_PORT", default_value_t = 9400)]
+    pub metrics_port: u16,
     /// TCPStore port of group 0; group g uses this + g.
     #[arg(long, env = "RANKWAY_LAUNCH_MASTER_PORT", default_value_t = 29500)]
     pub master_port: u16,
@@ -89,6 +92,10 @@ impl LaunchArgs {
                     ("RANKWAY_DIST_HOST", self.host.clone()),
                     ("RANKWAY_GROUP", Self::group_name(g)),
                     ("RANKWAY_LISTEN", listen.clone()),
+                    (
+                        "RANKWAY_METRICS_LISTEN",
+                        format!("{}:{}", self.host, self.metrics_port as u32 + g * n + r),
+                    ),
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
@@ -232,5 +239,6 @@ mod tests {
         assert_eq!(env(2, "MASTER_PORT"), "29501");
         assert_eq!(env(2, "LOCAL_WORLD_SIZE"), "6");
         assert_eq!(env(0, "RANKWAY_GROUP"), "g1");
+        assert_eq!(env(2, "RANKWAY_METRICS_LISTEN"), "127.0.0.1:9405");
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Layout: [`config`] (flags), [`models`] (MiniLM, synthetic MLP), [`dist`] (collectives
 //! between ranks, the c10d binding), [`rendezvous`] (how a rank finds its group), [`group`]
-//! (the protocol rank 0 drives), [`engine`] (the model thread), [`server`] (gRPC), [`serve`] (the
+//! (the protocol rank 0 drives), [`engine`] (the model thread), [`server`] (gRPC), [`metrics`]
+//! (Prometheus), [`serve`] (the
 //! `serve` command), [`bench`] (the `bench` command), [`launch`] (the local launcher).
 
 #![deny(unsafe_code)]
@@ -13,6 +14,7 @@ pub mod dist;
 pub mod engine;
 pub mod group;
 pub mod launch;
+pub mod metrics;
 pub mod models;
 pub mod rendezvous;
 pub mod serve;

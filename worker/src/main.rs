@@ -1,19 +1,8 @@
 use anyhow::Context;
 use clap::Parser;
-use rankway_worker::config::{Cli, Command, LogFormat};
+use rankway_proto::telemetry::{self, Telemetry, TelemetryArgs};
+use rankway_worker::config::{Cli, Command};
 use rankway_worker::{bench, launch, serve};
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -27,7 +16,6 @@ async fn shutdown_signal() {
 /// Logs a failure as one line (the group's restart policy reads the exit status).
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -37,17 +25,40 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Installs logging (and tracing, which needs the runtime's reactor for its exporter).
+fn init_telemetry(args: &TelemetryArgs) -> anyhow::Result<Telemetry> {
+    Ok(telemetry::init(args, "rankway-worker")?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
-            rt.block_on(serve::serve(args, shutdown_signal()))?;
+            rt.block_on(async {
+                let telemetry = init_telemetry(&cli.telemetry)?;
+                let result = serve::serve(args, shutdown_signal()).await;
+                // After the drain: the spans of the last batches are flushed too.
+                telemetry.shutdown().await;
+                Ok::<_, anyhow::Error>(result?)
+            })?;
         }
         Command::Launch(args) => {
             let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
-            rt.block_on(launch::launch(args, shutdown_signal()));
+            rt.block_on(async {
+                let _logs = init_telemetry(&TelemetryArgs {
+                    otlp_endpoint: None, // the ranks it starts export their own spans
+                    ..cli.telemetry
+                })?;
+                launch::launch(args, shutdown_signal()).await;
+                Ok::<_, anyhow::Error>(())
+            })?;
         }
         Command::Bench(args) => {
+            // In process, no spans to export.
+            let _logs = init_telemetry(&TelemetryArgs {
+                otlp_endpoint: None,
+                ..cli.telemetry
+            })?;
             let rows = bench::run(&args)?;
             if args.json {
                 for row in &rows {

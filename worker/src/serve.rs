@@ -14,6 +14,7 @@ use crate::config::ServeArgs;
 use crate::dist::c10d::ProcessGroup;
 use crate::dist::{Collective, Shard, SingleRank};
 use crate::engine::{self, EngineOptions, EngineStats, Loader};
+use crate::metrics::{Observed, WorkerMetrics};
 use crate::models::{self, ModelError};
 use crate::server::{LIVENESS_SERVICE, WorkerService, track_health};
 
@@ -36,20 +37,21 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
 /// Serves until `shutdown` resolves (then drains) or the model thread ends.
 pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: args.listen,
-            source,
-        })?;
+    let listener = bind(args.listen).await?;
     serve_on(listener, args, shutdown).await
 }
 
 /// Loads this rank's shard (a bad world size fails here, before anyone waits on us),
 /// then joins the group.
-fn loader(args: &ServeArgs, shard: Shard) -> Loader {
+fn loader(args: &ServeArgs, shard: Shard, metrics: Arc<WorkerMetrics>) -> Loader {
     let model_args = args.model.clone();
     let join = args.rendezvous.join_options(shard);
     Box::new(move |_stats: &EngineStats| {
@@ -60,7 +62,7 @@ fn loader(args: &ServeArgs, shard: Shard) -> Loader {
             tracing::info!(rank = shard.rank, world_size = shard.world, master = %format!("{}:{}", join.master_addr, join.master_port), "joining the group");
             let pg = ProcessGroup::join(&join)?;
             tracing::info!(rank = shard.rank, world_size = shard.world, "joined the group");
-            Box::new(pg)
+            Box::new(Observed::new(pg, metrics))
         };
         Ok((model, comm))
     })
@@ -80,19 +82,27 @@ pub async fn serve_on(
     let threads = args
         .model
         .torch_threads(args.rendezvous.local_world_size as usize);
-    let load = loader(&args, shard);
+    let metrics = Arc::new(WorkerMetrics::new(&args.group, shard));
+    let metrics_listener = bind(args.metrics_listen).await?;
+    let metrics_addr = metrics_listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: args.metrics_listen,
+        source,
+    })?;
+    let load = loader(&args, shard, metrics.clone());
     let (stats, thread, worker) = if shard.rank == 0 {
         let opts = EngineOptions {
             torch_threads: threads,
             capacity: args.queue_capacity,
             heartbeat: args.rendezvous.heartbeat_interval,
         };
-        let (engine, thread) = engine::spawn_leader(load, opts).map_err(ServeError::Thread)?;
+        let (engine, thread) =
+            engine::spawn_leader(load, opts, metrics.clone()).map_err(ServeError::Thread)?;
         let stats = engine.stats().clone();
         let service = WorkerService::new(engine, args.group.clone(), shard.world as u32).into_server();
         (stats, thread, Some(service))
     } else {
-        let (stats, thread) = engine::spawn_follower(load, threads).map_err(ServeError::Thread)?;
+        let (stats, thread) =
+            engine::spawn_follower(load, threads, metrics.clone()).map_err(ServeError::Thread)?;
         (stats, thread, None)
     };
 
@@ -102,7 +112,8 @@ pub async fn serve_on(
         .await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let health_task = tokio::spawn(track_health(reporter, stats.clone(), stop_rx.clone()));
-    tracing::info!(%addr, group = %args.group, rank = shard.rank, world_size = shard.world, model = %args.model.served_name(), torch_threads = threads, "worker listening");
+    let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, metrics, stats.clone()));
+    tracing::info!(%addr, %metrics_addr, group = %args.group, rank = shard.rank, world_size = shard.world, model = %args.model.served_name(), torch_threads = threads, "worker listening");
 
     let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
     let watcher = std::thread::spawn(move || {
@@ -139,6 +150,7 @@ pub async fn serve_on(
         Err(_) => tracing::warn!(drain_timeout = ?args.drain_timeout, "drain timed out"),
     }
     health_task.abort();
+    metrics_task.abort();
     finish(model_ended, watcher, &stats)
 }
 

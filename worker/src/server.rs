@@ -4,11 +4,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rankway_proto::telemetry;
 use rankway_proto::worker::worker_server::{Worker, WorkerServer};
 use rankway_proto::worker::{
     GroupStatusRequest, GroupStatusResponse, InferRequest, InferResponse, RankState,
 };
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::engine::{EngineError, EngineHandle, EngineStats};
 use crate::models::ModelError;
@@ -74,10 +76,23 @@ impl WorkerService {
 #[tonic::async_trait]
 impl Worker for WorkerService {
     async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
-        let req = request.into_inner();
+        let (metadata, _, req) = request.into_parts();
+        // A child of the gateway's call, through `traceparent` in the metadata.
+        let span = tracing::info_span!(
+            "rank0.Infer",
+            otel.kind = "server",
+            group = %self.group,
+            rank = 0,
+            batch_id = req.batch_id,
+        );
+        telemetry::set_parent(&span, telemetry::extract(&metadata.into_headers()));
         let deadline = (req.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(req.timeout_ms));
         let started = Instant::now();
-        let out = self.engine.infer(req.batch_id, req.inputs, deadline).await;
+        let out = self
+            .engine
+            .infer(req.batch_id, req.inputs, deadline)
+            .instrument(span)
+            .await;
         match &out {
             Ok(o) => tracing::debug!(
                 batch_id = req.batch_id,

@@ -110,7 +110,7 @@ pub fn router(state: AppState, max_request_bytes: usize) -> Router {
         .layer(axum::Extension(limits))
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), track_request))
-        .layer(crate::request_id::RequestIdLayer)
+        .layer(crate::request_id::RequestIdLayer::rest())
         .with_state(state)
 }
 

@@ -190,14 +190,23 @@ impl Lease {
 
     /// Sends the batch. A failure says whether the group never started it (safe to
     /// retry elsewhere) or lost it (its callers must be told).
+    /// Runs `request` on the group; `trace` is the call's span, whose context goes to rank
+    /// 0 as `traceparent` metadata.
     pub async fn infer(
         &self,
         request: InferRequest,
         timeout: Option<Duration>,
+        trace: &tracing::Span,
     ) -> Result<InferResponse, DispatchError> {
         self.group.batches.fetch_add(1, Ordering::Relaxed);
         let mut client = self.group.client.clone();
-        let mut req = tonic::Request::new(request);
+        let mut headers = http::HeaderMap::new();
+        rankway_proto::telemetry::inject(trace, &mut headers);
+        let mut req = tonic::Request::from_parts(
+            tonic::metadata::MetadataMap::from_headers(headers),
+            Default::default(),
+            request,
+        );
         if let Some(t) = timeout {
             req.set_timeout(t);
         }

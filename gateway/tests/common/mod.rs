@@ -3,6 +3,8 @@
 //! them when dropped.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod otlp;
+
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -146,6 +148,8 @@ impl Drop for Proc {
 pub struct Worker {
     pub proc: Proc,
     pub addr: SocketAddr,
+    /// Its Prometheus endpoint.
+    pub metrics: SocketAddr,
 }
 
 impl Worker {
@@ -158,6 +162,7 @@ impl Worker {
         let mut cmd = Command::new(worker_bin());
         cmd.arg("serve")
             .env("RANKWAY_LISTEN", "127.0.0.1:0") // a --listen flag in `extra` wins
+            .env("RANKWAY_METRICS_LISTEN", "127.0.0.1:0")
             .arg(format!("--model-dir={}", model_dir().display()))
             .arg("--torch-threads=1")
             .env("RANKWAY_DIST_HOST", "127.0.0.1")
@@ -166,7 +171,8 @@ impl Worker {
         let mut proc = Proc::spawn(cmd);
         let fields = proc.wait_for_log("worker listening");
         let addr = Proc::addr_field(&fields, "addr");
-        Self { proc, addr }
+        let metrics = Proc::addr_field(&fields, "metrics_addr");
+        Self { proc, addr, metrics }
     }
 
     pub async fn client(&self) -> WorkerClient<Channel> {
@@ -351,7 +357,8 @@ pub struct Launcher {
 
 impl Launcher {
     pub fn start(groups: usize, ranks: usize, serve_args: &[&str]) -> Self {
-        let (port, follower_port, master_port) = (free_port(), free_port(), free_port());
+        let (port, follower_port, master_port, metrics_port) =
+            (free_port(), free_port(), free_port(), free_port());
         let mut cmd = Command::new(worker_bin());
         cmd.arg("launch")
             .arg(format!("--groups={groups}"))
@@ -359,6 +366,7 @@ impl Launcher {
             .arg(format!("--port={port}"))
             .arg(format!("--follower-port={follower_port}"))
             .arg(format!("--master-port={master_port}"))
+            .arg(format!("--metrics-port={metrics_port}"))
             .arg("--backoff=200ms")
             .arg("--")
             .arg(format!("--model-dir={}", model_dir().display()))

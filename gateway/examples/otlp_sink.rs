@@ -1,0 +1,22 @@
+//! An OTLP/gRPC trace sink for `make bench-tracing`: accepts and counts spans, and prints
+//! the count when stopped (SIGTERM or Ctrl-C).
+//!
+//! `cargo run --release -p rankway-gateway --example otlp_sink -- 127.0.0.1:4317`
+
+#[allow(dead_code)] // the test harness's receiver; the sink uses only part of it
+#[path = "../tests/common/otlp.rs"]
+mod otlp;
+
+#[tokio::main]
+async fn main() {
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:4317".into());
+    let (endpoint, receiver) = otlp::start_receiver_on(&addr).await;
+    eprintln!("otlp_sink: listening on {endpoint}");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!("{}", receiver.spans.lock().unwrap().len());
+}
