@@ -79,4 +79,5 @@ for c in rankway-smoke-gateway rankway-smoke-worker; do
   code=$(podman inspect -f '{{.State.ExitCode}}' "$c")
   [ "$code" = 0 ] || { log "FAILED: $c exited $code on SIGTERM"; exit 1; }
 done
+podman image prune -f >/dev/null # the previous builds' layers
 log "ok: images built, served an embedding, stopped cleanly"

@@ -6,7 +6,6 @@
 //! (rank 0 contributes the values, the others zeros) rather than a broadcast: every rank
 //! must take part, so a lost rank fails the very next step — including the heartbeat
 //! rank 0 sends when idle — instead of going unnoticed in a socket buffer.
-
 //!
 //! The header also carries rank 0's trace context (trace id, span id, sampled flag), so
 //! each follower's `forward` span joins the trace of the batch it computes.

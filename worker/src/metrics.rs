@@ -54,7 +54,7 @@ impl WorkerMetrics {
                 Histogram::with_opts(
                     HistogramOpts::new(
                         "forward_seconds",
-                        "Time of this rank's forward pass of one batch, its collectives included.",
+                        "Time of this rank's forward pass of one batch, its all-reduces included (not the inputs' broadcast).",
                     )
                     .buckets(seconds_buckets()),
                 )
