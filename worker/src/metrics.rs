@@ -1,14 +1,14 @@
 //! Prometheus metrics of one rank, served at `GET /metrics` on `--metrics-listen` in the
 //! Prometheus text format. Names start with `rankway_worker_`; every series carries the
-//! rank's `group` and `rank` as constant labels.
+//! rank's `group` and `rank` labels.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry, TextEncoder, exponential_buckets,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder, exponential_buckets,
 };
 use tracing::Span;
 
@@ -29,6 +29,8 @@ fn registered<M: prometheus::core::Collector + Clone + 'static>(registry: &Regis
 
 pub struct WorkerMetrics {
     registry: Registry,
+    /// This rank's `group` and `rank` label values, first on every series.
+    labels: [String; 2],
     forward: Histogram,
     collective: HistogramVec,
     batches: IntCounter,
@@ -36,60 +38,55 @@ pub struct WorkerMetrics {
     queue_depth: IntGauge,
 }
 
+/// Every series is labelled `group` and `rank`, in that order. (Ordinary labels rather
+/// than the registry's constant labels, which the encoder writes in hash order.)
+const LABELS: [&str; 2] = ["group", "rank"];
+
 impl WorkerMetrics {
     pub fn new(group: &str, shard: Shard) -> Self {
-        let labels = HashMap::from([
-            ("group".to_owned(), group.to_owned()),
-            ("rank".to_owned(), shard.rank.to_string()),
-        ]);
-        let r = Registry::new_custom(Some("rankway_worker".into()), Some(labels)).expect("valid registry");
-        let world_size = registered(
-            &r,
-            IntGauge::new("world_size", "Ranks in this rank's group.").expect("valid gauge"),
-        );
-        world_size.set(shard.world as i64);
+        let r = Registry::new_custom(Some("rankway_worker".into()), None).expect("valid registry");
+        let labels = [group.to_owned(), shard.rank.to_string()];
+        let values = [labels[0].as_str(), labels[1].as_str()];
+        let gauge = |name: &str, help: &str| {
+            registered(
+                &r,
+                IntGaugeVec::new(Opts::new(name, help), &LABELS).expect("valid gauge"),
+            )
+            .with_label_values(&values)
+        };
+        gauge("world_size", "Ranks in this rank's group.").set(shard.world as i64);
+        let seconds = |name: &str, help: &str, extra: &[&'static str]| {
+            let names: Vec<&str> = LABELS.iter().chain(extra).copied().collect();
+            let opts = HistogramOpts::new(name, help).buckets(seconds_buckets());
+            registered(&r, HistogramVec::new(opts, &names).expect("valid histogram"))
+        };
         Self {
-            forward: registered(
-                &r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "forward_seconds",
-                        "Time of this rank's forward pass of one batch, its all-reduces included (not the inputs' broadcast).",
-                    )
-                    .buckets(seconds_buckets()),
-                )
-                .expect("valid histogram"),
-            ),
-            collective: registered(
-                &r,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "collective_seconds",
-                        "Time of one collective on this rank (waiting for the other ranks included), by op.",
-                    )
-                    .buckets(seconds_buckets()),
-                    &["op"],
-                )
-                .expect("valid histogram"),
+            forward: seconds(
+                "forward_seconds",
+                "Time of this rank's forward pass of one batch, its all-reduces included (not the inputs' broadcast).",
+                &[],
+            )
+            .with_label_values(&values),
+            collective: seconds(
+                "collective_seconds",
+                "Time of one collective on this rank (waiting for the other ranks included), by op.",
+                &["op"],
             ),
             batches: registered(
                 &r,
-                IntCounter::new("batches_total", "Batches this rank ran a forward pass for.")
-                    .expect("valid counter"),
-            ),
-            ready: registered(
-                &r,
-                IntGauge::new(
-                    "ready",
-                    "1 while this rank is ready (on rank 0: the whole group is complete and warm).",
+                IntCounterVec::new(
+                    Opts::new("batches_total", "Batches this rank ran a forward pass for."),
+                    &LABELS,
                 )
-                .expect("valid gauge"),
+                .expect("valid counter"),
+            )
+            .with_label_values(&values),
+            ready: gauge(
+                "ready",
+                "1 while this rank is ready (on rank 0: the whole group is complete and warm).",
             ),
-            queue_depth: registered(
-                &r,
-                IntGauge::new("queue_depth", "Batches waiting for rank 0's model thread.")
-                    .expect("valid gauge"),
-            ),
+            queue_depth: gauge("queue_depth", "Batches waiting for rank 0's model thread."),
+            labels,
             registry: r,
         }
     }
@@ -135,9 +132,10 @@ impl<C: Collective> Observed<C> {
         let _entered = span.enter();
         let started = Instant::now();
         let result = f();
+        let [group, rank] = &self.metrics.labels;
         self.metrics
             .collective
-            .with_label_values(&[op])
+            .with_label_values(&[group.as_str(), rank.as_str(), op])
             .observe(started.elapsed().as_secs_f64());
         result
     }
