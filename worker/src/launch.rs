@@ -33,7 +33,8 @@ pub struct LaunchArgs {
     /// First health port of the followers.
     #[arg(long, env = "RANKWAY_LAUNCH_FOLLOWER_PORT", default_value_t = 9100)]
     pub follower_port: u16,
-    /// Metrics port of the first rank; the i-th rank started uses this + i.
+    /// Metrics port of the first rank; the i-th rank started uses this + i. 0: every rank
+    /// binds a free port (its "worker listening" log line tells which).
     #[arg(long, env = "RANKWAY_LAUNCH_METRICS_PORT", default_value_t = 9400)]
     pub metrics_port: u16,
     /// TCPStore port of group 0; group g uses this + g.
@@ -72,6 +73,16 @@ impl LaunchArgs {
         format!("{}:{}", self.host, self.port as u32 + g)
     }
 
+    /// Metrics address of the `i`-th rank started.
+    fn metrics_listen(&self, i: u32) -> String {
+        let port = if self.metrics_port == 0 {
+            0
+        } else {
+            self.metrics_port as u32 + i
+        };
+        format!("{}:{port}", self.host)
+    }
+
     /// The ranks of group `g` with their environment (the torchrun contract).
     pub fn ranks(&self, g: u32) -> Vec<RankSpec> {
         let n = self.ranks_per_group;
@@ -92,10 +103,7 @@ impl LaunchArgs {
                     ("RANKWAY_DIST_HOST", self.host.clone()),
                     ("RANKWAY_GROUP", Self::group_name(g)),
                     ("RANKWAY_LISTEN", listen.clone()),
-                    (
-                        "RANKWAY_METRICS_LISTEN",
-                        format!("{}:{}", self.host, self.metrics_port as u32 + g * n + r),
-                    ),
+                    ("RANKWAY_METRICS_LISTEN", self.metrics_listen(g * n + r)),
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
@@ -240,5 +248,14 @@ mod tests {
         assert_eq!(env(2, "LOCAL_WORLD_SIZE"), "6");
         assert_eq!(env(0, "RANKWAY_GROUP"), "g1");
         assert_eq!(env(2, "RANKWAY_METRICS_LISTEN"), "127.0.0.1:9405");
+
+        let any = Cli::try_parse_from(["rankway-worker", "launch", "--metrics-port=0"]).unwrap();
+        let Command::Launch(any) = any.command else {
+            panic!("not launch")
+        };
+        assert!(any.ranks(0).iter().all(|r| {
+            r.env
+                .contains(&("RANKWAY_METRICS_LISTEN".to_owned(), "127.0.0.1:0".to_owned()))
+        }));
     }
 }

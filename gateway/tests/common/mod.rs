@@ -127,8 +127,19 @@ impl Proc {
 
 impl Drop for Proc {
     /// SIGTERM first, so a launcher stops its ranks and a worker drains; SIGKILL if the
-    /// process is still there after a few seconds.
+    /// process is still there after a few seconds. When a test is failing, the end of
+    /// the process's log goes to the test output first.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log.lock().unwrap();
+            let tail = &log[log.len().saturating_sub(40)..];
+            eprintln!(
+                "--- last {} log lines of pid {} ---\n{}",
+                tail.len(),
+                self.child.id(),
+                tail.join("\n")
+            );
+        }
         if self.is_running() {
             let _ = Command::new("kill")
                 .arg("-TERM")
@@ -357,8 +368,7 @@ pub struct Launcher {
 
 impl Launcher {
     pub fn start(groups: usize, ranks: usize, serve_args: &[&str]) -> Self {
-        let (port, follower_port, master_port, metrics_port) =
-            (free_port(), free_port(), free_port(), free_port());
+        let (port, follower_port, master_port) = (free_port(), free_port(), free_port());
         let mut cmd = Command::new(worker_bin());
         cmd.arg("launch")
             .arg(format!("--groups={groups}"))
@@ -366,7 +376,7 @@ impl Launcher {
             .arg(format!("--port={port}"))
             .arg(format!("--follower-port={follower_port}"))
             .arg(format!("--master-port={master_port}"))
-            .arg(format!("--metrics-port={metrics_port}"))
+            .arg("--metrics-port=0") // any free port: no clash with other ephemeral ports
             .arg("--backoff=200ms")
             .arg("--")
             .arg(format!("--model-dir={}", model_dir().display()))
