@@ -30,7 +30,7 @@ pub struct LaunchArgs {
     /// gRPC port of group 0's rank 0; group g's rank 0 uses this + g.
     #[arg(long, env = "RANKWAY_LAUNCH_PORT", default_value_t = 9000)]
     pub port: u16,
-    /// First health port of the followers.
+    /// First health port of the followers; 0: every follower binds a free port.
     #[arg(long, env = "RANKWAY_LAUNCH_FOLLOWER_PORT", default_value_t = 9100)]
     pub follower_port: u16,
     /// Metrics port of the first rank; the i-th rank started uses this + i. 0: every rank
@@ -73,13 +73,9 @@ impl LaunchArgs {
         format!("{}:{}", self.host, self.port as u32 + g)
     }
 
-    /// Metrics address of the `i`-th rank started.
-    fn metrics_listen(&self, i: u32) -> String {
-        let port = if self.metrics_port == 0 {
-            0
-        } else {
-            self.metrics_port as u32 + i
-        };
+    /// `base + i` on the host, or port 0 (any free one) when `base` is 0.
+    fn nth_port(&self, base: u16, i: u32) -> String {
+        let port = if base == 0 { 0 } else { base as u32 + i };
         format!("{}:{port}", self.host)
     }
 
@@ -91,7 +87,7 @@ impl LaunchArgs {
                 let listen = if r == 0 {
                     self.leader_addr(g)
                 } else {
-                    format!("{}:{}", self.host, self.follower_port as u32 + g * n + r)
+                    self.nth_port(self.follower_port, g * n + r)
                 };
                 let env = [
                     ("RANK", r.to_string()),
@@ -103,7 +99,10 @@ impl LaunchArgs {
                     ("RANKWAY_DIST_HOST", self.host.clone()),
                     ("RANKWAY_GROUP", Self::group_name(g)),
                     ("RANKWAY_LISTEN", listen.clone()),
-                    ("RANKWAY_METRICS_LISTEN", self.metrics_listen(g * n + r)),
+                    (
+                        "RANKWAY_METRICS_LISTEN",
+                        self.nth_port(self.metrics_port, g * n + r),
+                    ),
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
@@ -249,11 +248,20 @@ mod tests {
         assert_eq!(env(0, "RANKWAY_GROUP"), "g1");
         assert_eq!(env(2, "RANKWAY_METRICS_LISTEN"), "127.0.0.1:9405");
 
-        let any = Cli::try_parse_from(["rankway-worker", "launch", "--metrics-port=0"]).unwrap();
+        let any = Cli::try_parse_from([
+            "rankway-worker",
+            "launch",
+            "--metrics-port=0",
+            "--follower-port=0",
+        ])
+        .unwrap();
         let Command::Launch(any) = any.command else {
             panic!("not launch")
         };
-        assert!(any.ranks(0).iter().all(|r| {
+        let ranks = any.ranks(0);
+        assert_eq!(ranks[0].listen, "127.0.0.1:9000", "rank 0 keeps its port");
+        assert_eq!(ranks[1].listen, "127.0.0.1:0");
+        assert!(ranks.iter().all(|r| {
             r.env
                 .contains(&("RANKWAY_METRICS_LISTEN".to_owned(), "127.0.0.1:0".to_owned()))
         }));

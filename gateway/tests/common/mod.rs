@@ -368,15 +368,17 @@ pub struct Launcher {
 
 impl Launcher {
     pub fn start(groups: usize, ranks: usize, serve_args: &[&str]) -> Self {
-        let (port, follower_port, master_port) = (free_port(), free_port(), free_port());
+        let (port, master_port) = (free_port(), free_port());
         let mut cmd = Command::new(worker_bin());
         cmd.arg("launch")
             .arg(format!("--groups={groups}"))
             .arg(format!("--ranks-per-group={ranks}"))
             .arg(format!("--port={port}"))
-            .arg(format!("--follower-port={follower_port}"))
+            .arg("--follower-port=0")
             .arg(format!("--master-port={master_port}"))
-            .arg("--metrics-port=0") // any free port: no clash with other ephemeral ports
+            // Any free port for what the tests need not reach: port ranges picked from one
+            // free port can clash with other sockets' ephemeral ports.
+            .arg("--metrics-port=0")
             .arg("--backoff=200ms")
             .arg("--")
             .arg(format!("--model-dir={}", model_dir().display()))
