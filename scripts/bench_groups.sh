@@ -10,14 +10,8 @@ BIN=target/release
 bench_init
 
 for ranks in 1 2; do
-  $BIN/rankway-worker launch --groups 1 --ranks-per-group "$ranks" --port 19100 --follower-port 19200 \
-    --master-port 29900 2>"$OUT/launch-$ranks.log" &
-  pids+=($!)
-  $BIN/rankway-gateway --http-listen 127.0.0.1:18100 --grpc-listen 127.0.0.1:18101 \
-    --group "g=127.0.0.1:19100" 2>"$OUT/gateway-$ranks.log" &
-  pids+=($!)
-  wait_ready 127.0.0.1:18100
-  k6_embeddings 127.0.0.1:18100 "k6-$ranks-rank"
+  start_group_and_gateway "$ranks" "$ranks-rank"
+  k6_embeddings "$BENCH_HTTP" "k6-$ranks-rank"
   stop_all
 done
 

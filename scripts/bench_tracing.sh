@@ -18,14 +18,8 @@ for mode in off on; do
     sink=$!
     export OTEL_EXPORTER_OTLP_ENDPOINT=http://$SINK_ADDR OTEL_TRACES_SAMPLER=always_on
   fi
-  $BIN/rankway-worker launch --groups 1 --ranks-per-group 2 --port 19600 --follower-port 19700 \
-    --master-port 29950 --metrics-port 19800 2>"$OUT/launch-$mode.log" &
-  pids+=($!)
-  $BIN/rankway-gateway --http-listen 127.0.0.1:18600 --grpc-listen 127.0.0.1:18601 \
-    --group "g=127.0.0.1:19600" 2>"$OUT/gateway-$mode.log" &
-  pids+=($!)
-  wait_ready 127.0.0.1:18600
-  k6_embeddings 127.0.0.1:18600 "k6-tracing-$mode"
+  start_group_and_gateway 2 "tracing-$mode"
+  k6_embeddings "$BENCH_HTTP" "k6-tracing-$mode"
   stop_all # the processes flush their spans as they stop
   if [ "$mode" = on ]; then
     kill -TERM "$sink" && wait "$sink" || true

@@ -53,3 +53,17 @@ k6_embeddings() {
   (cd loadtest && BASE_URL="http://$1" ../.venv/bin/k6 run --no-usage-report -q \
     --summary-export "$OUT/$2.json" rest_embeddings.js >/dev/null)
 }
+
+# Starts one group of $1 ranks under `launch` (rank 0 on 127.0.0.1:19100; followers and
+# metrics on free ports) and a gateway for it at $BENCH_HTTP (gRPC on the next port), then
+# waits until the gateway is ready. Logs go to $OUT/launch-$2.log and $OUT/gateway-$2.log.
+BENCH_HTTP=127.0.0.1:18100
+start_group_and_gateway() {
+  $BIN/rankway-worker launch --groups 1 --ranks-per-group "$1" --port 19100 --follower-port 0 \
+    --metrics-port 0 --master-port 29900 2>"$OUT/launch-$2.log" &
+  pids+=($!)
+  $BIN/rankway-gateway --http-listen "$BENCH_HTTP" --grpc-listen 127.0.0.1:18101 \
+    --group "g=127.0.0.1:19100" 2>"$OUT/gateway-$2.log" &
+  pids+=($!)
+  wait_ready "$BENCH_HTTP"
+}

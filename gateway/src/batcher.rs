@@ -245,11 +245,10 @@ impl Dispatch {
             telemetry::add_link(&span, &e.span);
             e.queue_span = None;
         }
-        self.dispatch(lease, batch_id).instrument(span).await;
+        self.dispatch(lease, batch_id, now).instrument(span).await;
     }
 
-    async fn dispatch(self, mut lease: Lease, batch_id: u64) {
-        let now = Instant::now();
+    async fn dispatch(self, mut lease: Lease, batch_id: u64, now: Instant) {
         // The batch is worth running while any of its callers still waits.
         let deadline = self.batch.iter().map(|e| e.deadline).max().unwrap_or(now);
         let request = InferRequest {

@@ -194,7 +194,7 @@ impl Help {
         self.env_vars().contains(var) || self.env_prefixes().iter().any(|p| var.starts_with(p))
     }
 
-    /// The port of a flag's `[default: HOST:PORT]`.
+    /// The port of a flag's `[default: HOST:PORT]` or `[default: PORT]`.
     fn default_port(&self, flag: &str) -> u16 {
         let at = self
             .text
@@ -275,18 +275,7 @@ fn manifests_agree_with_each_other_and_with_the_binaries() {
     let metrics_port = worker_help.default_port("--metrics-listen");
     let http_port = gateway_help.default_port("--http-listen");
     let gw_grpc_port = gateway_help.default_port("--grpc-listen");
-    let store_port: u16 = {
-        let at = worker_help.text.find("--master-port <").expect("--master-port");
-        let rest = &worker_help.text[at..];
-        rest.split("[default: ")
-            .nth(1)
-            .unwrap()
-            .split(']')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let store_port = worker_help.default_port("--master-port");
 
     for dir in DEPLOYMENTS {
         let docs = render(dir);

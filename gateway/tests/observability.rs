@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::otlp::{Span, start_receiver};
-use common::{Gateway, Worker, free_port};
+use common::{Gateway, Worker, free_port, sample_sum};
 use serde_json::{Value, json};
 
 /// `promtool check metrics` on `text`; the lint's complaints if it fails.
@@ -37,14 +37,6 @@ async fn get_text(url: String) -> String {
     let resp = reqwest::get(url).await.unwrap();
     assert_eq!(resp.status(), 200);
     resp.text().await.unwrap()
-}
-
-/// The sum of the samples of `name` whose line contains `label`.
-fn sample_sum(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(label))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

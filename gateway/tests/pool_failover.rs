@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Launcher, sigkill};
+use common::{Gateway, Launcher, admin_groups, sigkill};
 use serde_json::{Value, json};
 
 /// Batches the gateway sent to each group, from its metrics.
@@ -26,21 +26,11 @@ async fn batches_by_group(gw: &Gateway) -> HashMap<String, f64> {
 }
 
 async fn group_view(http: &reqwest::Client, gw: &Gateway, name: &str) -> Value {
-    let v: Value = http
-        .get(gw.url("/admin/groups"))
-        .send()
+    admin_groups(http, &gw.url(""))
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
+        .into_iter()
         .find(|g| g["name"] == name)
         .unwrap()
-        .clone()
 }
 
 /// Clients sending one text per request until `stop`; returns (status, message) pairs.

@@ -149,10 +149,6 @@ fn provider(
 }
 
 impl Telemetry {
-    pub fn tracing_enabled(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Exports the spans still buffered and stops the exporter; call after the drain, so
     /// the spans of the last requests go out too.
     pub async fn shutdown(self) {

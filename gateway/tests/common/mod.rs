@@ -317,10 +317,7 @@ impl Gateway {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-            .sum()
+        sample_sum(&text, name, label)
     }
 
     /// Waits until the gateway routes to a ready group serving `model`.
@@ -510,6 +507,14 @@ pub fn f32s(bytes: &[u8]) -> Vec<f32> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
+}
+
+/// The sum of the samples of `name` in Prometheus text whose line contains `label`.
+pub fn sample_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(label))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
 }
 
 /// The groups a gateway reports at `GET {base}/admin/groups`.
