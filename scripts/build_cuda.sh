@@ -10,7 +10,7 @@ stamp=$VENV/.rankway-cuda-2.13.0
 if [ ! -f "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   echo "build_cuda: installing torch==2.13.0 with its CUDA dependencies into $VENV" >&2
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir \
     torch==2.13.0 "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
   touch "$stamp"
 fi

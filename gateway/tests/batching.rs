@@ -1,9 +1,7 @@
 //! Concurrent single-text requests are batched: fewer worker batches than requests,
 //! and every caller gets its own embedding back.
 
-mod common;
-
-use common::{Gateway, Worker, assert_matches_reference, f32s, grpc_text, json_f32s, reference};
+use crate::common::{Gateway, Worker, assert_matches_reference, f32s, grpc_text, json_f32s, reference};
 use rankway_proto::codec::encode_bytes_elements;
 use serde_json::{Value, json};
 

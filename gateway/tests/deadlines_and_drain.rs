@@ -2,11 +2,9 @@
 //! 504 / DEADLINE_EXCEEDED and never reaches the worker; SIGTERM during load loses no
 //! accepted request.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Worker, grpc_text};
+use crate::common::{Gateway, Worker, grpc_text};
 use rankway_proto::codec::encode_bytes_elements;
 use serde_json::{Value, json};
 

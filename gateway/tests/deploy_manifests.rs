@@ -3,15 +3,13 @@
 //! cannot see, and then run: the rendered CPU overlay's worker and gateway commands and
 //! environment start real processes on loopback and answer an embedding.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     Proc, SERVING, admin_groups, cosine, dns_server, free_port, health, json_f32s, model_dir, reference,
     worker_bin, workspace_root,
 };

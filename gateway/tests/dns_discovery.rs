@@ -3,13 +3,11 @@
 //! takes the group out. The groups are real workers on 127.0.0.1 and 127.0.0.2 (both
 //! loopback on Linux), so one port serves both addresses.
 
-mod common;
-
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Worker, admin_groups, dns_server, free_port};
+use crate::common::{Gateway, Worker, admin_groups, dns_server, free_port};
 use serde_json::{Value, json};
 
 async fn wait_for(

@@ -1,10 +1,8 @@
 //! Real worker + real gateway on loopback: MiniLM embeddings over OIP REST, OpenAI REST
 //! and OIP gRPC match the sentence-transformers reference (cosine >= 0.9999).
 
-mod common;
-
+use crate::common::{Gateway, Worker, assert_matches_reference, f32s, json_f32s, reference};
 use base64::Engine;
-use common::{Gateway, Worker, assert_matches_reference, f32s, json_f32s, reference};
 use rankway_proto::codec::encode_bytes_elements;
 use rankway_proto::inference::model_infer_request::InferInputTensor;
 use rankway_proto::inference::{

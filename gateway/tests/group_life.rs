@@ -2,11 +2,9 @@
 //! has joined; a lost rank breaks the group at once (NOT_SERVING, UNAVAILABLE for the
 //! batches in flight, every rank exits non-zero); under `launch` the group comes back.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Launcher, SERVING, Worker, free_port, sigkill};
+use crate::common::{Gateway, Launcher, SERVING, Worker, free_port, sigkill};
 use rankway_proto::worker::GroupStatusRequest;
 use serde_json::{Value, json};
 

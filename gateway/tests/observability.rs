@@ -4,13 +4,11 @@
 //! that trace with the documented parent/link structure; then both `/metrics` outputs,
 //! after that real traffic, must pass `promtool check metrics`.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::otlp::{Span, start_receiver};
-use common::{Gateway, Worker, free_port, sample_sum};
+use crate::common::otlp::{Span, start_receiver};
+use crate::common::{Gateway, Worker, free_port, sample_sum};
 use serde_json::{Value, json};
 
 /// `promtool check metrics` on `text`; the lint's complaints if it fails.

@@ -2,14 +2,12 @@
 //! of one group dies, only that group's in-flight batches fail (UNAVAILABLE), everything
 //! else is served by the other group, and the restarted group comes back into rotation.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Launcher, admin_groups, sigkill};
+use crate::common::{Gateway, Launcher, admin_groups, sigkill};
 use serde_json::{Value, json};
 
 /// Batches the gateway sent to each group, from its metrics.

@@ -3,11 +3,9 @@
 //! an unusable one) the gateway makes one up and returns it; a failed request is logged at
 //! warn with its id and the error. gRPC calls are counted in the request metrics.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Worker, grpc_text};
+use crate::common::{Gateway, Worker, grpc_text};
 use rankway_proto::codec;
 use serde_json::{Value, json};
 

@@ -2,9 +2,7 @@
 //! and 4 and 6 (MLP) give the same outputs as world size 1 (max abs difference <= 1e-5),
 //! through the gateway; MiniLM still matches the sentence-transformers reference.
 
-mod common;
-
-use common::{Gateway, Worker, assert_matches_reference, json_f32s, reference};
+use crate::common::{Gateway, Worker, assert_matches_reference, json_f32s, reference};
 use serde_json::{Value, json};
 
 const TOLERANCE: f32 = 1e-5;
@@ -112,7 +110,7 @@ async fn a_world_size_that_does_not_divide_the_heads_is_refused_at_start() {
     let env = [
         ("RANK", "0".to_owned()),
         ("WORLD_SIZE", "5".to_owned()),
-        ("MASTER_PORT", common::free_port().to_string()),
+        ("MASTER_PORT", crate::common::free_port().to_string()),
     ];
     let mut w = Worker::start_rank(&env, &[]);
     let status = tokio::task::spawn_blocking(move || {

@@ -1,7 +1,6 @@
 //! Harness for integration tests: starts the real `rankway-worker` and `rankway-gateway`
 //! binaries on loopback (port 0, addresses read back from their JSON logs) and stops
 //! them when dropped.
-#![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod otlp;
 
