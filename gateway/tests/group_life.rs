@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{Gateway, Launcher, SERVING, Worker, free_port, sigkill};
+use crate::common::{Gateway, Launcher, SERVING, Worker, alive, free_port, sigkill};
 use rankway_proto::worker::GroupStatusRequest;
 use serde_json::{Value, json};
 
@@ -237,4 +237,23 @@ async fn under_launch_a_broken_group_restarts_and_serves_again() {
     }
     eprintln!("under launch: SIGKILL -> serving again in {:?}", killed.elapsed());
     assert!(launcher.proc.is_running());
+}
+
+/// A SIGKILLed launcher cannot stop its ranks; the kernel does (each asked for SIGTERM on
+/// the launcher's death), so no orphaned group keeps its ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_launcher_leaves_no_rank_behind() {
+    let mut launcher = Launcher::start(1, 2, &[]);
+    let (_, ranks) = launcher.next_group_start();
+    assert_eq!(ranks.len(), 2);
+    assert!(ranks.iter().all(|&p| alive(p)), "ranks {ranks:?} up");
+    sigkill(launcher.proc.child.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Some(p) = ranks.iter().find(|&&p| alive(p)) {
+        assert!(
+            Instant::now() < deadline,
+            "rank pid {p} outlived its launcher by 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -5,6 +5,7 @@
 //! - [`worker`]: `rankway.worker.v1.Worker`, between the gateway and a group's rank 0.
 //! - [`telemetry`]: logs and OpenTelemetry traces, and how trace context travels over
 //!   these protocols; shared by both binaries.
+//! - [`shutdown`]: the signal both binaries drain on.
 
 #![forbid(unsafe_code)]
 
@@ -19,4 +20,5 @@ pub mod worker {
 }
 
 pub mod codec;
+pub mod shutdown;
 pub mod telemetry;

@@ -6,6 +6,9 @@
 //! Ports: rank 0 of group `g` serves on `--port + g`; follower `r` of group `g` on
 //! `--follower-port + g * ranks_per_group + r`; group `g`'s TCPStore is on
 //! `--master-port + g`.
+//!
+//! A rank it starts dies with it: the rank asks the kernel for SIGTERM when the launcher
+//! exits ([`follow_launcher`]), so even a SIGKILLed launcher leaves no group behind.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -15,6 +18,31 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
+
+/// Set on every rank `launch` starts: the launcher's pid.
+pub const LAUNCHER_PID_ENV: &str = "RANKWAY_LAUNCHER_PID";
+
+/// In a rank started by `launch` (`RANKWAY_LAUNCHER_PID` set): has the kernel send this
+/// process SIGTERM, which drains it like any shutdown, when the launcher exits; fails if
+/// the launcher is already gone. Call it on the main thread, which lives as long as the
+/// process: the parent-death signal belongs to the thread that asks for it. A no-op
+/// elsewhere (Kubernetes, a rank started by hand).
+pub fn follow_launcher() -> anyhow::Result<()> {
+    let Some(pid) = std::env::var_os(LAUNCHER_PID_ENV) else {
+        return Ok(());
+    };
+    let pid: i32 = pid
+        .to_str()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{LAUNCHER_PID_ENV}={pid:?} is not a pid"))?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+    // The launcher may have died between starting this process and the call above.
+    anyhow::ensure!(
+        nix::unistd::getppid() == Pid::from_raw(pid),
+        "the launcher (pid {pid}) is gone"
+    );
+    Ok(())
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct LaunchArgs {
@@ -148,7 +176,10 @@ async fn supervise(args: LaunchArgs, g: u32, mut stop: watch::Receiver<bool>) {
             cmd.arg("serve")
                 .args(&args.serve_args)
                 .envs(spec.env.iter().cloned())
+                .env(LAUNCHER_PID_ENV, std::process::id().to_string())
                 .stdin(Stdio::null());
+            // Spawned from a runtime worker thread, which lives until every child is
+            // reaped: a rank's parent-death signal follows that thread, not the process.
             match cmd.spawn() {
                 Ok(c) => children.push(c),
                 Err(e) => tracing::error!(group = g, rank = spec.rank, error = %e, "cannot start rank"),

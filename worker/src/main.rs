@@ -4,15 +4,6 @@ use rankway_proto::telemetry::{self, Telemetry, TelemetryArgs};
 use rankway_worker::config::{Cli, Command};
 use rankway_worker::{bench, launch, serve};
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 /// Logs a failure as one line (the group's restart policy reads the exit status).
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -36,7 +27,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
             rt.block_on(async {
                 let telemetry = init_telemetry(&cli.telemetry)?;
-                let result = serve::serve(args, shutdown_signal()).await;
+                launch::follow_launcher()?; // block_on runs this on the main thread
+                let result = serve::serve(args, rankway_proto::shutdown::signal_received()).await;
                 // After the drain: the spans of the last batches are flushed too.
                 telemetry.shutdown().await;
                 Ok::<_, anyhow::Error>(result?)
@@ -49,7 +41,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     otlp_endpoint: None, // the ranks it starts export their own spans
                     ..cli.telemetry
                 })?;
-                launch::launch(args, shutdown_signal()).await;
+                launch::launch(args, rankway_proto::shutdown::signal_received()).await;
                 Ok::<_, anyhow::Error>(())
             })?;
         }

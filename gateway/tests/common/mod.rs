@@ -405,6 +405,14 @@ impl Launcher {
     }
 }
 
+/// Whether a process is running (not gone, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
 /// SIGKILLs a process by pid.
 pub fn sigkill(pid: u32) {
     let status = Command::new("kill")
