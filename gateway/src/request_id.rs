@@ -5,7 +5,9 @@
 //! of the `request` span, which every log line of the request carries along with the
 //! trace id. The span continues the client's trace when the request has a W3C
 //! `traceparent`. One log line closes the request: debug when it succeeded, warn with the
-//! error's message when it failed.
+//! error's message when it failed. Probes (health, readiness, liveness, `/metrics`) log
+//! at debug whatever they answer: "not ready" from a readiness probe is an answer, and
+//! the kubelet asks every few seconds.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -122,7 +124,7 @@ where
                 if let Ok(v) = HeaderValue::from_str(&id.0) {
                     resp.headers_mut().insert(HEADER, v);
                 }
-                let grpc = log_outcome(&resp, started);
+                let grpc = log_outcome(&resp, started, is_probe(&path));
                 if let Some(m) = metrics {
                     m.observe_request(&path, &format!("{grpc:?}"), started.elapsed());
                 }
@@ -133,14 +135,27 @@ where
     }
 }
 
+/// Health, readiness and liveness checks and the metrics scrape, over REST or gRPC.
+fn is_probe(path: &str) -> bool {
+    const GRPC_PROBES: [&str; 3] = ["/ServerLive", "/ServerReady", "/ModelReady"];
+    path.starts_with("/v2/health/")
+        || (path.starts_with("/v2/models/") && path.ends_with("/ready"))
+        || path == "/metrics"
+        || path.starts_with("/grpc.health.v1.Health/")
+        || (path.starts_with("/inference.GRPCInferenceService/")
+            && GRPC_PROBES.iter().any(|p| path.ends_with(p)))
+}
+
 /// The request's closing log line. Returns the gRPC code: a failed call carries it in its
 /// headers (a trailers-only answer); a successful one sends OK later, in its trailers.
-fn log_outcome<R>(resp: &Response<R>, started: Instant) -> tonic::Code {
+fn log_outcome<R>(resp: &Response<R>, started: Instant, probe: bool) -> tonic::Code {
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     let status = resp.status().as_u16();
     let grpc = tonic::Status::from_header_map(resp.headers());
     let code = grpc.as_ref().map_or(tonic::Code::Ok, |s| s.code());
-    if let Some(err) = resp.extensions().get::<ApiError>() {
+    if probe {
+        tracing::debug!(status, grpc_code = ?code, elapsed_ms, "probe");
+    } else if let Some(err) = resp.extensions().get::<ApiError>() {
         tracing::warn!(status, kind = err.kind(), error = %err, elapsed_ms, "request failed");
     } else if let Some(g) = grpc.filter(|s| s.code() != tonic::Code::Ok) {
         tracing::warn!(status, grpc_code = ?g.code(), error = g.message(), elapsed_ms, "request failed");
@@ -155,6 +170,31 @@ fn log_outcome<R>(resp: &Response<R>, started: Instant) -> tonic::Code {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probes_are_told_from_requests() {
+        for probe in [
+            "/v2/health/ready",
+            "/v2/health/live",
+            "/v2/models/minilm/ready",
+            "/metrics",
+            "/grpc.health.v1.Health/Check",
+            "/inference.GRPCInferenceService/ServerReady",
+            "/inference.GRPCInferenceService/ModelReady",
+        ] {
+            assert!(is_probe(probe), "{probe}");
+        }
+        for request in [
+            "/v2/models/minilm/infer",
+            "/v2/models/minilm",
+            "/v1/embeddings",
+            "/admin/groups",
+            "/inference.GRPCInferenceService/ModelInfer",
+            "/inference.GRPCInferenceService/ModelMetadata",
+        ] {
+            assert!(!is_probe(request), "{request}");
+        }
+    }
 
     #[test]
     fn client_ids_are_kept_when_sane() {

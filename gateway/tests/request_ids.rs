@@ -96,6 +96,18 @@ async fn request_ids_round_trip_and_reach_the_logs() {
         "{line}"
     );
 
+    // A probe logs at debug whatever it answers, here 404 for an unknown model.
+    let resp = http
+        .get(gw.url("/v2/models/nope/ready"))
+        .header("x-request-id", "probe-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let line = wait_line(&gw, "probe-1", "probe");
+    assert_eq!(line["level"], "DEBUG");
+    assert_eq!(line["fields"]["status"], 404);
+
     // gRPC: metadata in, metadata out, in the logs; and a gRPC error.
     let mut client = gw.grpc_client().await;
     let text = |model: &str, id: &str| {
