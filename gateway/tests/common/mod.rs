@@ -261,6 +261,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The first of `n` consecutive ports that were free a moment ago, for `launch`'s
+/// `--port` and `--master-port` (group g uses base + g). Below Linux's ephemeral range
+/// (32768-60999), so no client socket can be holding base + 1 the way it can hold the
+/// neighbour of a port from `free_port`.
+pub fn free_port_run(n: u16) -> u16 {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..100 {
+        let base = rng.random_range(20000..32000 - n);
+        if (base..base + n).all(|p| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports in 20000-32000");
+}
+
 /// One `rankway-gateway` process in front of the given workers.
 pub struct Gateway {
     pub proc: Proc,
@@ -364,7 +380,14 @@ pub struct Launcher {
 
 impl Launcher {
     pub fn start(groups: usize, ranks: usize, serve_args: &[&str]) -> Self {
-        let (port, master_port) = (free_port(), free_port());
+        let n = u16::try_from(groups).expect("groups fit a port range");
+        let port = free_port_run(n);
+        let master_port = loop {
+            let m = free_port_run(n);
+            if m + n <= port || m >= port + n {
+                break m;
+            }
+        };
         let mut cmd = Command::new(worker_bin());
         cmd.arg("launch")
             .arg(format!("--groups={groups}"))
