@@ -66,7 +66,10 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchRow>, EngineError> {
     let (engine, _thread) = engine::spawn_leader(
         Box::new(move |_| {
             let model = models::load(&model_args, Shard::SINGLE)?;
-            Ok((model, Box::new(SingleRank) as Box<dyn crate::dist::Collective>))
+            Ok((
+                model,
+                Box::new(SingleRank(model_args.device)) as Box<dyn crate::dist::Collective>,
+            ))
         }),
         opts,
         Arc::new(WorkerMetrics::new("bench", Shard::SINGLE)),

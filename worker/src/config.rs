@@ -70,6 +70,22 @@ pub struct ModelArgs {
     /// Largest batch (rows) accepted in one call.
     #[arg(long, env = "RANKWAY_MAX_BATCH_SIZE", default_value_t = 256)]
     pub max_batch_size: u32,
+    /// Where the weights and the group's tensors live: cpu, cuda (GPU 0, a pod's one
+    /// GPU) or cuda:N. CUDA needs the worker's `cuda` build and a visible GPU.
+    #[arg(long, env = "RANKWAY_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: tch::Device,
+}
+
+fn parse_device(s: &str) -> Result<tch::Device, String> {
+    match s.split_once(':') {
+        None if s == "cpu" => Ok(tch::Device::Cpu),
+        None if s == "cuda" => Ok(tch::Device::Cuda(0)),
+        Some(("cuda", n)) => n
+            .parse()
+            .map(tch::Device::Cuda)
+            .map_err(|_| format!("bad GPU index {n:?} in {s:?}")),
+        _ => Err(format!("expected cpu, cuda or cuda:N, got {s:?}")),
+    }
 }
 
 impl ModelArgs {
@@ -80,6 +96,21 @@ impl ModelArgs {
                 .map(|v| v.get_name().to_owned())
                 .unwrap_or_default()
         })
+    }
+
+    /// Fails unless `--device` names a GPU this process can see (or the CPU).
+    pub fn check_device(&self) -> Result<(), String> {
+        let tch::Device::Cuda(n) = self.device else {
+            return Ok(());
+        };
+        let visible = tch::Cuda::device_count();
+        if n as i64 >= visible {
+            return Err(format!(
+                "--device cuda:{n}, but {visible} CUDA devices are visible (the worker needs its \
+                 `cuda` build and a GPU)"
+            ));
+        }
+        Ok(())
     }
 
     /// Threads for one of `ranks_on_host` ranks sharing this host's cores.
@@ -143,5 +174,32 @@ mod tests {
         assert_eq!(args.listen.port(), 9000);
         assert_eq!(args.model.served_name(), "minilm");
         assert!(Cli::try_parse_from(["rankway-worker", "serve", "--model", "gpt"]).is_err());
+        assert_eq!(args.model.device, tch::Device::Cpu);
+    }
+
+    #[test]
+    fn devices_parse_and_absent_gpus_are_refused() {
+        assert_eq!(parse_device("cpu"), Ok(tch::Device::Cpu));
+        assert_eq!(parse_device("cuda"), Ok(tch::Device::Cuda(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(tch::Device::Cuda(3)));
+        assert!(
+            parse_device("gpu")
+                .unwrap_err()
+                .contains("expected cpu, cuda or cuda:N")
+        );
+        assert!(parse_device("cuda:x").unwrap_err().contains("bad GPU index"));
+        // One past the last visible GPU (cuda:0 on a machine without one).
+        let past = tch::Cuda::device_count() as usize;
+        let cli = Cli::try_parse_from(["rankway-worker", "serve", &format!("--device=cuda:{past}")]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let err = args.model.check_device().unwrap_err();
+        assert!(err.contains(&format!("--device cuda:{past}")), "{err}");
+        let cpu = Cli::try_parse_from(["rankway-worker", "serve"]).unwrap();
+        let Command::Serve(cpu) = cpu.command else {
+            panic!("not serve")
+        };
+        assert_eq!(cpu.model.check_device(), Ok(()));
     }
 }

@@ -112,7 +112,7 @@ impl Header {
             op: "header",
             message: m,
         };
-        let v = Vec::<i64>::try_from(t).map_err(|e| bad(e.to_string()))?;
+        let v = Vec::<i64>::try_from(t.to_device(tch::Device::Cpu)).map_err(|e| bad(e.to_string()))?;
         let op = match v.first() {
             Some(1) => Op::Batch,
             Some(2) => Op::Heartbeat,
@@ -155,7 +155,7 @@ pub fn send_header(comm: &dyn Collective, header: &Header) -> Result<(), ModelEr
     if comm.shard().world == 1 {
         return Ok(());
     }
-    let mut t = header.encode()?;
+    let mut t = header.encode()?.to_device(comm.device());
     comm.all_reduce_sum(&mut t)?;
     Ok(())
 }
@@ -184,6 +184,10 @@ pub fn lead_batch(
 ) -> Result<Tensor, ModelError> {
     let span = tracing::info_span!("forward", rank = 0, batch_id, rows = batch.rows);
     let _entered = span.enter();
+    // Prepared on the CPU (tokenizing, decoding); computed on the group's device.
+    for t in batch.tensors.iter_mut() {
+        *t = t.to_device(comm.device());
+    }
     if comm.shard().world > 1 {
         let header = Header {
             op: Op::Batch,
@@ -209,7 +213,7 @@ pub fn follow(
 ) -> Result<(), ModelError> {
     let rank = comm.shard().rank;
     loop {
-        let mut t = Tensor::zeros([HEADER_LEN as i64], (Kind::Int64, tch::Device::Cpu));
+        let mut t = Tensor::zeros([HEADER_LEN as i64], (Kind::Int64, comm.device()));
         comm.all_reduce_sum(&mut t)?;
         let header = Header::decode(&t)?;
         on_step(&header);
@@ -226,7 +230,7 @@ pub fn follow(
                     .tensors
                     .iter()
                     .map(|(kind, shape)| {
-                        let mut t = Tensor::zeros(shape.as_slice(), (*kind, tch::Device::Cpu));
+                        let mut t = Tensor::zeros(shape.as_slice(), (*kind, comm.device()));
                         comm.broadcast(&mut t, 0).map(|()| t)
                     })
                     .collect::<Result<Vec<_>, _>>()?;

@@ -146,6 +146,10 @@ impl<C: Collective> Collective for Observed<C> {
         self.inner.shard()
     }
 
+    fn device(&self) -> tch::Device {
+        self.inner.device()
+    }
+
     fn all_reduce_sum(&self, tensor: &mut tch::Tensor) -> Result<(), CollectiveError> {
         self.timed("all_reduce", || self.inner.all_reduce_sum(tensor))
     }

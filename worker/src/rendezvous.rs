@@ -105,12 +105,14 @@ impl RendezvousArgs {
         Ok(Shard { rank, world })
     }
 
-    pub fn join_options(&self, shard: Shard) -> JoinOptions {
+    /// How this rank joins; `device` holds the model and the tensors the group exchanges.
+    pub fn join_options(&self, shard: Shard, device: tch::Device) -> JoinOptions {
         JoinOptions {
             master_addr: self.master_addr().to_owned(),
             master_port: self.master_port,
             shard,
             backend: self.dist_backend,
+            device,
             store_timeout: self.store_timeout,
             collective_timeout: self.collective_timeout,
             iface: self.gloo_iface.clone(),

@@ -18,9 +18,11 @@ use crate::metrics::{Observed, WorkerMetrics};
 use crate::models::{self, ModelError};
 use crate::server::{LIVENESS_SERVICE, WorkerService, track_health};
 
+/// A variant with a source names only its own step: the cause follows in the error
+/// chain (`{:#}`), which the binary logs whole.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: std::net::SocketAddr,
         source: std::io::Error,
@@ -29,11 +31,11 @@ pub enum ServeError {
     Config(String),
     #[error("cannot start the model thread: {0}")]
     Thread(std::io::Error),
-    #[error("model thread failed: {0}")]
+    #[error("model thread failed")]
     Model(#[from] ModelError),
     #[error("model thread panicked")]
     Panicked,
-    #[error("gRPC server: {0}")]
+    #[error("gRPC server")]
     Transport(#[from] tonic::transport::Error),
 }
 
@@ -53,11 +55,11 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Resul
 /// then joins the group.
 fn loader(args: &ServeArgs, shard: Shard, metrics: Arc<WorkerMetrics>) -> Loader {
     let model_args = args.model.clone();
-    let join = args.rendezvous.join_options(shard);
+    let join = args.rendezvous.join_options(shard, args.model.device);
     Box::new(move |_stats: &EngineStats| {
         let model = models::load(&model_args, shard)?;
         let comm: Box<dyn Collective> = if shard.world == 1 {
-            Box::new(SingleRank)
+            Box::new(SingleRank(model_args.device))
         } else {
             tracing::info!(rank = shard.rank, world_size = shard.world, master = %format!("{}:{}", join.master_addr, join.master_port), "joining the group");
             let pg = ProcessGroup::join(&join)?;

@@ -62,6 +62,8 @@ pub struct JoinOptions {
     pub master_port: u16,
     pub shard: Shard,
     pub backend: Backend,
+    /// The device of the tensors it exchanges: CPU for Gloo, this rank's GPU for NCCL.
+    pub device: tch::Device,
     /// How long the store waits for every rank to arrive.
     pub store_timeout: Duration,
     /// How long one collective may take before the group counts as broken.
@@ -92,6 +94,7 @@ fn take_error(err: *mut c_char, op: &'static str) -> CollectiveError {
 pub struct ProcessGroup {
     raw: *mut c_void,
     shard: Shard,
+    device: tch::Device,
 }
 
 // SAFETY: the c10d backend is used from one thread at a time (the model thread owns the
@@ -101,6 +104,13 @@ unsafe impl Send for ProcessGroup {}
 impl ProcessGroup {
     /// Rendezvous: blocks until every rank has joined or the store times out.
     pub fn join(opts: &JoinOptions) -> Result<Self, CollectiveError> {
+        if opts.backend == Backend::Nccl && !opts.device.is_cuda() {
+            return Err(CollectiveError {
+                op: "init",
+                message: "NCCL exchanges CUDA tensors: --dist-backend nccl needs --device cuda or cuda:N"
+                    .into(),
+            });
+        }
         let cstr = |s: &str| {
             CString::new(s).map_err(|_| CollectiveError {
                 op: "init",
@@ -134,6 +144,7 @@ impl ProcessGroup {
         Ok(Self {
             raw,
             shard: opts.shard,
+            device: opts.device,
         })
     }
 
@@ -178,6 +189,10 @@ impl Collective for ProcessGroup {
         self.shard
     }
 
+    fn device(&self) -> tch::Device {
+        self.device
+    }
+
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
         let mut err = std::ptr::null_mut();
         // SAFETY: `self.raw` is a live group; `tensor` is a live at::Tensor for the call.
@@ -219,6 +234,7 @@ mod tests {
             master_port: port,
             shard: Shard { rank, world: 2 },
             backend: Backend::Gloo,
+            device: tch::Device::Cpu,
             store_timeout: Duration::from_secs(30),
             collective_timeout: Duration::from_secs(30),
             iface: String::new(),
@@ -269,6 +285,24 @@ mod tests {
     }
 
     #[test]
+    fn nccl_on_the_cpu_is_refused_before_the_rendezvous() {
+        let err = ProcessGroup::join(&JoinOptions {
+            master_addr: "127.0.0.1".into(),
+            master_port: 1, // never reached
+            shard: Shard { rank: 0, world: 2 },
+            backend: Backend::Nccl,
+            device: tch::Device::Cpu,
+            store_timeout: Duration::from_secs(30),
+            collective_timeout: Duration::from_secs(30),
+            iface: String::new(),
+            host: "127.0.0.1".into(),
+        })
+        .err()
+        .expect("NCCL with CPU tensors must be refused");
+        assert!(err.message.contains("--device cuda"), "{}", err.message);
+    }
+
+    #[test]
     fn a_failed_rendezvous_is_an_error_not_an_abort() {
         // Rank 1 of a group whose rank 0 never comes: the store times out.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -281,6 +315,7 @@ mod tests {
             master_port: port,
             shard: Shard { rank: 1, world: 2 },
             backend: Backend::Gloo,
+            device: tch::Device::Cpu,
             store_timeout: Duration::from_millis(1500),
             collective_timeout: Duration::from_secs(1),
             iface: String::new(),

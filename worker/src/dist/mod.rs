@@ -38,19 +38,25 @@ pub struct CollectiveError {
 /// The collectives a tensor-parallel forward pass needs.
 pub trait Collective: Send {
     fn shard(&self) -> Shard;
+    /// Where the tensors this group exchanges must live (CUDA for NCCL).
+    fn device(&self) -> tch::Device;
     /// Sums `tensor` over all ranks, in place.
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), CollectiveError>;
     /// Copies `tensor` from rank `root` to every rank, in place.
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError>;
 }
 
-/// A group of one: every collective is the identity.
-#[derive(Debug, Default)]
-pub struct SingleRank;
+/// A group of one, on `device`: every collective is the identity.
+#[derive(Debug)]
+pub struct SingleRank(pub tch::Device);
 
 impl Collective for SingleRank {
     fn shard(&self) -> Shard {
         Shard::SINGLE
+    }
+
+    fn device(&self) -> tch::Device {
+        self.0
     }
 
     fn all_reduce_sum(&self, _tensor: &mut Tensor) -> Result<(), CollectiveError> {

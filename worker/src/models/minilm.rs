@@ -12,7 +12,7 @@ use std::path::Path;
 use rankway_proto::codec::decode_bytes_elements;
 use rankway_proto::worker::{DataType, ModelInfo, Tensor as WireTensor, TensorSpec};
 use serde::Deserialize;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::safetensors::ShardReader;
@@ -79,17 +79,17 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelErro
     serde_json::from_str(&text).map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))
 }
 
-/// This rank's view of `model.safetensors`.
-struct Weights(ShardReader);
+/// This rank's view of `model.safetensors`, placed on the model's device.
+struct Weights(ShardReader, Device);
 
 impl Weights {
     fn full(&self, name: &str) -> Result<Tensor, ModelError> {
-        self.0.full(name)
+        Ok(self.0.full(name)?.to_device(self.1))
     }
 
     /// `len` entries of `dim` starting at `start`: only this rank's part is read.
     fn slice(&self, name: &str, dim: usize, range: (i64, i64)) -> Result<Tensor, ModelError> {
-        self.0.slice(name, dim, range)
+        Ok(self.0.slice(name, dim, range)?.to_device(self.1))
     }
 
     fn layer_norm(&self, prefix: &str) -> Result<(Tensor, Tensor), ModelError> {
@@ -101,7 +101,13 @@ impl Weights {
 }
 
 impl MiniLm {
-    pub fn load(dir: &Path, name: String, shard: Shard, max_batch_size: u32) -> Result<Self, ModelError> {
+    pub fn load(
+        dir: &Path,
+        name: String,
+        shard: Shard,
+        max_batch_size: u32,
+        device: Device,
+    ) -> Result<Self, ModelError> {
         let cfg: BertConfig = read_json(&dir.join("config.json"))?;
         let st: SentenceBertConfig = read_json(&dir.join("sentence_bert_config.json"))?;
         if cfg.hidden_act != "gelu" {
@@ -129,7 +135,7 @@ impl MiniLm {
             }))
             .map_err(|e| ModelError::Load(format!("tokenizer truncation: {e}")))?;
 
-        let weights = Weights(ShardReader::open(&dir.join("model.safetensors"))?);
+        let weights = Weights(ShardReader::open(&dir.join("model.safetensors"))?, device);
         let head_dim = cfg.hidden_size / cfg.num_attention_heads;
         let local_heads = cfg.num_attention_heads / shard.world as i64;
         let heads = shard.range(cfg.num_attention_heads);

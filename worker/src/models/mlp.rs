@@ -9,7 +9,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rankway_proto::worker::{DataType, ModelInfo, Tensor as WireTensor};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use super::{Model, ModelError, Prepared};
 use crate::dist::{Collective, Shard};
@@ -40,7 +40,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(cfg: MlpConfig, name: String, shard: Shard, max_batch_size: u32) -> Result<Self, ModelError> {
+    pub fn new(
+        cfg: MlpConfig,
+        name: String,
+        shard: Shard,
+        max_batch_size: u32,
+        device: Device,
+    ) -> Result<Self, ModelError> {
         if cfg.hidden < 1 || cfg.layers < 1 {
             return Err(ModelError::Load(format!(
                 "mlp needs hidden >= 1 and layers >= 1, got {} and {}",
@@ -57,7 +63,7 @@ impl Mlp {
         let mut rand = |shape: &[i64], scale: f32| {
             let n = shape.iter().product::<i64>() as usize;
             let values: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..=scale)).collect();
-            Tensor::from_slice(&values).view(shape)
+            Tensor::from_slice(&values).view(shape).to_device(device)
         };
         let blocks = (0..cfg.layers)
             .map(|_| {

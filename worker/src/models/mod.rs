@@ -47,6 +47,7 @@ pub trait Model: Send {
 
 /// Loads the model named by `args`, holding the shard of the weights `shard` owns.
 pub fn load(args: &ModelArgs, shard: Shard) -> Result<Box<dyn Model>, ModelError> {
+    args.check_device().map_err(ModelError::Load)?;
     let name = args.served_name();
     Ok(match args.model {
         ModelKind::Minilm => Box::new(minilm::MiniLm::load(
@@ -54,6 +55,7 @@ pub fn load(args: &ModelArgs, shard: Shard) -> Result<Box<dyn Model>, ModelError
             name,
             shard,
             args.max_batch_size,
+            args.device,
         )?),
         ModelKind::Mlp => Box::new(mlp::Mlp::new(
             mlp::MlpConfig {
@@ -64,6 +66,7 @@ pub fn load(args: &ModelArgs, shard: Shard) -> Result<Box<dyn Model>, ModelError
             name,
             shard,
             args.max_batch_size,
+            args.device,
         )?),
     })
 }
@@ -125,9 +128,12 @@ pub(crate) fn expect_input<'a>(
     Ok(t)
 }
 
-/// A float tensor as a wire tensor (little-endian f32).
+/// A float tensor (on any device) as a wire tensor (little-endian f32).
 pub(crate) fn f32_to_wire(name: &str, t: &Tensor) -> Result<WireTensor, ModelError> {
-    let t = t.to_kind(tch::Kind::Float).contiguous();
+    let t = t
+        .to_device(tch::Device::Cpu)
+        .to_kind(tch::Kind::Float)
+        .contiguous();
     let values = Vec::<f32>::try_from(t.flatten(0, -1))?;
     let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     Ok(WireTensor {
