@@ -28,6 +28,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::model::ValidRequest;
 use crate::pool::{Lease, Pool};
+use crate::request_id::RequestId;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
@@ -45,6 +46,8 @@ type Reply = oneshot::Sender<Result<Vec<Tensor>, ApiError>>;
 
 struct Entry {
     request: ValidRequest,
+    /// Sent on to rank 0 with the batch, for its logs and spans.
+    request_id: RequestId,
     deadline: Instant,
     enqueued: Instant,
     reply: Reply,
@@ -102,10 +105,16 @@ impl Batcher {
     }
 
     /// Queues a validated request and waits for its own rows of the batch result.
-    pub async fn submit(&self, request: ValidRequest, deadline: Instant) -> Result<Vec<Tensor>, ApiError> {
+    pub async fn submit(
+        &self,
+        request: ValidRequest,
+        deadline: Instant,
+        request_id: RequestId,
+    ) -> Result<Vec<Tensor>, ApiError> {
         let (reply, rx) = oneshot::channel();
         let entry = Entry {
             request,
+            request_id,
             deadline,
             enqueued: Instant::now(),
             reply,
@@ -256,6 +265,7 @@ impl Dispatch {
             model: self.model.clone(),
             inputs: concat_inputs(&self.batch),
             timeout_ms: 0,
+            request_ids: self.batch.iter().map(|e| e.request_id.0.clone()).collect(),
         };
         let mut tried = Vec::new();
         let result = loop {
@@ -441,6 +451,10 @@ mod queue_tests {
     use crate::pool::tests::ready_pool;
     use rankway_proto::worker::DataType;
 
+    fn id() -> RequestId {
+        RequestId("test-request".into())
+    }
+
     fn request() -> ValidRequest {
         let t = Tensor {
             name: "text".into(),
@@ -475,16 +489,16 @@ mod queue_tests {
         let far = Instant::now() + Duration::from_secs(60);
         let held = tokio::spawn({
             let b = b.clone();
-            async move { b.submit(request(), far).await }
+            async move { b.submit(request(), far, id()).await }
         });
         tokio::task::yield_now().await;
         let queued = tokio::spawn({
             let b = b.clone();
-            async move { b.submit(request(), far).await }
+            async move { b.submit(request(), far, id()).await }
         });
         tokio::task::yield_now().await;
         let started = Instant::now();
-        let full = b.submit(request(), far).await;
+        let full = b.submit(request(), far, id()).await;
         assert!(matches!(full, Err(ApiError::QueueFull { .. })), "{full:?}");
         assert_eq!(Instant::now(), started, "refused without waiting");
         held.abort();
@@ -501,7 +515,7 @@ mod queue_tests {
         let sent_before = pool.groups()[0].batches_sent();
         let b = Batcher::spawn("m".into(), cfg(8), pool.clone(), Arc::new(Metrics::new()));
         let deadline = Instant::now() + Duration::from_millis(100);
-        let r = b.submit(request(), deadline).await;
+        let r = b.submit(request(), deadline, id()).await;
         assert!(matches!(r, Err(ApiError::DeadlineExceeded(_))), "{r:?}");
         assert!(Instant::now() >= deadline);
         // Free the slots: the expired request must not become a batch.

@@ -32,7 +32,7 @@ pub struct RequestId(pub String);
 
 impl RequestId {
     /// The client's id if it is 1..=128 visible ASCII characters, else a new one.
-    fn from_header(value: Option<&HeaderValue>) -> Self {
+    pub fn from_header(value: Option<&HeaderValue>) -> Self {
         match value.and_then(|v| v.to_str().ok()) {
             Some(s) if !s.is_empty() && s.len() <= MAX_LEN && s.bytes().all(|b| b.is_ascii_graphic()) => {
                 Self(s.to_owned())

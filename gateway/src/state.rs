@@ -13,6 +13,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::model::validate;
 use crate::pool::Pool;
+use crate::request_id::RequestId;
 
 pub struct Gateway {
     pub pool: Pool,
@@ -72,6 +73,7 @@ impl Gateway {
         model: &str,
         inputs: Vec<Tensor>,
         deadline: Instant,
+        request_id: RequestId,
     ) -> Result<Vec<Tensor>, ApiError> {
         let result = async {
             if self.draining.load(Ordering::Acquire) {
@@ -79,14 +81,9 @@ impl Gateway {
                     "gateway is shutting down; retry on another replica".into(),
                 ));
             }
-            if self.draining.load(Ordering::Acquire) {
-                return Err(ApiError::Unavailable(
-                    "gateway is shutting down; retry on another replica".into(),
-                ));
-            }
             let info = self.ready_model(model)?;
             let request = validate(&info, inputs)?;
-            self.batcher(model).submit(request, deadline).await
+            self.batcher(model).submit(request, deadline, request_id).await
         }
         .await;
         if let Err(e) = &result {

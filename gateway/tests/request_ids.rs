@@ -1,36 +1,37 @@
 //! Request ids: `x-request-id` from the client comes back in the response (REST header,
 //! gRPC metadata) and is in the gateway's log lines for that request; without one (or with
 //! an unusable one) the gateway makes one up and returns it; a failed request is logged at
-//! warn with its id and the error. gRPC calls are counted in the request metrics.
+//! warn with its id and the error. Rank 0 gets the ids of a batch's requests with the
+//! batch and logs them. gRPC calls are counted in the request metrics.
 
 use std::time::{Duration, Instant};
 
-use crate::common::{Gateway, Worker, grpc_text};
+use crate::common::{Gateway, Proc, Worker, grpc_text};
 use rankway_proto::codec;
 use serde_json::{Value, json};
 
-/// The gateway's JSON log lines whose `request` span has `request_id == id`.
-fn lines_with_id(gw: &Gateway, id: &str) -> Vec<Value> {
-    gw.proc
-        .log
+/// `proc`'s JSON log lines with a span whose `field` names `id`: the gateway's
+/// `request_id`, or one of rank 0's comma-separated `request_ids`.
+fn lines_with_id(proc: &Proc, field: &str, id: &str) -> Vec<Value> {
+    let names = |span: &Value| {
+        span[field]
+            .as_str()
+            .is_some_and(|v| v.split(',').any(|x| x == id))
+    };
+    proc.log
         .lock()
         .unwrap()
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| {
-            v["span"]["request_id"] == id
-                || v["spans"]
-                    .as_array()
-                    .is_some_and(|s| s.iter().any(|s| s["request_id"] == id))
-        })
+        .filter(|v| names(&v["span"]) || v["spans"].as_array().is_some_and(|s| s.iter().any(names)))
         .collect()
 }
 
 /// Waits (the log reader is a thread) for a line with `id` and `message`; returns it.
-fn wait_line(gw: &Gateway, id: &str, message: &str) -> Value {
+fn wait_line(proc: &Proc, field: &str, id: &str, message: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if let Some(l) = lines_with_id(gw, id)
+        if let Some(l) = lines_with_id(proc, field, id)
             .into_iter()
             .find(|l| l["fields"]["message"] == message)
         {
@@ -38,8 +39,8 @@ fn wait_line(gw: &Gateway, id: &str, message: &str) -> Value {
         }
         assert!(
             Instant::now() < deadline,
-            "no {message:?} log line with request id {id}:\n{}",
-            gw.proc.log_text()
+            "no {message:?} log line with {field} {id}:\n{}",
+            proc.log_text()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -47,7 +48,7 @@ fn wait_line(gw: &Gateway, id: &str, message: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_round_trip_and_reach_the_logs() {
-    let worker = Worker::start(&[]);
+    let worker = Worker::start_rank(&[("RUST_LOG", "info,rankway_worker::server=debug".into())], &[]);
     let gw = Gateway::start_with_env(
         &[worker.addr.to_string()],
         &[("RUST_LOG", "info,rankway_gateway::request_id=debug")],
@@ -69,16 +70,19 @@ async fn request_ids_round_trip_and_reach_the_logs() {
     let resp = embed(Some("client-id-123"), "minilm").await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-request-id"], "client-id-123");
-    let line = wait_line(&gw, "client-id-123", "request");
+    let line = wait_line(&gw.proc, "request_id", "client-id-123", "request");
     assert_eq!(line["level"], "DEBUG");
     assert_eq!(line["fields"]["status"], 200);
     assert_eq!(line["span"]["path"], "/v1/embeddings");
+    // Rank 0 got the id with the batch: its line for the batch names the request.
+    let line = wait_line(&worker.proc, "request_ids", "client-id-123", "batch done");
+    assert_eq!(line["span"]["name"], "rank0.Infer");
 
     // REST, no id: a new one, returned and logged.
     let resp = embed(None, "minilm").await.unwrap();
     let made = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(made.len(), 32, "{made}");
-    wait_line(&gw, &made, "request");
+    wait_line(&gw.proc, "request_id", &made, "request");
 
     // REST, an unusable id (a space) is replaced.
     let resp = embed(Some("two words"), "minilm").await.unwrap();
@@ -88,7 +92,7 @@ async fn request_ids_round_trip_and_reach_the_logs() {
     let resp = embed(Some("bad-model-789"), "nope").await.unwrap();
     assert_eq!(resp.status(), 404);
     assert_eq!(resp.headers()["x-request-id"], "bad-model-789");
-    let line = wait_line(&gw, "bad-model-789", "request failed");
+    let line = wait_line(&gw.proc, "request_id", "bad-model-789", "request failed");
     assert_eq!(line["level"], "WARN");
     assert_eq!(line["fields"]["kind"], "model_not_found");
     assert!(
@@ -104,7 +108,7 @@ async fn request_ids_round_trip_and_reach_the_logs() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
-    let line = wait_line(&gw, "probe-1", "probe");
+    let line = wait_line(&gw.proc, "request_id", "probe-1", "probe");
     assert_eq!(line["level"], "DEBUG");
     assert_eq!(line["fields"]["status"], 404);
 
@@ -119,12 +123,13 @@ async fn request_ids_round_trip_and_reach_the_logs() {
     };
     let resp = client.model_infer(text("minilm", "grpc-id-456")).await.unwrap();
     assert_eq!(resp.metadata().get("x-request-id").unwrap(), "grpc-id-456");
-    let line = wait_line(&gw, "grpc-id-456", "request");
+    let line = wait_line(&gw.proc, "request_id", "grpc-id-456", "request");
     assert_eq!(line["span"]["path"], "/inference.GRPCInferenceService/ModelInfer");
+    wait_line(&worker.proc, "request_ids", "grpc-id-456", "batch done");
     let err = client.model_infer(text("nope", "grpc-bad-1")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert_eq!(err.metadata().get("x-request-id").unwrap(), "grpc-bad-1");
-    let line = wait_line(&gw, "grpc-bad-1", "request failed");
+    let line = wait_line(&gw.proc, "request_id", "grpc-bad-1", "request failed");
     assert_eq!(line["level"], "WARN");
     assert!(
         line["fields"]["error"].as_str().unwrap().contains("nope"),

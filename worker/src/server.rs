@@ -77,6 +77,8 @@ impl WorkerService {
 impl Worker for WorkerService {
     async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
+        // The gateway's request ids: every log line of the batch names its requests.
+        let request_ids = req.request_ids.join(",");
         // A child of the gateway's call, through `traceparent` in the metadata.
         let span = tracing::info_span!(
             "rank0.Infer",
@@ -84,6 +86,7 @@ impl Worker for WorkerService {
             group = %self.group,
             rank = 0,
             batch_id = req.batch_id,
+            request_ids = %request_ids,
         );
         telemetry::set_parent(&span, telemetry::extract(&metadata.into_headers()));
         let deadline = (req.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(req.timeout_ms));
@@ -91,19 +94,18 @@ impl Worker for WorkerService {
         let out = self
             .engine
             .infer(req.batch_id, req.inputs, deadline)
-            .instrument(span)
+            .instrument(span.clone())
             .await;
-        match &out {
+        span.in_scope(|| match &out {
             Ok(o) => tracing::debug!(
-                batch_id = req.batch_id,
                 rows = o.rows,
                 queue_us = o.queue_time.as_micros() as u64,
                 compute_us = o.compute_time.as_micros() as u64,
                 total_us = started.elapsed().as_micros() as u64,
                 "batch done"
             ),
-            Err(e) => tracing::warn!(batch_id = req.batch_id, error = %e, "batch failed"),
-        }
+            Err(e) => tracing::warn!(error = %e, "batch failed"),
+        });
         let out = out?;
         Ok(Response::new(InferResponse {
             batch_id: req.batch_id,

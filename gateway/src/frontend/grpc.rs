@@ -21,6 +21,7 @@ use rankway_proto::worker::{DataType, Tensor, TensorSpec};
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
+use crate::request_id::RequestId;
 use crate::state::Gateway;
 
 pub struct InferenceService {
@@ -177,10 +178,19 @@ impl GrpcInferenceService for InferenceService {
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let deadline = self.state.deadline(super::grpc_timeout(req.metadata())?);
+        // Set by the request-id layer; made here when the service runs without it.
+        let request_id = req
+            .extensions()
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_else(|| RequestId::from_header(None));
         let req = req.into_inner();
         let inputs = to_tensors(req.inputs, req.raw_input_contents)?;
         let requested: Vec<String> = req.outputs.into_iter().map(|o| o.name).collect();
-        let outputs = self.state.infer(&req.model_name, inputs, deadline).await?;
+        let outputs = self
+            .state
+            .infer(&req.model_name, inputs, deadline, request_id)
+            .await?;
         let outputs = super::select_outputs(outputs, &requested)?;
         let version = self
             .state

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use super::rest::{AppState, RestLimits, finish_error, parse_json};
 use crate::error::ApiError;
 use crate::model::text_embedding_io;
+use crate::request_id::RequestId;
 
 /// Output that carries the token count of each text, when the model provides it.
 const TOKEN_COUNT_OUTPUT: &str = "token_count";
@@ -108,6 +109,7 @@ fn texts(input: Value) -> Result<Vec<String>, ApiError> {
 pub async fn embeddings(
     State(state): State<AppState>,
     axum::Extension(limits): axum::Extension<Arc<RestLimits>>,
+    axum::Extension(request_id): axum::Extension<RequestId>,
     headers: http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
@@ -141,7 +143,7 @@ pub async fn embeddings(
         shape: vec![texts.len() as i64],
         data: encode_bytes_elements(&texts).into(),
     };
-    let outputs = state.infer(&req.model, vec![input], deadline).await?;
+    let outputs = state.infer(&req.model, vec![input], deadline, request_id).await?;
 
     let find = |name: &str| outputs.iter().find(|t| t.name == name);
     let emb = find(&output_name)

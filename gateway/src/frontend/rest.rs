@@ -17,6 +17,7 @@ use serde_json::json;
 use super::json_tensor::{JsonInput, JsonOutput, input_to_tensor, tensor_to_output};
 use crate::error::ApiError;
 use crate::metrics::CONTENT_TYPE;
+use crate::request_id::RequestId;
 use crate::state::Gateway;
 
 pub type AppState = Arc<Gateway>;
@@ -197,6 +198,7 @@ async fn model_ready(State(state): State<AppState>, Path(model): Path<String>) -
 async fn infer(
     State(state): State<AppState>,
     axum::Extension(limits): axum::Extension<Arc<RestLimits>>,
+    axum::Extension(request_id): axum::Extension<RequestId>,
     Path(model): Path<String>,
     headers: http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -209,7 +211,7 @@ async fn infer(
         .map(input_to_tensor)
         .collect::<Result<Vec<_>, _>>()?;
     let requested: Vec<String> = req.outputs.into_iter().map(|o| o.name).collect();
-    let outputs = state.infer(&model, inputs, deadline).await?;
+    let outputs = state.infer(&model, inputs, deadline, request_id).await?;
     let outputs = super::select_outputs(outputs, &requested)?;
     let model_version = state
         .pool
