@@ -101,6 +101,10 @@ async fn load_spreads_and_a_lost_rank_only_fails_its_groups_in_flight_batches() 
     loop {
         let v = group_view(&http, &gw, "g1").await;
         if v["ready"] == true && v["generation"] != generation {
+            // Back in rotation, and the view still tells what happened and when.
+            assert!(v["last_error"].is_string(), "{v}");
+            let at = v["last_error_at"].as_str().unwrap_or_default();
+            assert!(at.starts_with("20") && at.ends_with('Z'), "RFC 3339: {v}");
             break;
         }
         assert!(Instant::now() < deadline, "g1 not back in rotation: {v}");

@@ -40,11 +40,21 @@ pub struct GroupView {
     pub ranks_ready: u32,
     pub generation: u64,
     pub in_flight: usize,
+    /// The last error seen from this group (kept after it recovers), and when (RFC 3339).
     pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
     /// Circuit breaker on consecutive failed dispatches.
     pub breaker: Option<BreakerState>,
     #[serde(skip)]
     pub model_info: Option<ModelInfo>,
+}
+
+impl GroupView {
+    fn record_error(&mut self, error: String) {
+        self.last_error = Some(error);
+        self.last_error_at =
+            Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+    }
 }
 
 /// How the gateway treats each group.
@@ -161,12 +171,13 @@ impl Group {
             Ok(Err(status)) => {
                 v.ready = false;
                 v.reason = "group status failed".into();
-                v.last_error = Some(format!("{}: {}", status.code(), status.message()));
+                v.record_error(format!("{}: {}", status.code(), status.message()));
             }
             Err(_) => {
                 v.ready = false;
                 v.reason = format!("group status timed out after {timeout:?}");
-                v.last_error = Some(v.reason.clone());
+                let reason = v.reason.clone();
+                v.record_error(reason);
             }
         }
         if was_ready != v.ready {
@@ -224,7 +235,7 @@ impl Lease {
                     breaker.on_failure(Instant::now());
                     drop(breaker);
                     let mut v = self.group.view.write().expect("group view lock");
-                    v.last_error = Some(format!("{}: {}", status.code(), status.message()));
+                    v.record_error(format!("{}: {}", status.code(), status.message()));
                 }
                 Err(DispatchError { error, not_started })
             }
