@@ -12,11 +12,6 @@ async fn main() {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:4317".into());
     let (endpoint, receiver) = otlp::start_receiver_on(&addr).await;
     eprintln!("otlp_sink: listening on {endpoint}");
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    rankway_proto::shutdown::signal_received().await;
     println!("{}", receiver.spans.lock().unwrap().len());
 }
