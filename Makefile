@@ -8,7 +8,7 @@ JOBS ?= 2
 export LIBTORCH = $(shell ls -d $(CURDIR)/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -n1)
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: all setup build run test manifests images bench bench-groups bench-pool bench-tracing lint clean
+.PHONY: all setup build run test structure manifests images bench bench-groups bench-pool bench-tracing lint clean
 
 all: build
 
@@ -24,8 +24,19 @@ run: build
 
 ## The whole test suite: manifest schemas, unit tests, then integration tests on the
 ## real binaries (deploy_manifests.rs runs the rendered Kubernetes manifests).
-test: build manifests
+test: build structure manifests
 	$(CARGO) test --release -j$(JOBS) --workspace -- --test-threads=1
+
+## The layout's rules, checked: no import cycle between files of a crate; models free of
+## wire types; front ends never touch the pool (README, "Layout").
+structure:
+	python3 scripts/check_module_cycles.py --self-test
+	python3 scripts/check_module_cycles.py
+	@if grep -rnE '\b(rankway_proto|prost|tonic)\b' worker/src/models; then \
+	  echo "structure: worker/src/models must not use wire types"; exit 1; fi
+	@if grep -rnE '\bpool\b' gateway/src/frontend; then \
+	  echo "structure: gateway/src/frontend must not reach the pool"; exit 1; fi
+	@echo "structure: ok"
 
 ## Every kustomization in deploy/, rendered and validated against Kubernetes 1.37 schemas.
 manifests: setup

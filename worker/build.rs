@@ -1,4 +1,4 @@
-//! Builds the c10d shim (`src/dist/c10d_shim.cpp`) against the libtorch that torch-sys
+//! Builds the c10d shim (`src/collective/c10d_shim.cpp`) against the libtorch that torch-sys
 //! uses (`$LIBTORCH`), and writes `$LIBTORCH/lib` into the binary's rpath so it runs
 //! without LD_LIBRARY_PATH. Gloo's headers come from Debian's libgloo-dev (the torch
 //! wheel does not ship them). With the `cuda` feature, ProcessGroupNCCL is compiled in.
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    println!("cargo:rerun-if-changed=src/dist/c10d_shim.cpp");
+    println!("cargo:rerun-if-changed=src/collective/c10d_shim.cpp");
     let libtorch = PathBuf::from(
         std::env::var("LIBTORCH")
             .expect("set LIBTORCH to the torch/ folder of the torch wheel (see Makefile)"),
@@ -18,7 +18,7 @@ fn main() {
     let mut build = cc::Build::new();
     build
         .cpp(true)
-        .file("src/dist/c10d_shim.cpp")
+        .file("src/collective/c10d_shim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

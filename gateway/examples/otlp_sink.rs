@@ -12,6 +12,6 @@ async fn main() {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:4317".into());
     let (endpoint, receiver) = otlp::start_receiver_on(&addr).await;
     eprintln!("otlp_sink: listening on {endpoint}");
-    rankway_proto::shutdown::signal_received().await;
+    rankway_runtime::shutdown::signal_received().await;
     println!("{}", receiver.spans.lock().unwrap().len());
 }

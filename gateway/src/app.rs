@@ -10,7 +10,8 @@ use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::discovery::LeadersDns;
-use crate::frontend::{grpc, rest};
+use crate::frontend::http::RestLimits;
+use crate::frontend::{grpc, router};
 use crate::metrics::Metrics;
 use crate::pool::{Group, GroupSettings, Pool};
 use crate::state::Gateway;
@@ -103,15 +104,18 @@ pub async fn run(
     ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let discovery = cfg.leaders_dns.clone().map(|(host, port)| {
-        let dns = LeadersDns {
-            host,
-            port,
-            server: cfg.dns_server,
-            timeout: cfg.health_timeout,
-        };
-        tokio::spawn(dns.run(pool.clone(), cfg.dns_interval, stop_rx.clone()))
-    });
+    let discovery = match cfg.leaders_dns.clone() {
+        Some((host, port)) => {
+            let dns = LeadersDns::new(host, port, cfg.dns_server, cfg.health_timeout)
+                .map_err(|e| AppError::Config(e.to_string()))?;
+            Some(tokio::spawn(dns.run(
+                pool.clone(),
+                cfg.dns_interval,
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     let health_checks = tokio::spawn(pool.clone().run_health_checks(
         cfg.health_interval,
         cfg.health_timeout,
@@ -148,10 +152,16 @@ pub async fn run(
         source,
     })?;
     let mut stop_rest = stop_rx.clone();
-    let rest = axum::serve(listeners.http, rest::router(state.clone(), cfg.max_request_bytes))
-        .with_graceful_shutdown(async move {
-            let _ = stop_rest.wait_for(|s| *s).await;
-        });
+    let limits = RestLimits {
+        max_request_bytes: cfg.max_request_bytes,
+    };
+    let rest = axum::serve(
+        listeners.http,
+        router::router(state.clone(), limits, metrics.clone()),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop_rest.wait_for(|s| *s).await;
+    });
     let rest = tokio::spawn(async move { rest.await.map_err(AppError::Rest) });
 
     let mut stop_grpc = stop_rx.clone();

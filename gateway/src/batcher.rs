@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rankway_proto::codec::{decode_bytes_elements, encode_bytes_elements};
-use rankway_proto::telemetry;
 use rankway_proto::worker::{InferRequest, Tensor};
+use rankway_runtime::telemetry;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -42,7 +42,43 @@ pub struct BatchConfig {
     pub retry_budget: usize,
 }
 
-type Reply = oneshot::Sender<Result<Vec<Tensor>, ApiError>>;
+/// One request's share of a batch's answer.
+#[derive(Debug)]
+pub struct Served {
+    /// The request's own rows of every output, in the model's order.
+    pub outputs: Vec<Tensor>,
+    /// Version of the model on the group that ran the batch.
+    pub model_version: String,
+    /// How long the batch's call to that group's rank 0 took.
+    pub worker_time: Duration,
+}
+
+impl Served {
+    /// Keeps only the outputs the client asked for (all when it named none).
+    pub fn select_outputs(mut self, requested: &[String]) -> Result<Self, ApiError> {
+        if requested.is_empty() {
+            return Ok(self);
+        }
+        self.outputs = requested
+            .iter()
+            .map(|name| {
+                self.outputs
+                    .iter()
+                    .find(|t| &t.name == name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        let have: Vec<_> = self.outputs.iter().map(|t| t.name.as_str()).collect();
+                        ApiError::InvalidInput(format!(
+                            "unknown output {name:?}; the model's outputs are {have:?}"
+                        ))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(self)
+    }
+}
+
+type Reply = oneshot::Sender<Result<Served, ApiError>>;
 
 struct Entry {
     request: ValidRequest,
@@ -110,7 +146,7 @@ impl Batcher {
         request: ValidRequest,
         deadline: Instant,
         request_id: RequestId,
-    ) -> Result<Vec<Tensor>, ApiError> {
+    ) -> Result<Served, ApiError> {
         let (reply, rx) = oneshot::channel();
         let entry = Entry {
             request,
@@ -264,7 +300,6 @@ impl Dispatch {
             batch_id,
             model: self.model.clone(),
             inputs: concat_inputs(&self.batch),
-            timeout_ms: 0,
             request_ids: self.batch.iter().map(|e| e.request_id.0.clone()).collect(),
         };
         let mut tried = Vec::new();
@@ -272,18 +307,14 @@ impl Dispatch {
             let group = lease.group().name().to_owned();
             tracing::Span::current().record("group", group.as_str());
             self.metrics.observe_batch(&self.model, &group, self.rows);
-            let timeout = deadline.saturating_duration_since(Instant::now());
-            let attempt = InferRequest {
-                timeout_ms: timeout.as_millis().max(1) as u64,
-                ..request.clone()
-            };
             let call = tracing::info_span!("worker.Infer", otel.kind = "client", group = %group, batch_id);
+            let started = Instant::now();
             match lease
-                .infer(attempt, Some(timeout), &call)
+                .infer(request.clone(), deadline, &call)
                 .instrument(call.clone())
                 .await
             {
-                Ok(resp) => break Ok(resp),
+                Ok(resp) => break Ok((resp, started.elapsed())),
                 // Refused before it ran: another group may take it, within the budget.
                 Err(e) if e.not_started && tried.len() < self.retry_budget => {
                     tracing::info!(model = %self.model, batch_id, %group, error = %e.error, "group refused the batch; retrying elsewhere");
@@ -301,12 +332,16 @@ impl Dispatch {
         };
         drop(lease);
         match result {
-            Ok(resp) => {
+            Ok((resp, worker_time)) => {
                 let sizes: Vec<usize> = self.batch.iter().map(|e| e.request.rows).collect();
                 match split_outputs(resp.outputs, &sizes) {
                     Ok(parts) => {
-                        for (e, part) in self.batch.into_iter().zip(parts) {
-                            let _ = e.reply.send(Ok(part));
+                        for (e, outputs) in self.batch.into_iter().zip(parts) {
+                            let _ = e.reply.send(Ok(Served {
+                                outputs,
+                                model_version: resp.model_version.clone(),
+                                worker_time,
+                            }));
                         }
                     }
                     Err(err) => self.fail(err),

@@ -73,7 +73,7 @@ pub struct Config {
     #[arg(long, env = "RANKWAY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
     #[command(flatten)]
-    pub telemetry: rankway_proto::telemetry::TelemetryArgs,
+    pub telemetry: rankway_runtime::telemetry::TelemetryArgs,
 }
 
 fn parse_host_port(s: &str) -> Result<(String, u16), String> {

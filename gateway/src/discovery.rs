@@ -3,50 +3,80 @@
 //! selecting each group's rank-0 pod). The name is re-resolved every `--dns-interval`;
 //! groups appear and leave live (a group that leaves finishes its in-flight batches).
 //!
-//! With `--dns-server IP:PORT` the A query goes straight to that server over UDP (tests
-//! point it at a server on loopback); without it the system resolver answers.
+//! Lookups go through hickory-resolver, a maintained DNS stub resolver: over UDP with
+//! the TCP fallback for truncated answers (a headless Service of many groups), from
+//! `/etc/resolv.conf` and `/etc/hosts`, or from `--dns-server IP:PORT` alone (tests
+//! point it at a server on loopback). Its cache is off: the name is asked afresh every
+//! interval. This module only finds addresses; routing stays in the pool.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, Query};
-use hickory_proto::rr::{Name, RData, RecordType};
-use tokio::net::UdpSocket;
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
 use crate::pool::Pool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("bad DNS name {0:?}: {1}")]
-    Name(String, String),
-    #[error("DNS query to {server} failed: {message}")]
-    Query { server: SocketAddr, message: String },
-    #[error("resolving {host}: {source}")]
-    System { host: String, source: std::io::Error },
+    #[error("cannot set up the DNS resolver: {0}")]
+    Setup(String),
+    #[error("resolving {host}: {message}")]
+    Lookup { host: String, message: String },
 }
 
-/// A DNS name of leaders, and how to resolve it.
-#[derive(Debug, Clone)]
+/// A DNS name of leaders, and the resolver that answers for it.
 pub struct LeadersDns {
-    pub host: String,
-    pub port: u16,
-    pub server: Option<SocketAddr>,
-    pub timeout: Duration,
+    host: String,
+    port: u16,
+    resolver: TokioResolver,
 }
 
 impl LeadersDns {
-    /// The leaders' addresses, sorted, as `IP:PORT`.
+    /// `host:port` resolved by the system's configuration, or by `server` alone.
+    pub fn new(
+        host: String,
+        port: u16,
+        server: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<Self, DiscoveryError> {
+        let setup = |e: &dyn std::fmt::Display| DiscoveryError::Setup(e.to_string());
+        let mut builder = match server {
+            Some(server) => {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = server.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = server.port();
+                let ns = NameServerConfig::new(server.ip(), true, vec![udp, tcp]);
+                TokioResolver::builder_with_config(
+                    ResolverConfig::from_name_servers(vec![ns]),
+                    TokioRuntimeProvider::default(),
+                )
+            }
+            None => TokioResolver::builder_tokio().map_err(|e| setup(&e))?,
+        };
+        let opts: &mut ResolverOpts = builder.options_mut();
+        opts.timeout = timeout;
+        // Every lookup asks the server: a group that left must leave the pool at once.
+        opts.positive_max_ttl = Some(Duration::ZERO);
+        opts.negative_max_ttl = Some(Duration::ZERO);
+        let resolver = builder.build().map_err(|e| setup(&e))?;
+        Ok(Self { host, port, resolver })
+    }
+
+    /// The leaders' addresses, sorted, as `IP:PORT`. A name with no addresses (a headless
+    /// Service without ready endpoints) is an empty list, not an error.
     pub async fn resolve(&self) -> Result<Vec<SocketAddr>, DiscoveryError> {
-        let mut ips = match self.server {
-            Some(server) => query_a(&self.host, server, self.timeout).await?,
-            None => tokio::net::lookup_host((self.host.as_str(), self.port))
-                .await
-                .map_err(|source| DiscoveryError::System {
+        let mut ips: Vec<_> = match self.resolver.lookup_ip(self.host.as_str()).await {
+            Ok(found) => found.iter().collect(),
+            Err(e) if e.is_no_records_found() => Vec::new(),
+            Err(e) => {
+                return Err(DiscoveryError::Lookup {
                     host: self.host.clone(),
-                    source,
-                })?
-                .map(|a| a.ip())
-                .collect(),
+                    message: e.to_string(),
+                });
+            }
         };
         ips.sort();
         ips.dedup();
@@ -65,43 +95,8 @@ impl LeadersDns {
             match self.resolve().await {
                 Ok(addrs) => pool.sync_discovered(&addrs),
                 // Keep the groups we know: a DNS hiccup is not a reason to drop them.
-                Err(e) => tracing::warn!(error = %e, host = %self.host, "leader discovery failed"),
+                Err(e) => tracing::warn!(error = %e, "leader discovery failed"),
             }
         }
     }
-}
-
-/// One A query over UDP.
-async fn query_a(host: &str, server: SocketAddr, timeout: Duration) -> Result<Vec<IpAddr>, DiscoveryError> {
-    let fail = |m: String| DiscoveryError::Query { server, message: m };
-    let name = Name::from_ascii(host).map_err(|e| DiscoveryError::Name(host.to_owned(), e.to_string()))?;
-    let mut msg = Message::query();
-    msg.metadata.id = rand::random();
-    msg.metadata.recursion_desired = true;
-    msg.add_query(Query::query(name, RecordType::A));
-    let bytes = msg.to_vec().map_err(|e| fail(e.to_string()))?;
-    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-        .parse()
-        .expect("literal");
-    let sock = UdpSocket::bind(bind).await.map_err(|e| fail(e.to_string()))?;
-    sock.send_to(&bytes, server)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(timeout, sock.recv(&mut buf))
-        .await
-        .map_err(|_| fail(format!("no answer within {timeout:?}")))?
-        .map_err(|e| fail(e.to_string()))?;
-    let resp = Message::from_vec(&buf[..n]).map_err(|e| fail(e.to_string()))?;
-    if resp.metadata.id != msg.metadata.id {
-        return Err(fail("answer to another query".into()));
-    }
-    Ok(resp
-        .answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(IpAddr::V4(a.0)),
-            _ => None,
-        })
-        .collect())
 }

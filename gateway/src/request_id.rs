@@ -8,6 +8,10 @@
 //! error's message when it failed. Probes (health, readiness, liveness, `/metrics`) log
 //! at debug whatever they answer: "not ready" from a readiness probe is an answer, and
 //! the kubelet asks every few seconds.
+//!
+//! The layer is also the one place requests are counted and timed
+//! (`rankway_requests_total`, `rankway_request_duration_seconds`): REST by route template
+//! and HTTP status, gRPC by method path and gRPC code.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,8 +19,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use axum::extract::MatchedPath;
 use http::{HeaderValue, Request, Response};
-use rankway_proto::telemetry;
+use rankway_runtime::telemetry;
 use tracing::Instrument;
 
 use crate::error::ApiError;
@@ -42,23 +47,36 @@ impl RequestId {
     }
 }
 
+/// Which front end a layer wraps: how its requests are labelled in the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// By route template (axum's `MatchedPath`) and HTTP status.
+    Rest,
+    /// By method path and gRPC code name.
+    Grpc,
+}
+
 /// Wraps a REST router or a tonic server; see the module docs.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RequestIdLayer {
-    grpc_metrics: Option<Arc<Metrics>>,
+    metrics: Arc<Metrics>,
+    protocol: Protocol,
 }
 
 impl RequestIdLayer {
-    /// For the REST router, which counts its requests by matched route itself.
-    pub fn rest() -> Self {
-        Self { grpc_metrics: None }
+    /// For the REST router (added with `Router::layer`, so the matched route is known).
+    pub fn rest(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            protocol: Protocol::Rest,
+        }
     }
 
-    /// For the gRPC server: also counts each call in `rankway_requests_total` and
-    /// `rankway_request_duration_seconds`, by method path and gRPC code name.
+    /// For the gRPC server.
     pub fn grpc(metrics: Arc<Metrics>) -> Self {
         Self {
-            grpc_metrics: Some(metrics),
+            metrics,
+            protocol: Protocol::Grpc,
         }
     }
 }
@@ -68,7 +86,7 @@ impl<S> tower::Layer<S> for RequestIdLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RequestIdService {
             inner,
-            grpc_metrics: self.grpc_metrics.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -76,7 +94,7 @@ impl<S> tower::Layer<S> for RequestIdLayer {
 #[derive(Clone)]
 pub struct RequestIdService<S> {
     inner: S,
-    grpc_metrics: Option<Arc<Metrics>>,
+    layer: RequestIdLayer,
 }
 
 impl<S, B, R> tower::Service<Request<B>> for RequestIdService<S>
@@ -111,8 +129,15 @@ where
             span.record("trace_id", trace_id.as_str());
         }
         let path = req.uri().path().to_owned();
+        let route = match self.layer.protocol {
+            Protocol::Rest => req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned()),
+            Protocol::Grpc => path.clone(),
+        };
         req.extensions_mut().insert(id.clone());
-        let metrics = self.grpc_metrics.clone();
+        let layer = self.layer.clone();
         let started = Instant::now();
         let fut = {
             let _entered = span.enter();
@@ -125,9 +150,11 @@ where
                     resp.headers_mut().insert(HEADER, v);
                 }
                 let grpc = log_outcome(&resp, started, is_probe(&path));
-                if let Some(m) = metrics {
-                    m.observe_request(&path, &format!("{grpc:?}"), started.elapsed());
-                }
+                let code = match layer.protocol {
+                    Protocol::Rest => resp.status().as_str().to_owned(),
+                    Protocol::Grpc => format!("{grpc:?}"),
+                };
+                layer.metrics.observe_request(&route, &code, started.elapsed());
                 Ok(resp)
             }
             .instrument(span),

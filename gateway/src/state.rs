@@ -1,4 +1,6 @@
-//! The gateway's core, shared by every front end: model lookup, validation, batching.
+//! The gateway's core, the one way in to the pool: model lookup and metadata, readiness,
+//! the groups' views, validation, batching. Front ends translate protocols into these
+//! calls; none of them holds the pool.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,16 +10,29 @@ use std::time::Duration;
 use rankway_proto::worker::{ModelInfo, Tensor};
 use tokio::time::Instant;
 
-use crate::batcher::{BatchConfig, Batcher};
+use crate::batcher::{BatchConfig, Batcher, Served};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::model::validate;
-use crate::pool::Pool;
+use crate::pool::{GroupView, Pool};
 use crate::request_id::RequestId;
 
+/// One inference as a front end hands it over.
+#[derive(Debug)]
+pub struct InferCall {
+    pub model: String,
+    pub inputs: Vec<Tensor>,
+    /// Outputs the client asked for (all when empty).
+    pub outputs: Vec<String>,
+    /// The client's own timeout (`Request-Timeout`, `grpc-timeout`), capped by the
+    /// gateway's `--request-timeout`.
+    pub timeout: Option<Duration>,
+    pub request_id: RequestId,
+}
+
 pub struct Gateway {
-    pub pool: Pool,
-    pub metrics: Arc<Metrics>,
+    pool: Pool,
+    metrics: Arc<Metrics>,
     batch: BatchConfig,
     request_timeout: Duration,
     batchers: Mutex<HashMap<String, Batcher>>,
@@ -51,8 +66,7 @@ impl Gateway {
         if let Some(info) = self.pool.model_info(name) {
             return Ok(info);
         }
-        let known = self.pool.views().iter().any(|v| v.model.as_deref() == Some(name));
-        if known {
+        if self.pool.known_model_info(name).is_some() {
             Err(ApiError::Unavailable(format!(
                 "model {name:?} has no ready worker group"
             )))
@@ -61,33 +75,62 @@ impl Gateway {
         }
     }
 
-    /// A deadline from an optional client timeout, capped by the default.
-    pub fn deadline(&self, client_timeout: Option<Duration>) -> Instant {
-        let t = client_timeout.map_or(self.request_timeout, |t| t.min(self.request_timeout));
-        Instant::now() + t
+    /// Whether `name` can take requests now; an error only when no group knows it.
+    pub fn model_ready(&self, name: &str) -> Result<bool, ApiError> {
+        match self.ready_model(name) {
+            Ok(_) => Ok(true),
+            Err(ApiError::Unavailable(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
-    /// Validates `inputs` for `model`, queues them and waits for their rows of the batch.
-    pub async fn infer(
-        &self,
-        model: &str,
-        inputs: Vec<Tensor>,
-        deadline: Instant,
-        request_id: RequestId,
-    ) -> Result<Vec<Tensor>, ApiError> {
+    /// The model's signature from any group that reported it, ready or not.
+    pub fn model_metadata(&self, name: &str) -> Result<ModelInfo, ApiError> {
+        self.pool
+            .known_model_info(name)
+            .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))
+    }
+
+    /// Names of the models some ready group serves.
+    pub fn ready_models(&self) -> Vec<String> {
+        self.pool.ready_models()
+    }
+
+    /// Every known group as `/admin/groups` shows it.
+    pub fn groups(&self) -> Vec<GroupView> {
+        self.pool.views()
+    }
+
+    /// The Prometheus text of `/metrics`, group gauges read now.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.pool.views())
+    }
+
+    /// Validates the call's inputs, queues them and waits for their rows of a batch. The
+    /// answer names the version of the group that ran that batch.
+    pub async fn infer(&self, call: InferCall) -> Result<Served, ApiError> {
+        let model = call.model.clone();
         let result = async {
             if self.draining.load(Ordering::Acquire) {
                 return Err(ApiError::Unavailable(
                     "gateway is shutting down; retry on another replica".into(),
                 ));
             }
-            let info = self.ready_model(model)?;
-            let request = validate(&info, inputs)?;
-            self.batcher(model).submit(request, deadline, request_id).await
+            let timeout = call
+                .timeout
+                .map_or(self.request_timeout, |t| t.min(self.request_timeout));
+            let deadline = Instant::now() + timeout;
+            let info = self.ready_model(&call.model)?;
+            let request = validate(&info, call.inputs)?;
+            let served = self
+                .batcher(&call.model)
+                .submit(request, deadline, call.request_id)
+                .await?;
+            served.select_outputs(&call.outputs)
         }
         .await;
         if let Err(e) = &result {
-            self.metrics.rejection(model, e.kind());
+            self.metrics.rejection(&model, e.kind());
         }
         result
     }

@@ -14,4 +14,5 @@ mod group_life;
 mod observability;
 mod pool_failover;
 mod request_ids;
+mod served_version;
 mod tp_equivalence;

@@ -4,15 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rankway_proto::codec::encode_bytes_elements;
-use rankway_proto::worker::{DataType, Tensor as WireTensor};
 use serde::Serialize;
 
+use crate::collective::{Collective, Shard, SingleRank};
 use crate::config::{BenchArgs, ModelKind};
-use crate::dist::{Shard, SingleRank};
 use crate::engine::{self, EngineError, EngineOptions};
 use crate::metrics::WorkerMetrics;
-use crate::models;
+use crate::models::{self, HostTensor};
 
 /// Sentences of mixed length, cycled to fill a batch.
 const SENTENCES: [&str; 4] = [
@@ -30,49 +28,41 @@ pub struct BenchRow {
     pub mean_batch_ms: f64,
 }
 
-fn inputs(args: &BenchArgs, batch: usize) -> Vec<WireTensor> {
+fn inputs(args: &BenchArgs, batch: usize) -> Vec<HostTensor> {
     match args.model.model {
         ModelKind::Minilm => {
             let texts: Vec<&str> = SENTENCES.iter().cycle().take(batch).copied().collect();
-            vec![WireTensor {
-                name: models::minilm::INPUT.into(),
-                datatype: DataType::Bytes as i32,
-                shape: vec![batch as i64],
-                data: encode_bytes_elements(&texts).into(),
-            }]
+            vec![HostTensor::texts(models::minilm::INPUT, &texts)]
         }
         ModelKind::Mlp => {
             let hidden = args.model.mlp_hidden as usize;
-            let values: Vec<u8> = (0..batch * hidden)
-                .flat_map(|i| ((i % 17) as f32 / 17.0).to_le_bytes())
-                .collect();
-            vec![WireTensor {
-                name: models::mlp::INPUT.into(),
-                datatype: DataType::Fp32 as i32,
-                shape: vec![batch as i64, hidden as i64],
-                data: values.into(),
-            }]
+            let values: Vec<f32> = (0..batch * hidden).map(|i| (i % 17) as f32 / 17.0).collect();
+            vec![HostTensor::f32(
+                models::mlp::INPUT,
+                vec![batch as i64, hidden as i64],
+                &values,
+            )]
         }
     }
 }
 
 pub fn run(args: &BenchArgs) -> Result<Vec<BenchRow>, EngineError> {
-    let model_args = args.model.clone();
+    let model_cfg = args.model.config();
     let opts = EngineOptions {
         torch_threads: args.model.torch_threads(1),
         capacity: 1,
         heartbeat: Duration::MAX,
     };
     let (engine, _thread) = engine::spawn_leader(
-        Box::new(move |_| {
-            let model = models::load(&model_args, Shard::SINGLE)?;
+        Box::new(move || {
+            let model = models::load(&model_cfg, Shard::SINGLE)?;
             Ok((
                 model,
-                Box::new(SingleRank(model_args.device)) as Box<dyn crate::dist::Collective>,
+                Box::new(SingleRank(model_cfg.device)) as Box<dyn Collective>,
             ))
         }),
         opts,
-        Arc::new(WorkerMetrics::new("bench", Shard::SINGLE)),
+        Arc::new(WorkerMetrics::new("bench", 0, 1)),
     )
     .map_err(|e| EngineError::Stopped(e.to_string()))?;
     let mut rows = Vec::new();

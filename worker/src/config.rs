@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::models::mlp::MlpConfig;
+use crate::models::{Architecture, ModelConfig};
+
 /// Rankway worker: runs a model shard with libtorch; rank 0 of a group serves
 /// `rankway.worker.v1.Worker` to the gateway.
 #[derive(Debug, Parser)]
@@ -14,7 +17,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     #[command(flatten)]
-    pub telemetry: rankway_proto::telemetry::TelemetryArgs,
+    pub telemetry: rankway_runtime::telemetry::TelemetryArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,6 +57,9 @@ pub struct ModelArgs {
     /// Name the model is served under (default: the model kind, e.g. "minilm").
     #[arg(long, env = "RANKWAY_MODEL_NAME")]
     pub model_name: Option<String>,
+    /// Version the model is served as (OIP's model_version in every answer).
+    #[arg(long, env = "RANKWAY_MODEL_VERSION", default_value = "1")]
+    pub model_version: String,
     /// Width of the synthetic MLP (input and output features).
     #[arg(long, env = "RANKWAY_MLP_HIDDEN", default_value_t = 256)]
     pub mlp_hidden: i64,
@@ -98,19 +104,25 @@ impl ModelArgs {
         })
     }
 
-    /// Fails unless `--device` names a GPU this process can see (or the CPU).
-    pub fn check_device(&self) -> Result<(), String> {
-        let tch::Device::Cuda(n) = self.device else {
-            return Ok(());
+    /// The model as `crate::models` loads it, free of command-line types.
+    pub fn config(&self) -> ModelConfig {
+        let architecture = match self.model {
+            ModelKind::Minilm => Architecture::MiniLm {
+                dir: self.model_dir.clone(),
+            },
+            ModelKind::Mlp => Architecture::Mlp(MlpConfig {
+                hidden: self.mlp_hidden,
+                layers: self.mlp_layers,
+                seed: self.mlp_seed,
+            }),
         };
-        let visible = tch::Cuda::device_count();
-        if n as i64 >= visible {
-            return Err(format!(
-                "--device cuda:{n}, but {visible} CUDA devices are visible (the worker needs its \
-                 `cuda` build and a GPU)"
-            ));
+        ModelConfig {
+            architecture,
+            name: self.served_name(),
+            version: self.model_version.clone(),
+            max_batch_size: self.max_batch_size,
+            device: self.device,
         }
-        Ok(())
     }
 
     /// Threads for one of `ranks_on_host` ranks sharing this host's cores.
@@ -194,12 +206,13 @@ mod tests {
         let Command::Serve(args) = cli.command else {
             panic!("not serve")
         };
-        let err = args.model.check_device().unwrap_err();
+        let err = crate::models::check_device(args.model.device).unwrap_err();
         assert!(err.contains(&format!("--device cuda:{past}")), "{err}");
         let cpu = Cli::try_parse_from(["rankway-worker", "serve"]).unwrap();
         let Command::Serve(cpu) = cpu.command else {
             panic!("not serve")
         };
-        assert_eq!(cpu.model.check_device(), Ok(()));
+        assert_eq!(crate::models::check_device(cpu.model.device), Ok(()));
+        assert_eq!(cpu.model.config().version, "1");
     }
 }

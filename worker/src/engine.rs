@@ -6,26 +6,24 @@
 //! rank is noticed within one interval. On the other ranks it follows rank 0's steps.
 //! Any failed collective ends the thread with an error: the group is broken.
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rankway_proto::worker::{ModelInfo, RankPhase, Tensor as WireTensor};
 use tokio::sync::oneshot;
 
-use crate::dist::Collective;
+use crate::collective::Collective;
 use crate::group::{self, Header, Op};
 use crate::metrics::WorkerMetrics;
-use crate::models::{Model, ModelError};
+use crate::models::{HostTensor, Model, ModelError};
+use crate::stats::{EngineStats, Phase};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("worker queue is full ({0} batches waiting); retry later")]
     Overloaded(usize),
-    #[error("batch deadline expired {0:?} before it could run")]
-    DeadlineExceeded(Duration),
     #[error("group is not ready: {0}")]
     NotReady(String),
     #[error("the group stopped before finishing the batch: {0}")]
@@ -37,81 +35,29 @@ pub enum EngineError {
 /// The result of one batch.
 #[derive(Debug)]
 pub struct EngineOutput {
-    pub outputs: Vec<WireTensor>,
+    pub outputs: Vec<HostTensor>,
     pub rows: usize,
     pub queue_time: Duration,
     pub compute_time: Duration,
 }
 
+/// One batch for the model thread. It has no deadline of its own: the caller's deadline
+/// is enforced by the gRPC server (`grpc-timeout`), which drops the call, and a job whose
+/// caller has gone is skipped.
 struct Job {
     batch_id: u64,
-    inputs: Vec<WireTensor>,
-    deadline: Option<Instant>,
+    inputs: Vec<HostTensor>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<EngineOutput, EngineError>>,
     /// The caller's span; the model thread runs the batch inside it.
     span: tracing::Span,
 }
 
-/// State shared between the model thread and the servers.
-#[derive(Debug)]
-pub struct EngineStats {
-    pub queued: AtomicUsize,
-    pub running: AtomicUsize,
-    pub batches: AtomicUsize,
-    phase: AtomicU8,
-    info: OnceLock<ModelInfo>,
-    failure: OnceLock<String>,
-}
-
-impl Default for EngineStats {
-    fn default() -> Self {
-        Self {
-            queued: AtomicUsize::new(0),
-            running: AtomicUsize::new(0),
-            batches: AtomicUsize::new(0),
-            phase: AtomicU8::new(RankPhase::Joining as u8),
-            info: OnceLock::new(),
-            failure: OnceLock::new(),
-        }
-    }
-}
-
-impl EngineStats {
-    pub fn phase(&self) -> RankPhase {
-        RankPhase::try_from(i32::from(self.phase.load(Ordering::Acquire))).unwrap_or(RankPhase::Unspecified)
-    }
-    pub fn set_phase(&self, phase: RankPhase) {
-        self.phase.store(phase as u8, Ordering::Release);
-    }
-    pub fn is_ready(&self) -> bool {
-        self.phase() == RankPhase::Ready
-    }
-    pub fn info(&self) -> Option<&ModelInfo> {
-        self.info.get()
-    }
-    /// Why the group broke or the model could not load, if it did.
-    pub fn failure(&self) -> Option<&str> {
-        self.failure.get().map(String::as_str)
-    }
-    /// Why this rank is not ready, for GroupStatus and health.
-    pub fn not_ready_reason(&self) -> String {
-        match (self.phase(), self.failure()) {
-            (_, Some(why)) => format!("group broken: {why}"),
-            (RankPhase::Joining, _) => "waiting for every rank to join the group".into(),
-            (RankPhase::Warming, _) => "loading the model shard and warming up on every rank".into(),
-            (RankPhase::Ready, _) => String::new(),
-            _ => "stopped".into(),
-        }
-    }
-}
-
 /// The model thread; it ends with the group's failure, if the group broke.
 pub type ModelThread = JoinHandle<Result<(), ModelError>>;
 
-/// Joins the group (phase Joining) then loads this rank's shard; run on the model thread.
-pub type Loader =
-    Box<dyn FnOnce(&EngineStats) -> Result<(Box<dyn Model>, Box<dyn Collective>), ModelError> + Send>;
+/// Loads this rank's shard and joins the group (phase Joining); run on the model thread.
+pub type Loader = Box<dyn FnOnce() -> Result<(Box<dyn Model>, Box<dyn Collective>), ModelError> + Send>;
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
@@ -140,11 +86,9 @@ fn start_thread(
         tch::set_num_threads(torch_threads.max(1) as i32);
         let _no_grad = tch::no_grad_guard();
         let result = body(&stats);
-        if let Err(e) = &result {
-            let _ = stats.failure.set(e.to_string());
-            stats.set_phase(RankPhase::Broken);
-        } else {
-            stats.set_phase(RankPhase::Unspecified);
+        match &result {
+            Err(e) => stats.fail(e.to_string()),
+            Ok(()) => stats.set_phase(Phase::Stopped),
         }
         result
     })
@@ -161,18 +105,21 @@ pub fn spawn_leader(
     let stats = Arc::new(EngineStats::default());
     let thread = start_thread("rankway-model", stats.clone(), opts.torch_threads, move |stats| {
         let started = Instant::now();
-        let (model, comm) = load(stats)?;
+        let (model, comm) = load()?;
+        stats.set_phase(Phase::Warming);
         let mut warm = model.prepare(&model.warmup_inputs())?;
         let _warm_output = group::lead_batch(comm.as_ref(), model.as_ref(), 0, &mut warm, &metrics)?;
-        let _ = stats.info.set(model.info());
-        stats.set_phase(RankPhase::Ready);
+        let signature = model.signature();
         tracing::info!(
-            model = %model.info().name,
-            layout = %model.info().shard_layout,
+            model = %signature.name,
+            version = %signature.version,
+            layout = %signature.shard_layout,
             world_size = comm.shard().world,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "group ready: every rank joined, loaded its shard and ran the warm-up batch"
         );
+        stats.set_signature(signature);
+        stats.set_phase(Phase::Ready);
         lead(
             model.as_ref(),
             comm.as_ref(),
@@ -201,14 +148,15 @@ pub fn spawn_follower(
 ) -> std::io::Result<(Arc<EngineStats>, ModelThread)> {
     let stats = Arc::new(EngineStats::default());
     let thread = start_thread("rankway-model", stats.clone(), torch_threads, move |stats| {
-        let (model, comm) = load(stats)?;
-        let _ = stats.info.set(model.info());
+        let (model, comm) = load()?;
+        stats.set_signature(model.signature());
+        stats.set_phase(Phase::Warming);
         let rank = comm.shard().rank;
         group::follow(comm.as_ref(), model.as_ref(), &metrics, |h: &Header| {
             if h.op == Op::Batch {
                 if !stats.is_ready() {
                     // The first batch is rank 0's warm-up.
-                    stats.set_phase(RankPhase::Ready);
+                    stats.set_phase(Phase::Ready);
                     tracing::info!(rank, "warm-up batch done; following rank 0");
                 }
                 stats.batches.fetch_add(1, Ordering::AcqRel);
@@ -243,13 +191,9 @@ fn lead(
         };
         stats.queued.fetch_sub(1, Ordering::AcqRel);
         if job.reply.is_closed() {
-            continue; // the caller went away while the batch waited
+            continue; // the caller went away (or its deadline passed) while the batch waited
         }
         let now = Instant::now();
-        if let Some(deadline) = job.deadline.filter(|d| *d <= now) {
-            let _ = job.reply.send(Err(EngineError::DeadlineExceeded(now - deadline)));
-            continue;
-        }
         stats.running.fetch_add(1, Ordering::AcqRel);
         let entered = job.span.enter();
         let result =
@@ -285,8 +229,8 @@ fn run_batch(
     comm: &dyn Collective,
     metrics: &WorkerMetrics,
     batch_id: u64,
-    inputs: &[WireTensor],
-) -> Result<(Vec<WireTensor>, usize), ModelError> {
+    inputs: &[HostTensor],
+) -> Result<(Vec<HostTensor>, usize), ModelError> {
     let mut batch = model.prepare(inputs)?;
     let output = group::lead_batch(comm, model, batch_id, &mut batch, metrics)?;
     Ok((model.outputs(&batch, output)?, batch.rows))
@@ -297,13 +241,9 @@ impl EngineHandle {
         &self.stats
     }
 
-    /// Queues a batch and waits for its result without blocking the reactor.
-    pub async fn infer(
-        &self,
-        batch_id: u64,
-        inputs: Vec<WireTensor>,
-        deadline: Option<Instant>,
-    ) -> Result<EngineOutput, EngineError> {
+    /// Queues a batch and waits for its result without blocking the reactor. Dropping
+    /// the future before the batch starts takes it out of the queue.
+    pub async fn infer(&self, batch_id: u64, inputs: Vec<HostTensor>) -> Result<EngineOutput, EngineError> {
         if !self.stats.is_ready() {
             return Err(EngineError::NotReady(self.stats.not_ready_reason()));
         }
@@ -311,7 +251,6 @@ impl EngineHandle {
         let job = Job {
             batch_id,
             inputs,
-            deadline,
             enqueued: Instant::now(),
             reply,
             span: tracing::Span::current(),
@@ -329,13 +268,12 @@ impl EngineHandle {
     }
 
     /// Runs a batch from a blocking context (the `bench` command).
-    pub fn infer_blocking(&self, inputs: Vec<WireTensor>) -> Result<EngineOutput, EngineError> {
+    pub fn infer_blocking(&self, inputs: Vec<HostTensor>) -> Result<EngineOutput, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::AcqRel);
         let job = Job {
             batch_id: 0,
             inputs,
-            deadline: None,
             enqueued: Instant::now(),
             reply,
             span: tracing::Span::current(),

@@ -12,10 +12,10 @@
 
 use std::time::Instant;
 
-use rankway_proto::telemetry::{self, TraceParent};
+use rankway_runtime::telemetry::{self, TraceParent};
 use tch::{Kind, Tensor};
 
-use crate::dist::{Collective, CollectiveError};
+use crate::collective::{Collective, CollectiveError};
 use crate::metrics::WorkerMetrics;
 use crate::models::{Model, ModelError, Prepared};
 

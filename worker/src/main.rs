@@ -1,6 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
-use rankway_proto::telemetry::{self, Telemetry, TelemetryArgs};
+use rankway_runtime::telemetry::{self, Telemetry, TelemetryArgs};
 use rankway_worker::config::{Cli, Command};
 use rankway_worker::{bench, launch, serve};
 
@@ -28,7 +28,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(async {
                 let telemetry = init_telemetry(&cli.telemetry)?;
                 launch::follow_launcher()?; // block_on runs this on the main thread
-                let result = serve::serve(args, rankway_proto::shutdown::signal_received()).await;
+                let result = serve::serve(args, rankway_runtime::shutdown::signal_received()).await;
                 // After the drain: the spans of the last batches are flushed too.
                 telemetry.shutdown().await;
                 Ok::<_, anyhow::Error>(result?)
@@ -41,7 +41,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     otlp_endpoint: None, // the ranks it starts export their own spans
                     ..cli.telemetry
                 })?;
-                launch::launch(args, rankway_proto::shutdown::signal_received()).await;
+                launch::launch(args, rankway_runtime::shutdown::signal_received()).await;
                 Ok::<_, anyhow::Error>(())
             })?;
         }

@@ -4,16 +4,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder, exponential_buckets,
 };
-use tracing::Span;
 
-use crate::dist::{Collective, CollectiveError, Shard};
-use crate::engine::EngineStats;
+use crate::stats::EngineStats;
 
 /// 50 µs .. ~26 s.
 fn seconds_buckets() -> Vec<f64> {
@@ -43,9 +41,10 @@ pub struct WorkerMetrics {
 const LABELS: [&str; 2] = ["group", "rank"];
 
 impl WorkerMetrics {
-    pub fn new(group: &str, shard: Shard) -> Self {
+    /// The metrics of rank `rank` of `world` ranks in `group`.
+    pub fn new(group: &str, rank: usize, world: usize) -> Self {
         let r = Registry::new_custom(Some("rankway_worker".into()), None).expect("valid registry");
-        let labels = [group.to_owned(), shard.rank.to_string()];
+        let labels = [group.to_owned(), rank.to_string()];
         let values = [labels[0].as_str(), labels[1].as_str()];
         let gauge = |name: &str, help: &str| {
             registered(
@@ -54,7 +53,7 @@ impl WorkerMetrics {
             )
             .with_label_values(&values)
         };
-        gauge("world_size", "Ranks in this rank's group.").set(shard.world as i64);
+        gauge("world_size", "Ranks in this rank's group.").set(world as i64);
         let seconds = |name: &str, help: &str, extra: &[&'static str]| {
             let names: Vec<&str> = LABELS.iter().chain(extra).copied().collect();
             let opts = HistogramOpts::new(name, help).buckets(seconds_buckets());
@@ -97,6 +96,14 @@ impl WorkerMetrics {
         self.batches.inc();
     }
 
+    /// Times one collective (`op`: all_reduce, broadcast).
+    pub fn observe_collective(&self, op: &str, took: Duration) {
+        let [group, rank] = &self.labels;
+        self.collective
+            .with_label_values(&[group.as_str(), rank.as_str(), op])
+            .observe(took.as_secs_f64());
+    }
+
     /// Renders the registry after reading the engine's state into the gauges.
     pub fn render(&self, stats: &EngineStats) -> String {
         self.ready.set(i64::from(stats.is_ready()));
@@ -104,58 +111,6 @@ impl WorkerMetrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .expect("encoding to a String cannot fail")
-    }
-}
-
-/// A [`Collective`] that times every operation into the metrics and, inside a traced
-/// step, opens a span for it. Idle heartbeats run outside any span and make none.
-pub struct Observed<C> {
-    inner: C,
-    metrics: Arc<WorkerMetrics>,
-}
-
-impl<C: Collective> Observed<C> {
-    pub fn new(inner: C, metrics: Arc<WorkerMetrics>) -> Self {
-        Self { inner, metrics }
-    }
-
-    fn timed(
-        &self,
-        op: &'static str,
-        f: impl FnOnce() -> Result<(), CollectiveError>,
-    ) -> Result<(), CollectiveError> {
-        let span = if Span::current().is_none() {
-            Span::none()
-        } else {
-            tracing::info_span!("collective", op, rank = self.inner.shard().rank)
-        };
-        let _entered = span.enter();
-        let started = Instant::now();
-        let result = f();
-        let [group, rank] = &self.metrics.labels;
-        self.metrics
-            .collective
-            .with_label_values(&[group.as_str(), rank.as_str(), op])
-            .observe(started.elapsed().as_secs_f64());
-        result
-    }
-}
-
-impl<C: Collective> Collective for Observed<C> {
-    fn shard(&self) -> Shard {
-        self.inner.shard()
-    }
-
-    fn device(&self) -> tch::Device {
-        self.inner.device()
-    }
-
-    fn all_reduce_sum(&self, tensor: &mut tch::Tensor) -> Result<(), CollectiveError> {
-        self.timed("all_reduce", || self.inner.all_reduce_sum(tensor))
-    }
-
-    fn broadcast(&self, tensor: &mut tch::Tensor, root: usize) -> Result<(), CollectiveError> {
-        self.timed("broadcast", || self.inner.broadcast(tensor, root))
     }
 }
 
@@ -187,7 +142,7 @@ mod tests {
 
     #[test]
     fn renders_labelled_prometheus_text() {
-        let m = WorkerMetrics::new("a", Shard { rank: 1, world: 2 });
+        let m = WorkerMetrics::new("a", 1, 2);
         m.observe_forward(Duration::from_millis(4));
         let text = m.render(&EngineStats::default());
         assert!(

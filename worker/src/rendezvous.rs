@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::dist::Shard;
-use crate::dist::c10d::{Backend, JoinOptions};
+use crate::collective::Shard;
+use crate::collective::c10d::{Backend, JoinOptions};
 
 #[derive(Debug, Clone, Args)]
 pub struct RendezvousArgs {

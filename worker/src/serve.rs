@@ -10,13 +10,15 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::collective::c10d::ProcessGroup;
+use crate::collective::observed::Observed;
+use crate::collective::{Collective, Shard, SingleRank};
 use crate::config::ServeArgs;
-use crate::dist::c10d::ProcessGroup;
-use crate::dist::{Collective, Shard, SingleRank};
-use crate::engine::{self, EngineOptions, EngineStats, Loader};
-use crate::metrics::{Observed, WorkerMetrics};
+use crate::engine::{self, EngineOptions, Loader};
+use crate::metrics::WorkerMetrics;
 use crate::models::{self, ModelError};
 use crate::server::{LIVENESS_SERVICE, WorkerService, track_health};
+use crate::stats::EngineStats;
 
 /// A variant with a source names only its own step: the cause follows in the error
 /// chain (`{:#}`), which the binary logs whole.
@@ -54,12 +56,12 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Resul
 /// Loads this rank's shard (a bad world size fails here, before anyone waits on us),
 /// then joins the group.
 fn loader(args: &ServeArgs, shard: Shard, metrics: Arc<WorkerMetrics>) -> Loader {
-    let model_args = args.model.clone();
+    let model_cfg = args.model.config();
     let join = args.rendezvous.join_options(shard, args.model.device);
-    Box::new(move |_stats: &EngineStats| {
-        let model = models::load(&model_args, shard)?;
+    Box::new(move || {
+        let model = models::load(&model_cfg, shard)?;
         let comm: Box<dyn Collective> = if shard.world == 1 {
-            Box::new(SingleRank(model_args.device))
+            Box::new(SingleRank(model_cfg.device))
         } else {
             tracing::info!(rank = shard.rank, world_size = shard.world, master = %format!("{}:{}", join.master_addr, join.master_port), "joining the group");
             let pg = ProcessGroup::join(&join)?;
@@ -84,7 +86,7 @@ pub async fn serve_on(
     let threads = args
         .model
         .torch_threads(args.rendezvous.local_world_size as usize);
-    let metrics = Arc::new(WorkerMetrics::new(&args.group, shard));
+    let metrics = Arc::new(WorkerMetrics::new(&args.group, shard.rank, shard.world));
     let metrics_listener = bind(args.metrics_listen).await?;
     let metrics_addr = metrics_listener.local_addr().map_err(|source| ServeError::Bind {
         addr: args.metrics_listen,

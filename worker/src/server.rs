@@ -4,19 +4,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rankway_proto::telemetry;
 use rankway_proto::worker::worker_server::{Worker, WorkerServer};
 use rankway_proto::worker::{
-    GroupStatusRequest, GroupStatusResponse, InferRequest, InferResponse, RankState,
+    GroupStatusRequest, GroupStatusResponse, InferRequest, InferResponse, MAX_MESSAGE_BYTES, NOT_STARTED_KEY,
+    RankState,
 };
+use rankway_runtime::telemetry;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::{EngineError, EngineHandle, EngineStats};
+use crate::engine::{EngineError, EngineHandle};
 use crate::models::ModelError;
-
-/// Largest gRPC message the worker accepts or sends.
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+use crate::stats::EngineStats;
+use crate::wire;
 
 /// The one place an engine error becomes a gRPC status.
 impl From<EngineError> for Status {
@@ -25,7 +25,6 @@ impl From<EngineError> for Status {
         match e {
             EngineError::Overloaded(_) => not_started(Status::resource_exhausted(msg)),
             EngineError::NotReady(_) => not_started(Status::unavailable(msg)),
-            EngineError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             EngineError::Stopped(_) => Status::unavailable(msg),
             EngineError::Model(ModelError::InvalidInput(_)) => Status::invalid_argument(msg),
             EngineError::Model(ModelError::Collective(_)) => Status::unavailable(msg),
@@ -37,10 +36,9 @@ impl From<EngineError> for Status {
 /// Marks an error for a batch refused before it ran, so the gateway may retry it on
 /// another group (the key the gateway's pool reads).
 fn not_started(mut status: Status) -> Status {
-    status.metadata_mut().insert(
-        "rankway-not-started",
-        tonic::metadata::MetadataValue::from_static("1"),
-    );
+    status
+        .metadata_mut()
+        .insert(NOT_STARTED_KEY, tonic::metadata::MetadataValue::from_static("1"));
     status
 }
 
@@ -89,11 +87,18 @@ impl Worker for WorkerService {
             request_ids = %request_ids,
         );
         telemetry::set_parent(&span, telemetry::extract(&metadata.into_headers()));
-        let deadline = (req.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(req.timeout_ms));
+        let inputs = req
+            .inputs
+            .into_iter()
+            .map(wire::tensor_from_wire)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Status::invalid_argument)?;
+        // The batch's deadline is the call's `grpc-timeout`: tonic's server drops this
+        // future when it passes, which takes the batch out of the model thread's queue.
         let started = Instant::now();
         let out = self
             .engine
-            .infer(req.batch_id, req.inputs, deadline)
+            .infer(req.batch_id, inputs)
             .instrument(span.clone())
             .await;
         span.in_scope(|| match &out {
@@ -107,9 +112,11 @@ impl Worker for WorkerService {
             Err(e) => tracing::warn!(error = %e, "batch failed"),
         });
         let out = out?;
+        let stats = self.engine.stats();
         Ok(Response::new(InferResponse {
             batch_id: req.batch_id,
-            outputs: out.outputs,
+            model_version: stats.signature().map(|s| s.version.clone()).unwrap_or_default(),
+            outputs: out.outputs.into_iter().map(wire::tensor_to_wire).collect(),
             queue_us: out.queue_time.as_micros() as u64,
             compute_us: out.compute_time.as_micros() as u64,
         }))
@@ -126,7 +133,7 @@ impl Worker for WorkerService {
         let ranks = (0..self.world_size)
             .map(|rank| RankState {
                 rank,
-                phase: phase as i32,
+                phase: wire::phase_to_wire(phase) as i32,
                 host: String::new(),
             })
             .collect();
@@ -135,7 +142,7 @@ impl Worker for WorkerService {
             generation: self.generation,
             world_size: self.world_size,
             ranks,
-            model: stats.info().cloned(),
+            model: stats.signature().map(wire::signature_to_wire),
             batches_in_flight: stats.running.load(Ordering::Acquire) as u32,
             queue_depth: stats.queued.load(Ordering::Acquire) as u32,
             ready: stats.is_ready(),

@@ -4,6 +4,7 @@
 //! back in `raw_output_contents`, as Triton does, which KServe and Triton clients read.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rankway_proto::codec::push_bytes_element;
 use rankway_proto::inference::grpc_inference_service_server::{
@@ -22,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
 use crate::request_id::RequestId;
-use crate::state::Gateway;
+use crate::state::{Gateway, InferCall};
 
 pub struct InferenceService {
     state: Arc<Gateway>,
@@ -36,6 +37,30 @@ pub fn service(
     GrpcInferenceServiceServer::new(InferenceService { state })
         .max_decoding_message_size(max_request_bytes)
         .max_encoding_message_size(usize::MAX)
+}
+
+/// The client's deadline from gRPC's `grpc-timeout` (e.g. `250m` = 250 ms), if set.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, ApiError> {
+    let Some(v) = metadata.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let bad = || ApiError::InvalidInput(format!("malformed grpc-timeout {v:?}"));
+    let s = v.to_str().map_err(|_| bad())?;
+    // At most 8 digits and a unit, as the gRPC spec allows.
+    if s.len() < 2 || s.len() > 9 {
+        return Err(bad());
+    }
+    let (digits, unit) = s.split_at(s.len() - 1);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    Ok(Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(bad()),
+    }))
 }
 
 fn le_bytes<T: Copy, const N: usize>(values: &[T], f: fn(T) -> [u8; N]) -> Vec<u8> {
@@ -135,11 +160,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
-        let ready = match self.state.ready_model(&req.get_ref().name) {
-            Ok(_) => true,
-            Err(ApiError::Unavailable(_)) => false,
-            Err(e) => return Err(e.into()),
-        };
+        let ready = self.state.model_ready(&req.get_ref().name)?;
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
@@ -158,12 +179,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        let name = &req.get_ref().name;
-        let info = self
-            .state
-            .pool
-            .known_model_info(name)
-            .ok_or_else(|| ApiError::ModelNotFound(name.clone()))?;
+        let info = self.state.model_metadata(&req.get_ref().name)?;
         Ok(Response::new(ModelMetadataResponse {
             name: info.name.clone(),
             versions: vec![info.version.clone()],
@@ -177,7 +193,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let deadline = self.state.deadline(super::grpc_timeout(req.metadata())?);
+        let timeout = grpc_timeout(req.metadata())?;
         // Set by the request-id layer; made here when the service runs without it.
         let request_id = req
             .extensions()
@@ -186,19 +202,18 @@ impl GrpcInferenceService for InferenceService {
             .unwrap_or_else(|| RequestId::from_header(None));
         let req = req.into_inner();
         let inputs = to_tensors(req.inputs, req.raw_input_contents)?;
-        let requested: Vec<String> = req.outputs.into_iter().map(|o| o.name).collect();
-        let outputs = self
+        let served = self
             .state
-            .infer(&req.model_name, inputs, deadline, request_id)
+            .infer(InferCall {
+                model: req.model_name.clone(),
+                inputs,
+                outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+                timeout,
+                request_id,
+            })
             .await?;
-        let outputs = super::select_outputs(outputs, &requested)?;
-        let version = self
-            .state
-            .pool
-            .known_model_info(&req.model_name)
-            .map(|i| i.version)
-            .unwrap_or_default();
-        let (meta, raw): (Vec<_>, Vec<_>) = outputs
+        let (meta, raw): (Vec<_>, Vec<_>) = served
+            .outputs
             .into_iter()
             .map(|t| {
                 let meta = InferOutputTensor {
@@ -215,7 +230,7 @@ impl GrpcInferenceService for InferenceService {
             .unzip();
         Ok(Response::new(ModelInferResponse {
             model_name: req.model_name,
-            model_version: version,
+            model_version: served.model_version,
             id: req.id,
             parameters: Default::default(),
             outputs: meta,
@@ -237,6 +252,18 @@ mod tests {
             contents,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m).unwrap(), None);
+        m.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(grpc_timeout(&m).unwrap(), Some(Duration::from_millis(250)));
+        m.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(grpc_timeout(&m).unwrap(), Some(Duration::from_secs(3)));
+        m.insert("grpc-timeout", "12x".parse().unwrap());
+        assert!(grpc_timeout(&m).is_err());
     }
 
     #[test]

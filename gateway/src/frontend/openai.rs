@@ -1,8 +1,6 @@
 //! OpenAI-compatible `POST /v1/embeddings`, so LangChain/LangGraph embedding clients and
 //! the official OpenAI SDKs work unchanged.
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -14,10 +12,11 @@ use rankway_proto::worker::{DataType, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::rest::{AppState, RestLimits, finish_error, parse_json};
+use super::http::{AppState, RestLimits, finish_error, parse_json, rest_timeout};
 use crate::error::ApiError;
 use crate::model::text_embedding_io;
 use crate::request_id::RequestId;
+use crate::state::InferCall;
 
 /// Output that carries the token count of each text, when the model provides it.
 const TOKEN_COUNT_OUTPUT: &str = "token_count";
@@ -108,12 +107,12 @@ fn texts(input: Value) -> Result<Vec<String>, ApiError> {
 
 pub async fn embeddings(
     State(state): State<AppState>,
-    axum::Extension(limits): axum::Extension<Arc<RestLimits>>,
+    axum::Extension(limits): axum::Extension<RestLimits>,
     axum::Extension(request_id): axum::Extension<RequestId>,
     headers: http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
-    let deadline = state.deadline(super::rest_timeout(&headers)?);
+    let timeout = rest_timeout(&headers)?;
     let req: EmbeddingsRequest = parse_json(body, limits.max_request_bytes)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -143,7 +142,16 @@ pub async fn embeddings(
         shape: vec![texts.len() as i64],
         data: encode_bytes_elements(&texts).into(),
     };
-    let outputs = state.infer(&req.model, vec![input], deadline, request_id).await?;
+    let outputs = state
+        .infer(InferCall {
+            model: req.model.clone(),
+            inputs: vec![input],
+            outputs: Vec::new(),
+            timeout,
+            request_id,
+        })
+        .await?
+        .outputs;
 
     let find = |name: &str| outputs.iter().find(|t| t.name == name);
     let emb = find(&output_name)

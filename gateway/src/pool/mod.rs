@@ -17,15 +17,14 @@ use rand::rngs::StdRng;
 use tokio::time::Instant;
 
 use rankway_proto::worker::worker_client::WorkerClient;
-use rankway_proto::worker::{GroupStatusRequest, InferRequest, InferResponse, ModelInfo, RankPhase};
+use rankway_proto::worker::{
+    GroupStatusRequest, InferRequest, InferResponse, MAX_MESSAGE_BYTES, ModelInfo, NOT_STARTED_KEY, RankPhase,
+};
 use serde::Serialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{ApiError, from_worker_status};
-
-/// Largest gRPC message sent to or taken from a worker.
-pub const MAX_WORKER_MESSAGE_BYTES: usize = 64 << 20;
 
 /// A group's state as the gateway last saw it, as shown by `/admin/groups`.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -90,8 +89,8 @@ impl Group {
             .connect_timeout(settings.connect_timeout)
             .tcp_nodelay(true);
         let client = WorkerClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(MAX_WORKER_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_WORKER_MESSAGE_BYTES);
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let view = GroupView {
             name: name.clone(),
             address: address.clone(),
@@ -199,28 +198,26 @@ impl Lease {
         &self.group
     }
 
-    /// Sends the batch. A failure says whether the group never started it (safe to
-    /// retry elsewhere) or lost it (its callers must be told).
-    /// Runs `request` on the group; `trace` is the call's span, whose context goes to rank
-    /// 0 as `traceparent` metadata.
+    /// Runs `request` on the group by `deadline`, which goes to rank 0 as the call's
+    /// `grpc-timeout` (its server enforces it); `trace` is the call's span, whose context
+    /// goes along as `traceparent`. A failure says whether the group never started the
+    /// batch (safe to retry elsewhere) or lost it (its callers must be told).
     pub async fn infer(
         &self,
         request: InferRequest,
-        timeout: Option<Duration>,
+        deadline: Instant,
         trace: &tracing::Span,
     ) -> Result<InferResponse, DispatchError> {
         self.group.batches.fetch_add(1, Ordering::Relaxed);
         let mut client = self.group.client.clone();
         let mut headers = http::HeaderMap::new();
-        rankway_proto::telemetry::inject(trace, &mut headers);
+        rankway_runtime::telemetry::inject(trace, &mut headers);
         let mut req = tonic::Request::from_parts(
             tonic::metadata::MetadataMap::from_headers(headers),
             Default::default(),
             request,
         );
-        if let Some(t) = timeout {
-            req.set_timeout(t);
-        }
+        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
         let result = client.infer(req).await;
         let mut breaker = self.group.breaker.lock().expect("breaker lock");
         match result {
@@ -228,6 +225,15 @@ impl Lease {
                 breaker.on_success();
                 Ok(resp.into_inner())
             }
+            // Rank 0's server cancels a call at its grpc-timeout: the batch ran out of
+            // time, which says nothing about the group's health.
+            Err(status) if Instant::now() >= deadline && is_timeout(&status) => Err(DispatchError {
+                error: ApiError::DeadlineExceeded(format!(
+                    "group {:?} did not finish the batch before its deadline",
+                    self.group.name
+                )),
+                not_started: false,
+            }),
             Err(status) => {
                 let error = from_worker_status(&self.group.name, &status);
                 let not_started = never_started(&status);
@@ -243,6 +249,15 @@ impl Lease {
     }
 }
 
+/// How a server reports a call that ran out of its `grpc-timeout` (tonic says
+/// CANCELLED "Timeout expired"; the gRPC spec says DEADLINE_EXCEEDED).
+fn is_timeout(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    )
+}
+
 /// A batch that did not come back.
 #[derive(Debug)]
 pub struct DispatchError {
@@ -250,9 +265,6 @@ pub struct DispatchError {
     /// The group never started the batch (it refused it, or could not be reached).
     pub not_started: bool,
 }
-
-/// Metadata key a worker sets on errors for batches it refused before running them.
-pub const NOT_STARTED_KEY: &str = "rankway-not-started";
 
 /// Whether a failed call never reached the model: the worker said so, or no connection
 /// could be made (tonic reports a failed connect as UNAVAILABLE "tcp connect error").

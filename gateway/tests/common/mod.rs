@@ -547,16 +547,26 @@ pub fn sample_sum(text: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
-/// The groups a gateway reports at `GET {base}/admin/groups`.
-pub async fn admin_groups(http: &reqwest::Client, base: &str) -> Vec<Value> {
-    let v: Value = http
-        .get(format!("{base}/admin/groups"))
+/// The JSON answer of `GET url`.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// The JSON answer of `POST url` with a JSON `body`.
+pub async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> Value {
+    http.post(url)
+        .json(body)
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The groups a gateway reports at `GET {base}/admin/groups`.
+pub async fn admin_groups(http: &reqwest::Client, base: &str) -> Vec<Value> {
+    let v = get_json(http, &format!("{base}/admin/groups")).await;
     v["groups"].as_array().unwrap().clone()
 }
 

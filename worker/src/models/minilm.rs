@@ -9,15 +9,13 @@
 
 use std::path::Path;
 
-use rankway_proto::codec::decode_bytes_elements;
-use rankway_proto::worker::{DataType, ModelInfo, Tensor as WireTensor, TensorSpec};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::safetensors::ShardReader;
-use super::{Model, ModelError, Prepared};
-use crate::dist::{Collective, Shard};
+use super::{DType, HostTensor, Model, ModelConfig, ModelError, Prepared, Signature, TensorSpec, Values};
+use crate::collective::{Collective, Shard};
 
 pub const INPUT: &str = "text";
 pub const OUTPUT: &str = "embedding";
@@ -57,9 +55,7 @@ struct Layer {
 }
 
 pub struct MiniLm {
-    name: String,
-    shard: Shard,
-    max_batch_size: u32,
+    signature: Signature,
     tokenizer: Tokenizer,
     max_seq_length: usize,
     hidden: i64,
@@ -101,13 +97,8 @@ impl Weights {
 }
 
 impl MiniLm {
-    pub fn load(
-        dir: &Path,
-        name: String,
-        shard: Shard,
-        max_batch_size: u32,
-        device: Device,
-    ) -> Result<Self, ModelError> {
+    pub fn load(dir: &Path, served: &ModelConfig, shard: Shard) -> Result<Self, ModelError> {
+        let device = served.device;
         let cfg: BertConfig = read_json(&dir.join("config.json"))?;
         let st: SentenceBertConfig = read_json(&dir.join("sentence_bert_config.json"))?;
         if cfg.hidden_act != "gelu" {
@@ -165,10 +156,21 @@ impl MiniLm {
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
 
+        let signature = super::signature(
+            served,
+            "tch-bert",
+            vec![TensorSpec::new(INPUT, DType::Bytes, &[-1])],
+            vec![
+                TensorSpec::new(OUTPUT, DType::Fp32, &[-1, cfg.hidden_size]),
+                TensorSpec::new(TOKENS, DType::Int64, &[-1]),
+            ],
+            format!(
+                "tp={} heads/rank={local_heads} intermediate/rank={}",
+                shard.world, inter.1
+            ),
+        );
         Ok(Self {
-            name,
-            shard,
-            max_batch_size,
+            signature,
             tokenizer,
             max_seq_length,
             hidden: cfg.hidden_size,
@@ -214,35 +216,19 @@ impl MiniLm {
 }
 
 impl Model for MiniLm {
-    fn info(&self) -> ModelInfo {
-        super::model_info(
-            &self.name,
-            "tch-bert",
-            vec![super::spec(INPUT, DataType::Bytes, &[-1])],
-            vec![
-                super::spec(OUTPUT, DataType::Fp32, &[-1, self.hidden]),
-                super::spec(TOKENS, DataType::Int64, &[-1]),
-            ],
-            format!(
-                "tp={} heads/rank={} intermediate/rank={}",
-                self.shard.world,
-                self.local_heads,
-                self.layers.first().map_or(0, |l| l.up_w.size()[0])
-            ),
-            self.max_batch_size,
-        )
+    fn signature(&self) -> Signature {
+        self.signature.clone()
     }
 
-    fn prepare(&self, inputs: &[WireTensor]) -> Result<Prepared, ModelError> {
-        let spec = TensorSpec {
-            name: INPUT.into(),
-            datatype: DataType::Bytes as i32,
-            shape: vec![-1],
+    fn prepare(&self, inputs: &[HostTensor]) -> Result<Prepared, ModelError> {
+        let sig = &self.signature;
+        let input = super::expect_input(inputs, &sig.inputs[0], sig.max_batch_size)?;
+        let Values::Elements(elements) = &input.values else {
+            return Err(ModelError::InvalidInput(format!(
+                "input {INPUT:?} must hold one text per element"
+            )));
         };
-        let input = super::expect_input(inputs, &spec, self.max_batch_size)?;
-        let elements = decode_bytes_elements(&input.data)
-            .map_err(|e| ModelError::InvalidInput(format!("input {INPUT:?}: {e}")))?;
-        if elements.len() as i64 != input.shape[0] {
+        if elements.len() as i64 != input.rows() {
             return Err(ModelError::InvalidInput(format!(
                 "input {INPUT:?} has shape {:?} but holds {} elements",
                 input.shape,
@@ -320,21 +306,18 @@ impl Model for MiniLm {
         Ok(pooled / norm)
     }
 
-    fn outputs(&self, batch: &Prepared, output: Tensor) -> Result<Vec<WireTensor>, ModelError> {
+    fn outputs(&self, batch: &Prepared, output: Tensor) -> Result<Vec<HostTensor>, ModelError> {
         let counts = batch.token_counts.as_deref().unwrap_or_default();
         Ok(vec![
-            super::f32_to_wire(OUTPUT, &output)?,
-            super::i64_to_wire(TOKENS, counts),
+            super::f32_output(OUTPUT, &output)?,
+            HostTensor::i64(TOKENS, counts),
         ])
     }
 
-    fn warmup_inputs(&self) -> Vec<WireTensor> {
-        let texts = ["Rankway warms up.", "Every rank takes part in every batch."];
-        vec![WireTensor {
-            name: INPUT.into(),
-            datatype: DataType::Bytes as i32,
-            shape: vec![texts.len() as i64],
-            data: rankway_proto::codec::encode_bytes_elements(&texts).into(),
-        }]
+    fn warmup_inputs(&self) -> Vec<HostTensor> {
+        vec![HostTensor::texts(
+            INPUT,
+            &["Rankway warms up.", "Every rank takes part in every batch."],
+        )]
     }
 }

@@ -8,16 +8,15 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rankway_proto::worker::{DataType, ModelInfo, Tensor as WireTensor};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
-use super::{Model, ModelError, Prepared};
-use crate::dist::{Collective, Shard};
+use super::{DType, HostTensor, Model, ModelConfig, ModelError, Prepared, Signature, TensorSpec};
+use crate::collective::{Collective, Shard};
 
 pub const INPUT: &str = "input";
 pub const OUTPUT: &str = "output";
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MlpConfig {
     pub hidden: i64,
     pub layers: i64,
@@ -32,21 +31,14 @@ struct Block {
 }
 
 pub struct Mlp {
-    name: String,
     cfg: MlpConfig,
-    shard: Shard,
-    max_batch_size: u32,
+    signature: Signature,
     blocks: Vec<Block>,
 }
 
 impl Mlp {
-    pub fn new(
-        cfg: MlpConfig,
-        name: String,
-        shard: Shard,
-        max_batch_size: u32,
-        device: Device,
-    ) -> Result<Self, ModelError> {
+    pub fn new(cfg: MlpConfig, served: &ModelConfig, shard: Shard) -> Result<Self, ModelError> {
+        let device = served.device;
         if cfg.hidden < 1 || cfg.layers < 1 {
             return Err(ModelError::Load(format!(
                 "mlp needs hidden >= 1 and layers >= 1, got {} and {}",
@@ -79,38 +71,32 @@ impl Mlp {
                 }
             })
             .collect();
+        let signature = super::signature(
+            served,
+            "tch-mlp",
+            vec![TensorSpec::new(INPUT, DType::Fp32, &[-1, cfg.hidden])],
+            vec![TensorSpec::new(OUTPUT, DType::Fp32, &[-1, cfg.hidden])],
+            format!("tp={} inner/rank={len}", shard.world),
+        );
         Ok(Self {
-            name,
             cfg,
-            shard,
-            max_batch_size,
+            signature,
             blocks,
         })
     }
 }
 
 impl Model for Mlp {
-    fn info(&self) -> ModelInfo {
-        super::model_info(
-            &self.name,
-            "tch-mlp",
-            vec![super::spec(INPUT, DataType::Fp32, &[-1, self.cfg.hidden])],
-            vec![super::spec(OUTPUT, DataType::Fp32, &[-1, self.cfg.hidden])],
-            format!(
-                "tp={} inner/rank={}",
-                self.shard.world,
-                4 * self.cfg.hidden / self.shard.world as i64
-            ),
-            self.max_batch_size,
-        )
+    fn signature(&self) -> Signature {
+        self.signature.clone()
     }
 
-    fn prepare(&self, inputs: &[WireTensor]) -> Result<Prepared, ModelError> {
-        let spec = super::spec(INPUT, DataType::Fp32, &[-1, self.cfg.hidden]);
-        let input = super::expect_input(inputs, &spec, self.max_batch_size)?;
-        let x = super::wire_to_f32(input)?;
+    fn prepare(&self, inputs: &[HostTensor]) -> Result<Prepared, ModelError> {
+        let sig = &self.signature;
+        let input = super::expect_input(inputs, &sig.inputs[0], sig.max_batch_size)?;
+        let x = super::f32_input(input)?;
         Ok(Prepared {
-            rows: input.shape[0] as usize,
+            rows: input.rows() as usize,
             tensors: vec![x],
             token_counts: None,
         })
@@ -132,21 +118,12 @@ impl Model for Mlp {
         Ok(x)
     }
 
-    fn outputs(&self, _batch: &Prepared, output: Tensor) -> Result<Vec<WireTensor>, ModelError> {
-        Ok(vec![super::f32_to_wire(OUTPUT, &output)?])
+    fn outputs(&self, _batch: &Prepared, output: Tensor) -> Result<Vec<HostTensor>, ModelError> {
+        Ok(vec![super::f32_output(OUTPUT, &output)?])
     }
 
-    fn warmup_inputs(&self) -> Vec<WireTensor> {
+    fn warmup_inputs(&self) -> Vec<HostTensor> {
         let values = vec![0.5f32; 2 * self.cfg.hidden as usize];
-        vec![WireTensor {
-            name: INPUT.into(),
-            datatype: DataType::Fp32 as i32,
-            shape: vec![2, self.cfg.hidden],
-            data: values
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        }]
+        vec![HostTensor::f32(INPUT, vec![2, self.cfg.hidden], &values)]
     }
 }

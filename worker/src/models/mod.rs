@@ -1,18 +1,19 @@
 //! Models a worker can serve, written once for one rank or a tensor-parallel group.
 //!
 //! A batch goes through three steps: [`Model::prepare`] (rank 0 only: validate and
-//! tokenize the wire tensors), [`Model::forward`] (every rank, with collectives), and
-//! [`Model::outputs`] (rank 0 only: back to wire tensors).
+//! tokenize the inputs), [`Model::forward`] (every rank, with collectives), and
+//! [`Model::outputs`] (rank 0 only: back to host tensors). Models speak only their own
+//! types ([`types`]); the gRPC edge converts.
 
 pub mod minilm;
 pub mod mlp;
 pub mod safetensors;
+pub mod types;
 
-use rankway_proto::worker::{DataType, ModelInfo, Tensor as WireTensor, TensorSpec};
 use tch::Tensor;
 
-use crate::config::{ModelArgs, ModelKind};
-use crate::dist::{Collective, CollectiveError, Shard};
+use crate::collective::{Collective, CollectiveError, Shard};
+pub use types::{Architecture, DType, HostTensor, ModelConfig, Signature, TensorSpec, Values};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -37,74 +38,63 @@ pub struct Prepared {
 }
 
 pub trait Model: Send {
-    fn info(&self) -> ModelInfo;
-    fn prepare(&self, inputs: &[WireTensor]) -> Result<Prepared, ModelError>;
+    fn signature(&self) -> Signature;
+    fn prepare(&self, inputs: &[HostTensor]) -> Result<Prepared, ModelError>;
     fn forward(&self, batch: &Prepared, comm: &dyn Collective) -> Result<Tensor, ModelError>;
-    fn outputs(&self, batch: &Prepared, output: Tensor) -> Result<Vec<WireTensor>, ModelError>;
+    fn outputs(&self, batch: &Prepared, output: Tensor) -> Result<Vec<HostTensor>, ModelError>;
     /// A small batch that exercises the whole forward pass, run before serving.
-    fn warmup_inputs(&self) -> Vec<WireTensor>;
+    fn warmup_inputs(&self) -> Vec<HostTensor>;
 }
 
-/// Loads the model named by `args`, holding the shard of the weights `shard` owns.
-pub fn load(args: &ModelArgs, shard: Shard) -> Result<Box<dyn Model>, ModelError> {
-    args.check_device().map_err(ModelError::Load)?;
-    let name = args.served_name();
-    Ok(match args.model {
-        ModelKind::Minilm => Box::new(minilm::MiniLm::load(
-            &args.model_dir,
-            name,
-            shard,
-            args.max_batch_size,
-            args.device,
-        )?),
-        ModelKind::Mlp => Box::new(mlp::Mlp::new(
-            mlp::MlpConfig {
-                hidden: args.mlp_hidden,
-                layers: args.mlp_layers,
-                seed: args.mlp_seed,
-            },
-            name,
-            shard,
-            args.max_batch_size,
-            args.device,
-        )?),
-    })
-}
-
-pub(crate) fn spec(name: &str, datatype: DataType, shape: &[i64]) -> TensorSpec {
-    TensorSpec {
-        name: name.to_owned(),
-        datatype: datatype as i32,
-        shape: shape.to_vec(),
+/// Fails unless `device` is the CPU or a GPU this process can see.
+pub fn check_device(device: tch::Device) -> Result<(), String> {
+    let tch::Device::Cuda(n) = device else {
+        return Ok(());
+    };
+    let visible = tch::Cuda::device_count();
+    if n as i64 >= visible {
+        return Err(format!(
+            "--device cuda:{n}, but {visible} CUDA devices are visible (the worker needs its \
+             `cuda` build and a GPU)"
+        ));
     }
+    Ok(())
+}
+
+/// Loads the model `cfg` describes, holding the shard of the weights `shard` owns.
+pub fn load(cfg: &ModelConfig, shard: Shard) -> Result<Box<dyn Model>, ModelError> {
+    check_device(cfg.device).map_err(ModelError::Load)?;
+    Ok(match &cfg.architecture {
+        Architecture::MiniLm { dir } => Box::new(minilm::MiniLm::load(dir, cfg, shard)?),
+        Architecture::Mlp(mlp_cfg) => Box::new(mlp::Mlp::new(*mlp_cfg, cfg, shard)?),
+    })
 }
 
 /// Finds the single input `spec` names and checks its datatype, rank and fixed dims.
 pub(crate) fn expect_input<'a>(
-    inputs: &'a [WireTensor],
+    inputs: &'a [HostTensor],
     spec: &TensorSpec,
     max_rows: u32,
-) -> Result<&'a WireTensor, ModelError> {
-    if inputs.len() != 1 {
+) -> Result<&'a HostTensor, ModelError> {
+    let [t] = inputs else {
         return Err(ModelError::InvalidInput(format!(
             "expected exactly one input {:?}, got {}",
             spec.name,
             inputs.len()
         )));
-    }
-    let t = &inputs[0];
+    };
     if t.name != spec.name {
         return Err(ModelError::InvalidInput(format!(
             "unexpected input {:?}: this model takes {:?}",
             t.name, spec.name
         )));
     }
-    if t.datatype != spec.datatype {
+    if t.dtype != spec.dtype {
         return Err(ModelError::InvalidInput(format!(
             "input {:?} must be {}, got {}",
             t.name,
-            spec.datatype().oip_name(),
-            DataType::try_from(t.datatype).map_or("an unknown type", |d| d.oip_name())
+            spec.dtype.name(),
+            t.dtype.name()
         )));
     }
     let fits = t.shape.len() == spec.shape.len()
@@ -119,57 +109,38 @@ pub(crate) fn expect_input<'a>(
             t.name, t.shape, spec.shape
         )));
     }
-    if t.shape[0] > i64::from(max_rows) {
+    if t.rows() > i64::from(max_rows) {
         return Err(ModelError::InvalidInput(format!(
             "batch of {} rows exceeds this worker's limit of {max_rows}",
-            t.shape[0]
+            t.rows()
         )));
     }
     Ok(t)
 }
 
-/// A float tensor (on any device) as a wire tensor (little-endian f32).
-pub(crate) fn f32_to_wire(name: &str, t: &Tensor) -> Result<WireTensor, ModelError> {
+/// A float tensor (on any device) as an FP32 host tensor.
+pub(crate) fn f32_output(name: &str, t: &Tensor) -> Result<HostTensor, ModelError> {
     let t = t
         .to_device(tch::Device::Cpu)
         .to_kind(tch::Kind::Float)
         .contiguous();
     let values = Vec::<f32>::try_from(t.flatten(0, -1))?;
-    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Ok(WireTensor {
-        name: name.to_owned(),
-        datatype: DataType::Fp32 as i32,
-        shape: t.size(),
-        data: data.into(),
-    })
+    Ok(HostTensor::f32(name, t.size(), &values))
 }
 
-pub(crate) fn i64_to_wire(name: &str, values: &[i64]) -> WireTensor {
-    WireTensor {
-        name: name.to_owned(),
-        datatype: DataType::Int64 as i32,
-        shape: vec![values.len() as i64],
-        data: values
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>()
-            .into(),
-    }
-}
-
-/// A validated FP32 wire tensor as a tch tensor of the same shape.
-pub(crate) fn wire_to_f32(t: &WireTensor) -> Result<Tensor, ModelError> {
-    let expected: i64 = t.shape.iter().product::<i64>() * 4;
-    if t.data.len() as i64 != expected {
-        return Err(ModelError::InvalidInput(format!(
-            "input {:?} of shape {:?} needs {expected} bytes of FP32 data, got {}",
-            t.name,
-            t.shape,
-            t.data.len()
-        )));
-    }
-    let values: Vec<f32> = t
-        .data
+/// A validated FP32 host tensor as a tch tensor of the same shape.
+pub(crate) fn f32_input(t: &HostTensor) -> Result<Tensor, ModelError> {
+    let expected = t.shape.iter().product::<i64>() as usize * 4;
+    let data = match &t.values {
+        Values::Raw(data) if t.dtype == DType::Fp32 && data.len() == expected => data,
+        _ => {
+            return Err(ModelError::InvalidInput(format!(
+                "input {:?} of shape {:?} needs {expected} bytes of FP32 data",
+                t.name, t.shape
+            )));
+        }
+    };
+    let values: Vec<f32> = data
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
@@ -187,21 +158,21 @@ pub(crate) fn check_divisible(what: &str, total: i64, shard: Shard) -> Result<()
     Ok(())
 }
 
-pub(crate) fn model_info(
-    name: &str,
+/// A model's signature under the name and version `cfg` serves it as.
+pub(crate) fn signature(
+    cfg: &ModelConfig,
     platform: &str,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
     shard_layout: String,
-    max_batch_size: u32,
-) -> ModelInfo {
-    ModelInfo {
-        name: name.to_owned(),
-        version: "1".to_owned(),
+) -> Signature {
+    Signature {
+        name: cfg.name.clone(),
+        version: cfg.version.clone(),
         platform: platform.to_owned(),
         inputs,
         outputs,
         shard_layout,
-        max_batch_size,
+        max_batch_size: cfg.max_batch_size,
     }
 }

@@ -5,6 +5,7 @@
 //! go through torch c10d.
 
 pub mod c10d;
+pub mod observed;
 
 use tch::Tensor;
 

@@ -1,0 +1,84 @@
+//! What the REST front ends share: the state they are handed, body parsing with its
+//! limit, the client's timeout header, and how an error answer is finished.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+
+use crate::error::ApiError;
+use crate::state::Gateway;
+
+pub type AppState = Arc<Gateway>;
+
+/// Limits of the REST front ends, an extension of every route.
+#[derive(Debug, Clone, Copy)]
+pub struct RestLimits {
+    pub max_request_bytes: usize,
+}
+
+/// Finishes an error answer: `Retry-After` when the error has one, and the error itself
+/// in the response's extensions for the request's log line (crate::request_id).
+pub fn finish_error(mut resp: Response, err: &ApiError) -> Response {
+    resp.extensions_mut().insert(err.clone());
+    if let Some(after) = err.retry_after() {
+        let secs = after.as_secs().max(1).to_string();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_str(&secs).expect("digits"));
+    }
+    resp
+}
+
+/// Reads a JSON body, telling an over-limit body (413) from a malformed one (400).
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(format!("request body is over the limit of {limit} bytes"))
+        } else {
+            ApiError::InvalidInput(rej.body_text())
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidInput(format!("invalid JSON body: {e}")))
+}
+
+/// REST header carrying the client's timeout in seconds (fractions allowed).
+pub const REQUEST_TIMEOUT_HEADER: &str = "request-timeout";
+
+/// The client's timeout from `Request-Timeout: <seconds>`, if it sent one.
+pub fn rest_timeout(headers: &http::HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let Some(v) = headers.get(REQUEST_TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    let secs = v
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .ok_or_else(|| {
+            ApiError::InvalidInput(format!(
+                "Request-Timeout must be a positive number of seconds, got {v:?}"
+            ))
+        })?;
+    Ok(Some(Duration::from_secs_f64(secs.min(1e9))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_timeout_parses() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(rest_timeout(&h).unwrap(), None);
+        h.insert(REQUEST_TIMEOUT_HEADER, "1.5".parse().unwrap());
+        assert_eq!(rest_timeout(&h).unwrap(), Some(Duration::from_millis(1500)));
+        h.insert(REQUEST_TIMEOUT_HEADER, "-2".parse().unwrap());
+        assert!(rest_timeout(&h).is_err());
+    }
+}
