@@ -1,7 +1,8 @@
 //! DNS discovery with a DNS server on loopback: the gateway resolves a leaders name
 //! (`--leaders-dns`, `--dns-server`); adding an address adds a group live, removing it
 //! takes the group out. The groups are real workers on 127.0.0.1 and 127.0.0.2 (both
-//! loopback on Linux), so one port serves both addresses.
+//! loopback on Linux), so one port serves both addresses. A name with more groups than a
+//! UDP answer holds is read whole over TCP.
 
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -91,5 +92,26 @@ async fn groups_follow_the_leaders_dns_name() {
         w1.batches_completed().await,
         removed_before,
         "the removed group gets no more batches"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_with_more_groups_than_a_udp_answer_holds_is_read_whole() {
+    // 100 A records make a 1.6 KB answer: the UDP one comes back truncated.
+    let many: Vec<Ipv4Addr> = (1..=100).map(|i| Ipv4Addr::new(127, 0, 1, i)).collect();
+    let dns = dns_server(Arc::new(Mutex::new(many))).await;
+    let gw = Gateway::start_addrs(
+        &[],
+        &[
+            "--leaders-dns=leaders.test:9",
+            &format!("--dns-server={dns}"),
+            "--dns-interval=200ms",
+        ],
+    );
+    let http = reqwest::Client::new();
+    let groups = wait_for(&http, &gw, "all 100 groups", |g| g.len() == 100).await;
+    assert!(
+        groups.iter().any(|g| g["address"] == "127.0.1.100:9"),
+        "{groups:?}"
     );
 }

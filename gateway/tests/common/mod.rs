@@ -130,7 +130,9 @@ impl Drop for Proc {
     /// the process's log goes to the test output first.
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let log = self.log.lock().unwrap();
+            // A panic may have poisoned the lock (a failed wait_for_log holds it while it
+            // formats its message); panicking again here would abort every other test.
+            let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
             let tail = &log[log.len().saturating_sub(40)..];
             eprintln!(
                 "--- last {} log lines of pid {} ---\n{}",
@@ -570,10 +572,27 @@ pub async fn admin_groups(http: &reqwest::Client, base: &str) -> Vec<Value> {
     v["groups"].as_array().unwrap().clone()
 }
 
-/// A minimal authoritative DNS server answering A queries from `records` (TTL 0).
+/// The answer to `query`: every address in `records` as an A record (TTL 0).
+fn dns_answer(query: &Message, records: &Mutex<Vec<Ipv4Addr>>) -> Message {
+    let mut resp = Message::response(query.metadata.id, OpCode::Query);
+    resp.metadata.authoritative = true;
+    for q in &query.queries {
+        resp.add_query(q.clone());
+        for ip in records.lock().unwrap().iter() {
+            resp.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(*ip))));
+        }
+    }
+    resp
+}
+
+/// A minimal authoritative DNS server answering A queries from `records` (TTL 0), over
+/// UDP and TCP on the same port. As real servers do, a UDP answer over 512 bytes is sent
+/// truncated (TC set, no answers): the client must ask again over TCP.
 pub async fn dns_server(records: Arc<Mutex<Vec<Ipv4Addr>>>) -> SocketAddr {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = sock.local_addr().unwrap();
+    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let udp_records = records.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         loop {
@@ -583,15 +602,41 @@ pub async fn dns_server(records: Arc<Mutex<Vec<Ipv4Addr>>>) -> SocketAddr {
             let Ok(query) = Message::from_vec(&buf[..n]) else {
                 continue;
             };
-            let mut resp = Message::response(query.metadata.id, OpCode::Query);
-            resp.metadata.authoritative = true;
-            for q in &query.queries {
-                resp.add_query(q.clone());
-                for ip in records.lock().unwrap().iter() {
-                    resp.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(*ip))));
+            let mut bytes = dns_answer(&query, &udp_records).to_vec().unwrap();
+            if bytes.len() > 512 {
+                let mut cut = Message::response(query.metadata.id, OpCode::Query);
+                cut.metadata.authoritative = true;
+                cut.metadata.truncation = true;
+                for q in &query.queries {
+                    cut.add_query(q.clone());
                 }
+                bytes = cut.to_vec().unwrap();
             }
-            let _ = sock.send_to(&resp.to_vec().unwrap(), peer).await;
+            let _ = sock.send_to(&bytes, peer).await;
+        }
+    });
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut conn, _)) = tcp.accept().await {
+            let records = records.clone();
+            tokio::spawn(async move {
+                // Each message is preceded by its length (2 bytes, big-endian).
+                while let Ok(len) = conn.read_u16().await {
+                    let mut buf = vec![0u8; len as usize];
+                    if conn.read_exact(&mut buf).await.is_err() {
+                        return;
+                    }
+                    let Ok(query) = Message::from_vec(&buf) else {
+                        return;
+                    };
+                    let bytes = dns_answer(&query, &records).to_vec().unwrap();
+                    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+                    framed.extend_from_slice(&bytes);
+                    if conn.write_all(&framed).await.is_err() {
+                        return;
+                    }
+                }
+            });
         }
     });
     addr
