@@ -8,7 +8,7 @@ JOBS ?= 2
 export LIBTORCH = $(shell ls -d $(CURDIR)/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -n1)
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: all setup build run test structure manifests images bench bench-groups bench-pool bench-tracing lint clean
+.PHONY: all setup build run test structure manifests images bench bench-overhead bench-groups bench-pool bench-tracing lint clean
 
 all: build
 
@@ -49,6 +49,12 @@ images: build
 ## Direct model throughput vs through the gateway (k6, 32 VUs).
 bench: build
 	scripts/bench.sh
+
+## The gateway's own cost: a no-op model behind it, a lean load generator at 1, 8 and 64
+## connections over REST and gRPC.
+bench-overhead: build
+	$(CARGO) build --release -j$(JOBS) -p rankway-gateway --example loadgen
+	scripts/bench_overhead.sh
 
 ## One 1-rank group vs one 2-rank group, same machine, through the gateway.
 bench-groups: build

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
-BIN=target/release
+BIN=${BIN:-target/release}
 K6=.venv/bin/k6
 export VUS=${VUS:-32} ITERATIONS=${ITERATIONS:-3000} MAX_DURATION=${MAX_DURATION:-90s}
 HTTP=127.0.0.1:${BENCH_HTTP_PORT:-18000}

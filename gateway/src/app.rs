@@ -3,9 +3,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use rankway_proto::inference::grpc_inference_service_server::SERVICE_NAME as OIP_SERVICE;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
@@ -155,13 +156,18 @@ pub async fn run(
     let limits = RestLimits {
         max_request_bytes: cfg.max_request_bytes,
     };
-    let rest = axum::serve(
-        listeners.http,
-        router::router(state.clone(), limits, metrics.clone()),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = stop_rest.wait_for(|s| *s).await;
+    // TCP_NODELAY on every accepted socket (REST here, gRPC below, the channels to the
+    // groups in the pool): a small answer must not wait for the delayed ACK of the one
+    // before it (Nagle's algorithm meeting delayed ACKs costs up to 40 ms on Linux).
+    let http = listeners.http.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
     });
+    let rest = axum::serve(http, router::router(state.clone(), limits, metrics.clone()))
+        .with_graceful_shutdown(async move {
+            let _ = stop_rest.wait_for(|s| *s).await;
+        });
     let rest = tokio::spawn(async move { rest.await.map_err(AppError::Rest) });
 
     let mut stop_grpc = stop_rx.clone();
@@ -172,9 +178,12 @@ pub async fn run(
         ))
         .add_service(health_service)
         .add_service(grpc::service(state.clone(), cfg.max_request_bytes))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
-            let _ = stop_grpc.wait_for(|s| *s).await;
-        });
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            async move {
+                let _ = stop_grpc.wait_for(|s| *s).await;
+            },
+        );
     let grpc_server = tokio::spawn(async move { grpc_server.await.map_err(AppError::Grpc) });
     tracing::info!(%http_addr, %grpc_addr, groups = cfg.groups.len(), "gateway listening");
 

@@ -1,11 +1,18 @@
 //! The per-model dynamic batcher.
 //!
 //! Requests wait in a bounded queue (full = refused at once). A single task per model
-//! takes the first waiting request, waits for a free slot on a ready group, then fills the
-//! batch with whatever else arrives within `max_queue_delay` of the first request, up to
-//! `max_batch_size` rows. While every group is busy, requests pile up in the queue and the
-//! next batch is larger: the batch size follows the load. A request whose caller has gone
-//! (timed out or disconnected) before dispatch is dropped from its batch.
+//! takes the first waiting request and waits for a free slot on a ready group. When the
+//! group is idle, the batch takes every request already waiting (up to `max_batch_size`
+//! rows) and goes at once. When the group is computing another batch, the new one is
+//! staged behind it: it keeps gathering requests until that batch is about to end (the
+//! group's moving-average compute time less the usual cost of a call), then goes, so it
+//! runs the moment the group frees with everything that arrived meanwhile. Nothing waits
+//! while a group could compute; requests accumulate only while every group is busy, so
+//! the batch size follows the load, as with TGI's continuous batching and Triton's
+//! dynamic batcher at its default (no queue delay). `max_queue_delay` (default 0) is an
+//! upper bound for those who want fuller batches at low load: a batch then also waits
+//! until its first request has waited that long. A request whose caller has gone (timed
+//! out or disconnected) before dispatch is dropped from its batch.
 //!
 //! Spans: each request's `queue` span lasts until its batch is dispatched; the `batch`
 //! span is a child of its first request's span (so a one-request batch is in the
@@ -34,7 +41,8 @@ use crate::request_id::RequestId;
 pub struct BatchConfig {
     /// Rows in one batch at most (a larger single request goes alone).
     pub max_batch_size: usize,
-    /// How long the first request of a batch may wait for others.
+    /// How long the first request of a batch may wait for others once a group is free
+    /// (0: a batch takes what is waiting and goes).
     pub max_queue_delay: Duration,
     /// Requests that may wait per model.
     pub queue_capacity: usize,
@@ -190,6 +198,28 @@ impl BatchLoop {
         Some(e)
     }
 
+    /// The next waiting request, if one is already there.
+    fn try_recv(&mut self) -> Option<Entry> {
+        let e = self.rx.try_recv().ok()?;
+        self.metrics.queue_depth(&self.model).dec();
+        Some(e)
+    }
+
+    /// The next request for the batch being filled: one already waiting, else one that
+    /// arrives before `close_at` (never, with no queue delay).
+    async fn next_for_batch(&mut self, close_at: Instant) -> Option<Entry> {
+        if let Some(e) = self.try_recv() {
+            return Some(e);
+        }
+        if Instant::now() >= close_at {
+            return None;
+        }
+        tokio::time::timeout_at(close_at, self.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
     async fn run(mut self) {
         let mut carry: Option<Entry> = None;
         loop {
@@ -222,15 +252,19 @@ impl BatchLoop {
                 }
             };
 
-            // The window closes early if the first request's deadline comes first.
+            // The group can take a batch: take what waits. A batch staged behind a running
+            // one also gathers what arrives until that one is about to end; with a queue
+            // delay, what arrives until the first request has waited that long. Never
+            // past the first request's deadline.
             let opened = Instant::now();
-            let close_at = (first.enqueued + self.cfg.max_queue_delay).min(first.deadline);
+            let close_at = (first.enqueued + self.cfg.max_queue_delay)
+                .max(opened + lease.group().staging_window())
+                .min(first.deadline);
             let mut rows = first.request.rows;
             let mut batch = vec![first];
             while rows < self.cfg.max_batch_size {
-                let next = match tokio::time::timeout_at(close_at, self.recv()).await {
-                    Ok(Some(e)) => e,
-                    Ok(None) | Err(_) => break,
+                let Some(next) = self.next_for_batch(close_at).await else {
+                    break;
                 };
                 let Some(next) = next.still_wanted(Instant::now()) else {
                     continue;
@@ -314,7 +348,11 @@ impl Dispatch {
                 .instrument(call.clone())
                 .await
             {
-                Ok(resp) => break Ok((resp, started.elapsed())),
+                Ok(resp) => {
+                    let took = started.elapsed();
+                    self.metrics.observe_worker_call(&group, took);
+                    break Ok((resp, took));
+                }
                 // Refused before it ran: another group may take it, within the budget.
                 Err(e) if e.not_started && tried.len() < self.retry_budget => {
                     tracing::info!(model = %self.model, batch_id, %group, error = %e.error, "group refused the batch; retrying elsewhere");
@@ -361,9 +399,13 @@ impl Dispatch {
     }
 }
 
-/// Joins the entries' inputs along the batch dimension (inputs are in model order).
+/// Joins the entries' inputs along the batch dimension (inputs are in model order). A
+/// batch of one request shares its buffers instead of copying them.
 fn concat_inputs(batch: &[Entry]) -> Vec<Tensor> {
     let first = &batch[0].request.inputs;
+    if batch.len() == 1 {
+        return first.clone();
+    }
     (0..first.len())
         .map(|i| {
             let mut data = Vec::with_capacity(batch.iter().map(|e| e.request.inputs[i].data.len()).sum());
@@ -557,5 +599,63 @@ mod queue_tests {
         drop(busy);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(pool.groups()[0].batches_sent(), sent_before);
+    }
+
+    /// A batch loop fed by the returned sender, for driving `next_for_batch` directly.
+    fn batch_loop() -> (mpsc::Sender<Entry>, BatchLoop) {
+        let (tx, rx) = mpsc::channel(8);
+        let lp = BatchLoop {
+            model: "m".into(),
+            cfg: cfg(8),
+            pool: ready_pool(&["a"], "m"),
+            metrics: Arc::new(Metrics::new()),
+            rx,
+        };
+        (tx, lp)
+    }
+
+    fn entry() -> Entry {
+        let now = Instant::now();
+        Entry {
+            request: request(),
+            request_id: id(),
+            deadline: now + Duration::from_secs(60),
+            enqueued: now,
+            reply: oneshot::channel().0,
+            span: tracing::Span::none(),
+            queue_span: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_queue_delay_a_batch_takes_what_waits_and_never_waits_for_more() {
+        let (tx, mut lp) = batch_loop();
+        let now = Instant::now();
+        for _ in 0..3 {
+            assert!(tx.try_send(entry()).is_ok());
+        }
+        let mut taken = 0;
+        while lp.next_for_batch(now).await.is_some() {
+            taken += 1;
+        }
+        assert_eq!(taken, 3, "every waiting request joins the batch");
+        assert_eq!(Instant::now(), now, "an empty queue closes the batch at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_delay_is_an_upper_bound_on_waiting_for_more() {
+        let (tx, mut lp) = batch_loop();
+        let start = Instant::now();
+        let close_at = start + Duration::from_millis(5);
+        // One request arrives 2 ms in: it is taken when it arrives, not at the bound.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let _ = tx.send(entry()).await;
+            tokio::time::sleep(Duration::from_secs(60)).await; // keep the queue open
+        });
+        assert!(lp.next_for_batch(close_at).await.is_some());
+        assert_eq!(Instant::now(), start + Duration::from_millis(2));
+        assert!(lp.next_for_batch(close_at).await.is_none());
+        assert_eq!(Instant::now(), close_at, "no more: the batch closes at the bound");
     }
 }

@@ -36,8 +36,10 @@ pub struct Config {
     /// Most rows (texts or samples) in one batch; a larger single request goes alone.
     #[arg(long, env = "RANKWAY_MAX_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_batch_size: u32,
-    /// How long the first request of a batch may wait for more, in microseconds.
-    #[arg(long, env = "RANKWAY_MAX_QUEUE_DELAY_US", default_value_t = 2000)]
+    /// Upper bound on how long the first request of a batch waits for more once a group
+    /// can take it, in microseconds. 0: a batch takes what is queued and goes at once
+    /// (requests still accumulate while every group is busy).
+    #[arg(long, env = "RANKWAY_MAX_QUEUE_DELAY_US", default_value_t = 0)]
     pub max_queue_delay_us: u64,
     /// Requests that may wait per model; more are refused at once (429 / RESOURCE_EXHAUSTED).
     #[arg(long, env = "RANKWAY_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
@@ -69,6 +71,11 @@ pub struct Config {
     /// Timeout of one GroupStatus call (and of connecting to a group).
     #[arg(long, env = "RANKWAY_HEALTH_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1s")]
     pub health_timeout: Duration,
+    /// Threads of the async runtime that serves every request (default: the cores this
+    /// process may use, its CPU limit included). On a host shared with the workers, fewer
+    /// threads save cross-thread wake-ups on every request.
+    #[arg(long, env = "RANKWAY_IO_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub io_threads: Option<u16>,
     /// How long a graceful shutdown waits for accepted requests to finish.
     #[arg(long, env = "RANKWAY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
@@ -144,7 +151,7 @@ mod tests {
         assert_eq!(c.http_listen.port(), 8000);
         assert_eq!(c.grpc_listen.port(), 8001);
         assert_eq!(c.max_batch_size, 32);
-        assert_eq!(c.batch().max_queue_delay, Duration::from_micros(2000));
+        assert_eq!(c.batch().max_queue_delay, Duration::ZERO);
     }
 
     #[test]

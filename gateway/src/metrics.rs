@@ -21,6 +21,11 @@ fn seconds_buckets() -> Vec<f64> {
     exponential_buckets(1e-4, 2.0, 20).expect("valid buckets")
 }
 
+/// 10 µs .. ~10 s in steps of 25 %: fine enough to read a sub-millisecond p99.
+fn fine_seconds_buckets() -> Vec<f64> {
+    exponential_buckets(1e-5, 1.25, 63).expect("valid buckets")
+}
+
 /// 1 .. 1024 rows.
 fn rows_buckets() -> Vec<f64> {
     exponential_buckets(1.0, 2.0, 11).expect("valid buckets")
@@ -66,6 +71,8 @@ pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     request_duration: HistogramVec,
+    added: HistogramVec,
+    worker_call: HistogramVec,
     queue_duration: HistogramVec,
     batch_fill_delay: HistogramVec,
     batch_rows: HistogramVec,
@@ -101,6 +108,20 @@ impl Metrics {
                 "Time from request to response, by route and status code.",
                 &["route", "code"],
                 seconds_buckets(),
+            ),
+            added: histogram(
+                &r,
+                "gateway_added_seconds",
+                "The gateway's own time per inference: from request to response minus the call to rank 0 that ran its batch, by protocol (rest, grpc).",
+                &["protocol"],
+                fine_seconds_buckets(),
+            ),
+            worker_call: histogram(
+                &r,
+                "worker_call_seconds",
+                "Time of one batch's call to a group's rank 0 (network and the group's work), by group.",
+                &["group"],
+                fine_seconds_buckets(),
             ),
             queue_duration: histogram(
                 &r,
@@ -175,6 +196,19 @@ impl Metrics {
         self.request_duration
             .with_label_values(&[route, code])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// One inference's own time in the gateway (`protocol`: rest or grpc).
+    pub fn observe_added(&self, protocol: &str, added: Duration) {
+        self.added
+            .with_label_values(&[protocol])
+            .observe(added.as_secs_f64());
+    }
+
+    pub fn observe_worker_call(&self, group: &str, took: Duration) {
+        self.worker_call
+            .with_label_values(&[group])
+            .observe(took.as_secs_f64());
     }
 
     pub fn observe_queue_time(&self, model: &str, waited: Duration) {

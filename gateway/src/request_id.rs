@@ -17,7 +17,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::MatchedPath;
 use http::{HeaderValue, Request, Response};
@@ -30,6 +30,11 @@ use crate::metrics::Metrics;
 pub const HEADER: &str = "x-request-id";
 /// Longest client-chosen id kept; a longer one is replaced.
 const MAX_LEN: usize = 128;
+
+/// How long the call to rank 0 that ran a request's batch took; a front end puts it in
+/// the response's extensions so the layer can tell the gateway's own time from it.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerTime(pub Duration);
 
 /// The id of the request being served, in its extensions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +66,15 @@ enum Protocol {
 pub struct RequestIdLayer {
     metrics: Arc<Metrics>,
     protocol: Protocol,
+}
+
+impl Protocol {
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Rest => "rest",
+            Protocol::Grpc => "grpc",
+        }
+    }
 }
 
 impl RequestIdLayer {
@@ -154,7 +168,13 @@ where
                     Protocol::Rest => resp.status().as_str().to_owned(),
                     Protocol::Grpc => format!("{grpc:?}"),
                 };
-                layer.metrics.observe_request(&route, &code, started.elapsed());
+                let elapsed = started.elapsed();
+                layer.metrics.observe_request(&route, &code, elapsed);
+                if let Some(WorkerTime(worker)) = resp.extensions().get::<WorkerTime>() {
+                    layer
+                        .metrics
+                        .observe_added(layer.protocol.label(), elapsed.saturating_sub(*worker));
+                }
                 Ok(resp)
             }
             .instrument(span),

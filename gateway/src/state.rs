@@ -62,7 +62,7 @@ impl Gateway {
     }
 
     /// The model's signature if a ready group serves it; otherwise why not.
-    pub fn ready_model(&self, name: &str) -> Result<ModelInfo, ApiError> {
+    pub fn ready_model(&self, name: &str) -> Result<Arc<ModelInfo>, ApiError> {
         if let Some(info) = self.pool.model_info(name) {
             return Ok(info);
         }
@@ -85,7 +85,7 @@ impl Gateway {
     }
 
     /// The model's signature from any group that reported it, ready or not.
-    pub fn model_metadata(&self, name: &str) -> Result<ModelInfo, ApiError> {
+    pub fn model_metadata(&self, name: &str) -> Result<Arc<ModelInfo>, ApiError> {
         self.pool
             .known_model_info(name)
             .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))

@@ -11,6 +11,7 @@ mod deploy_manifests;
 mod dns_discovery;
 mod embeddings;
 mod group_life;
+mod latency;
 mod observability;
 mod pool_failover;
 mod request_ids;

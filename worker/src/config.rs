@@ -153,6 +153,11 @@ pub struct ServeArgs {
     /// Batches that may wait for the model thread; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "RANKWAY_QUEUE_CAPACITY", default_value_t = 8)]
     pub queue_capacity: usize,
+    /// Threads of the async runtime serving gRPC and metrics. Rank 0 makes one call per
+    /// batch, and the cores belong to libtorch: one thread keeps the servers off them and
+    /// saves the cross-thread wake-ups a second thread costs every request.
+    #[arg(long, env = "RANKWAY_IO_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub io_threads: u16,
     /// How long a graceful shutdown waits for in-flight batches.
     #[arg(long, env = "RANKWAY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,

@@ -24,7 +24,11 @@ fn init_telemetry(args: &TelemetryArgs) -> anyhow::Result<Telemetry> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(args.io_threads.into())
+                .enable_all()
+                .build()
+                .context("tokio runtime")?;
             rt.block_on(async {
                 let telemetry = init_telemetry(&cli.telemetry)?;
                 launch::follow_launcher()?; // block_on runs this on the main thread

@@ -121,6 +121,7 @@ pub async fn serve(
     stats: Arc<EngineStats>,
 ) -> std::io::Result<()> {
     use axum::routing::get;
+    use axum::serve::ListenerExt;
     let app = axum::Router::new().route(
         "/metrics",
         get(move || async move {
@@ -133,6 +134,9 @@ pub async fn serve(
             )
         }),
     );
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await
 }
 

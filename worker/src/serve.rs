@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::collective::c10d::ProcessGroup;
 use crate::collective::observed::Observed;
@@ -130,7 +130,9 @@ pub async fn serve_on(
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_optional_service(worker)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        // TCP_NODELAY: the gateway waits on every answer; Nagle would hold its last
+        // segment for the gateway's delayed ACK.
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
             let _ = stop_server.wait_for(|stop| *stop).await;
         });
     let server = tokio::spawn(server);

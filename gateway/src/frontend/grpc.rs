@@ -22,7 +22,7 @@ use rankway_proto::worker::{DataType, Tensor, TensorSpec};
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
-use crate::request_id::RequestId;
+use crate::request_id::{RequestId, WorkerTime};
 use crate::state::{Gateway, InferCall};
 
 pub struct InferenceService {
@@ -212,6 +212,7 @@ impl GrpcInferenceService for InferenceService {
                 request_id,
             })
             .await?;
+        let worker_time = WorkerTime(served.worker_time);
         let (meta, raw): (Vec<_>, Vec<_>) = served
             .outputs
             .into_iter()
@@ -228,14 +229,16 @@ impl GrpcInferenceService for InferenceService {
                 (meta, t.data)
             })
             .unzip();
-        Ok(Response::new(ModelInferResponse {
+        let mut resp = Response::new(ModelInferResponse {
             model_name: req.model_name,
             model_version: served.model_version,
             id: req.id,
             parameters: Default::default(),
             outputs: meta,
             raw_output_contents: raw,
-        }))
+        });
+        resp.extensions_mut().insert(worker_time);
+        Ok(resp)
     }
 }
 

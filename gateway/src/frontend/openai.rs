@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::http::{AppState, RestLimits, finish_error, parse_json, rest_timeout};
 use crate::error::ApiError;
 use crate::model::text_embedding_io;
-use crate::request_id::RequestId;
+use crate::request_id::{RequestId, WorkerTime};
 use crate::state::InferCall;
 
 /// Output that carries the token count of each text, when the model provides it.
@@ -142,7 +142,7 @@ pub async fn embeddings(
         shape: vec![texts.len() as i64],
         data: encode_bytes_elements(&texts).into(),
     };
-    let outputs = state
+    let served = state
         .infer(InferCall {
             model: req.model.clone(),
             inputs: vec![input],
@@ -150,8 +150,9 @@ pub async fn embeddings(
             timeout,
             request_id,
         })
-        .await?
-        .outputs;
+        .await?;
+    let worker_time = WorkerTime(served.worker_time);
+    let outputs = served.outputs;
 
     let find = |name: &str| outputs.iter().find(|t| t.name == name);
     let emb = find(&output_name)
@@ -183,7 +184,7 @@ pub async fn embeddings(
                 .sum()
         })
         .unwrap_or(0);
-    Ok(Json(EmbeddingsResponse {
+    let mut resp = Json(EmbeddingsResponse {
         object: "list",
         data,
         model: req.model,
@@ -192,7 +193,9 @@ pub async fn embeddings(
             total_tokens: tokens,
         },
     })
-    .into_response())
+    .into_response();
+    resp.extensions_mut().insert(worker_time);
+    Ok(resp)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use serde_json::json;
 use super::http::{AppState, RestLimits, finish_error, parse_json, rest_timeout};
 use super::json_tensor::{JsonInput, JsonOutput, input_to_tensor, tensor_to_output};
 use crate::error::ApiError;
-use crate::request_id::RequestId;
+use crate::request_id::{RequestId, WorkerTime};
 use crate::state::InferCall;
 
 /// An error in OIP's REST form: `{"error": "..."}` with the matching status.
@@ -138,6 +138,7 @@ pub async fn infer(
             request_id,
         })
         .await?;
+    let worker_time = WorkerTime(served.worker_time);
     let body = InferResponseJson {
         model_name: model,
         model_version: served.model_version,
@@ -148,5 +149,7 @@ pub async fn infer(
             .map(tensor_to_output)
             .collect::<Result<_, _>>()?,
     };
-    Ok(Json(body).into_response())
+    let mut resp = Json(body).into_response();
+    resp.extensions_mut().insert(worker_time);
+    Ok(resp)
 }

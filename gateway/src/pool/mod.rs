@@ -45,7 +45,7 @@ pub struct GroupView {
     /// Circuit breaker on consecutive failed dispatches.
     pub breaker: Option<BreakerState>,
     #[serde(skip)]
-    pub model_info: Option<ModelInfo>,
+    pub model_info: Option<Arc<ModelInfo>>,
 }
 
 impl GroupView {
@@ -78,6 +78,11 @@ pub struct Group {
     view: RwLock<GroupView>,
     breaker: Mutex<Breaker>,
     batches: AtomicU64,
+    /// Moving averages of a batch's compute time on the group (rank 0's own figure) and
+    /// of the rest of a call (network, queueing, encoding), in µs: when to send a staged
+    /// batch (see [`Group::staging_window`]).
+    compute_us: Ewma,
+    overhead_us: Ewma,
     /// Found through DNS (so DNS may also remove it), rather than given with --group.
     discovered: bool,
 }
@@ -106,6 +111,8 @@ impl Group {
             view: RwLock::new(view),
             breaker: Mutex::new(Breaker::new(settings.breaker_failures, settings.breaker_cooldown)),
             batches: AtomicU64::new(0),
+            compute_us: Ewma::default(),
+            overhead_us: Ewma::default(),
             discovered: false,
         })
     }
@@ -128,6 +135,19 @@ impl Group {
     /// Batches this gateway has sent to the group.
     pub fn batches_sent(&self) -> u64 {
         self.batches.load(Ordering::Relaxed)
+    }
+
+    /// How long a batch about to be staged on this group may keep gathering requests:
+    /// none when the group is idle (only the caller's slot is taken); else about the
+    /// time left of the batch it would queue behind (the group's usual compute time,
+    /// less the usual cost of getting a batch there), so that it leaves in time to run
+    /// the moment the group frees, carrying every request that arrived meanwhile.
+    pub fn staging_window(&self) -> Duration {
+        if self.in_flight() <= 1 {
+            return Duration::ZERO;
+        }
+        let (compute, overhead) = (self.compute_us.get(), self.overhead_us.get());
+        Duration::from_micros(compute.saturating_sub(overhead))
     }
 
     /// Batches sent and not yet answered (running or staged).
@@ -165,7 +185,7 @@ impl Group {
                 }
                 v.generation = s.generation;
                 v.model = s.model.as_ref().map(|m| m.name.clone());
-                v.model_info = s.model;
+                v.model_info = s.model.map(Arc::new);
             }
             Ok(Err(status)) => {
                 v.ready = false;
@@ -183,6 +203,27 @@ impl Group {
             tracing::info!(group = %self.name, address = %self.address, ready = v.ready, reason = %v.reason, "group readiness changed");
         }
         was_ready != v.ready
+    }
+}
+
+/// An exponentially weighted moving average (weight 1/4 for each new sample) of µs.
+#[derive(Debug, Default)]
+struct Ewma(AtomicU64);
+
+impl Ewma {
+    fn observe(&self, sample: u64) {
+        // Racing updates may drop a sample; an average does not mind.
+        let old = self.0.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 4 + sample / 4
+        };
+        self.0.store(new, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -218,12 +259,19 @@ impl Lease {
             request,
         );
         req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        let started = Instant::now();
         let result = client.infer(req).await;
         let mut breaker = self.group.breaker.lock().expect("breaker lock");
         match result {
             Ok(resp) => {
                 breaker.on_success();
-                Ok(resp.into_inner())
+                let resp = resp.into_inner();
+                let call_us = started.elapsed().as_micros() as u64;
+                self.group.compute_us.observe(resp.compute_us);
+                self.group
+                    .overhead_us
+                    .observe(call_us.saturating_sub(resp.compute_us));
+                Ok(resp)
             }
             // Rank 0's server cancels a call at its grpc-timeout: the batch ran out of
             // time, which says nothing about the group's health.
@@ -344,7 +392,7 @@ impl Pool {
     }
 
     /// Signature of `model` from a ready group serving it.
-    pub fn model_info(&self, model: &str) -> Option<ModelInfo> {
+    pub fn model_info(&self, model: &str) -> Option<Arc<ModelInfo>> {
         self.inner
             .snapshot()
             .iter()
@@ -353,7 +401,7 @@ impl Pool {
     }
 
     /// Signature of `model` from any group that has reported it, ready or not.
-    pub fn known_model_info(&self, model: &str) -> Option<ModelInfo> {
+    pub fn known_model_info(&self, model: &str) -> Option<Arc<ModelInfo>> {
         self.model_info(model).or_else(|| {
             self.inner.snapshot().iter().find_map(|g| {
                 let v = g.view.read().expect("group view lock");
@@ -517,10 +565,10 @@ pub(crate) mod tests {
                     let mut v = g.view.write().unwrap();
                     v.ready = true;
                     v.model = Some(model.to_owned());
-                    v.model_info = Some(ModelInfo {
+                    v.model_info = Some(Arc::new(ModelInfo {
                         name: model.to_owned(),
                         ..Default::default()
-                    });
+                    }));
                 }
                 g
             })

@@ -1,0 +1,239 @@
+//! A lean closed-loop (or paced) load generator for `make bench-overhead`: one thread,
+//! `--connections` connections, each with one request outstanding at a time; OIP v2
+//! inference of one FP32 row over REST (`POST /v2/models/{m}/infer`, HTTP/1.1 keep-alive)
+//! or gRPC (`ModelInfer`, one HTTP/2 connection per client). Prints one JSON line:
+//! requests, errors, req/s, p50/p99/max latency in ms.
+//!
+//! It exists because k6's JavaScript costs more CPU than the gateway on 2 cores; like
+//! wrk it runs on one thread. With `--rate` each connection is paced to its share of the
+//! rate, the connections' turns spread evenly over the period (a send that falls behind
+//! goes at once; latency is measured from the send).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use http_body_util::{BodyExt, Full};
+use rankway_proto::inference::ModelInferRequest;
+use rankway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use rankway_proto::inference::model_infer_request::InferInputTensor;
+use tokio::net::TcpStream;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Protocol {
+    Rest,
+    Grpc,
+}
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Protocol to load the gateway with.
+    #[arg(long, value_enum)]
+    protocol: Protocol,
+    /// The gateway's REST or gRPC address.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Model to call; its one input is FP32 [1, --hidden].
+    #[arg(long, default_value = "mlp")]
+    model: String,
+    #[arg(long, default_value = "input")]
+    input: String,
+    #[arg(long, default_value_t = 16)]
+    hidden: usize,
+    /// Concurrent connections, one request outstanding on each.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// How long to measure (after --warmup).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// Requests sent before measuring starts (connections set up, caches warm).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    warmup: Duration,
+    /// Total requests per second to pace to (default: as fast as answers come).
+    #[arg(long)]
+    rate: Option<f64>,
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+enum Client {
+    Rest(
+        hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        Bytes,
+        String,
+    ),
+    Grpc(
+        GrpcInferenceServiceClient<tonic::transport::Channel>,
+        Box<ModelInferRequest>,
+    ),
+}
+
+impl Client {
+    async fn connect(args: &Args) -> Result<Self, String> {
+        let row: Vec<f32> = (0..args.hidden).map(|i| i as f32 / args.hidden as f32).collect();
+        match args.protocol {
+            Protocol::Rest => {
+                let tcp = TcpStream::connect(args.addr).await.map_err(|e| e.to_string())?;
+                tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+                let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                let body = serde_json::json!({"inputs": [{
+                    "name": args.input, "shape": [1, args.hidden], "datatype": "FP32", "data": row}]});
+                let path = format!("/v2/models/{}/infer", args.model);
+                Ok(Client::Rest(send, Bytes::from(body.to_string()), path))
+            }
+            Protocol::Grpc => {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))
+                    .map_err(|e| e.to_string())?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let raw: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let req = ModelInferRequest {
+                    model_name: args.model.clone(),
+                    inputs: vec![InferInputTensor {
+                        name: args.input.clone(),
+                        datatype: "FP32".into(),
+                        shape: vec![1, args.hidden as i64],
+                        ..Default::default()
+                    }],
+                    raw_input_contents: vec![raw.into()],
+                    ..Default::default()
+                };
+                Ok(Client::Grpc(
+                    GrpcInferenceServiceClient::new(channel),
+                    Box::new(req),
+                ))
+            }
+        }
+    }
+
+    async fn call(&mut self) -> Result<(), String> {
+        match self {
+            Client::Rest(send, body, path) => {
+                send.ready().await.map_err(|e| e.to_string())?;
+                let req = http::Request::post(path.as_str())
+                    .header("host", "rankway")
+                    .header("content-type", "application/json")
+                    .body(Full::new(body.clone()))
+                    .expect("valid request");
+                let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let body = resp.into_body().collect().await.map_err(|e| e.to_string())?;
+                if !status.is_success() {
+                    return Err(format!("{status}: {}", String::from_utf8_lossy(&body.to_bytes())));
+                }
+                Ok(())
+            }
+            Client::Grpc(client, req) => client
+                .model_infer(*req.clone())
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+        }
+    }
+}
+
+async fn run_connection(
+    args: &Args,
+    index: usize,
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut client = match Client::connect(args).await {
+        Ok(c) => c,
+        Err(e) => {
+            tally.errors += 1;
+            tally.first_error = Some(e);
+            return tally;
+        }
+    };
+    // Connections take turns: connection i starts i/connections of a period late, so
+    // paced requests arrive evenly spread rather than all at once.
+    let mut pace = args.rate.map(|rate| {
+        let period = Duration::from_secs_f64(args.connections as f64 / rate);
+        let offset = period.mul_f64(index as f64 / args.connections as f64);
+        let mut t = tokio::time::interval_at(tokio::time::Instant::from_std(start + offset), period);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    loop {
+        if let Some(p) = pace.as_mut() {
+            p.tick().await;
+        }
+        let sent = Instant::now();
+        if sent >= end {
+            return tally;
+        }
+        let result = client.call().await;
+        if sent < measure_from {
+            continue;
+        }
+        match result {
+            Ok(()) => tally
+                .latencies_us
+                .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32),
+            Err(e) => {
+                tally.errors += 1;
+                tally.first_error.get_or_insert(e);
+            }
+        }
+    }
+}
+
+fn percentile_ms(sorted_us: &[u32], q: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted_us.len() as f64 * q).ceil() as usize).clamp(1, sorted_us.len()) - 1;
+    f64::from(sorted_us[i]) / 1e3
+}
+
+fn main() {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let start = Instant::now();
+    let measure_from = start + args.warmup;
+    let end = measure_from + args.duration;
+    let tallies = rt.block_on(async {
+        let runs = (0..args.connections).map(|i| run_connection(&args, i, start, measure_from, end));
+        futures_util::future::join_all(runs).await
+    });
+    let mut all = Tally::default();
+    for t in tallies {
+        all.latencies_us.extend(t.latencies_us);
+        all.errors += t.errors;
+        if all.first_error.is_none() {
+            all.first_error = t.first_error;
+        }
+    }
+    all.latencies_us.sort_unstable();
+    let secs = args.duration.as_secs_f64();
+    let report = serde_json::json!({
+        "protocol": format!("{:?}", args.protocol).to_lowercase(),
+        "connections": args.connections,
+        "rate": args.rate,
+        "requests": all.latencies_us.len(),
+        "errors": all.errors,
+        "first_error": all.first_error,
+        "rps": all.latencies_us.len() as f64 / secs,
+        "p50_ms": percentile_ms(&all.latencies_us, 0.50),
+        "p99_ms": percentile_ms(&all.latencies_us, 0.99),
+        "max_ms": percentile_ms(&all.latencies_us, 1.0),
+    });
+    println!("{report}");
+}

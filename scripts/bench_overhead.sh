@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# `make bench-overhead`: what the gateway itself costs. One no-op `mlp` rank (hidden 16,
+# one layer, one libtorch thread) behind one gateway with default flags, loaded by the
+# lean one-thread load generator (gateway/examples/loadgen.rs, not k6) over OIP v2 REST
+# and gRPC at 1, 8 and 64 connections, then over REST paced at half the best REST rate.
+# Prints req/s, p50 and p99 as the client saw them, and the gateway's own added time
+# (each request's time in the gateway minus its batch's worker call, from the gateway's
+# rankway_gateway_added_seconds histogram; "-" for a gateway without it).
+# Everything binds to loopback; every run is bounded by DURATION (+1 s warm-up).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+BIN=${BIN:-target/release}
+LOADGEN=${LOADGEN:-target/release/examples/loadgen}
+DURATION=${DURATION:-5s}
+HTTP=127.0.0.1:$(free_port)
+GRPC=127.0.0.1:$(free_port)
+WORKER=127.0.0.1:$(free_port)
+OUT=$(mktemp -d)
+trap 'stop_all; rm -rf "$OUT"' EXIT
+
+$BIN/rankway-worker serve --model mlp --mlp-hidden 16 --mlp-layers 1 --torch-threads 1 \
+  --listen "$WORKER" --metrics-listen 127.0.0.1:0 --group bench 2>"$OUT/worker.log" &
+pids+=($!)
+$BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "$GRPC" --group "bench=$WORKER" 2>"$OUT/gateway.log" &
+pids+=($!)
+wait_ready "$HTTP" || { cat "$OUT"/*.log >&2; exit 1; }
+
+# run NAME PROTOCOL ADDR CONNECTIONS [RATE]: one load run, with /metrics before and after.
+run() {
+  local name=$1 proto=$2 addr=$3 conns=$4 rate=${5:-}
+  echo "bench-overhead: $proto, $conns connections${rate:+, paced at $rate req/s}" >&2
+  curl -fsS "http://$HTTP/metrics" >"$OUT/$name.before"
+  $LOADGEN --protocol "$proto" --addr "$addr" --connections "$conns" --duration "$DURATION" \
+    ${rate:+--rate "$rate"} >"$OUT/$name.json"
+  curl -fsS "http://$HTTP/metrics" >"$OUT/$name.after"
+}
+
+for c in 1 8 64; do run "rest-$c" rest "$HTTP" "$c"; done
+for c in 1 8 64; do run "grpc-$c" grpc "$GRPC" "$c"; done
+half=$(python3 -c "import json;print(round(json.load(open('$OUT/rest-64.json'))['rps']/2))")
+run rest-half rest "$HTTP" 64 "$half"
+
+python3 - "$OUT" <<'PY'
+import json, math, re, sys
+out = sys.argv[1]
+
+def buckets(text, proto):
+    """Cumulative (le, count) of rankway_gateway_added_seconds for one protocol."""
+    pat = rf'^rankway_gateway_added_seconds_bucket\{{[^}}]*protocol="{proto}"[^}}]*le="([^"]+)"[^}}]*\}} (\S+)$'
+    return {le: float(v) for le, v in re.findall(pat, text, re.M)}
+
+def quantile(q, before, after):
+    """histogram_quantile over the counts added between two scrapes, in ms."""
+    if not after:
+        return None
+    les = sorted(after, key=lambda le: math.inf if le == "+Inf" else float(le))
+    counts = [after[le] - before.get(le, 0.0) for le in les]
+    total = counts[-1]
+    if total <= 0:
+        return None
+    rank, prev_le, prev_c = q * total, 0.0, 0.0
+    for le, c in zip(les, counts):
+        if c >= rank:
+            if le == "+Inf":
+                return prev_le * 1e3
+            upper = float(le)
+            return (prev_le + (upper - prev_le) * (rank - prev_c) / max(c - prev_c, 1e-9)) * 1e3
+        prev_le, prev_c = float(le) if le != "+Inf" else prev_le, c
+    return None
+
+def fmt(v):
+    return "-" if v is None else f"{v:.3f}"
+
+rows = [("rest-1", "REST", "1"), ("rest-8", "REST", "8"), ("rest-64", "REST", "64"),
+        ("grpc-1", "gRPC", "1"), ("grpc-8", "gRPC", "8"), ("grpc-64", "gRPC", "64"),
+        ("rest-half", "REST", "64 @ half")]
+print(f"{'protocol':<8} {'conns':>10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50 ms':>13} {'added p99 ms':>13} {'errors':>7}")
+for name, proto, conns in rows:
+    r = json.load(open(f"{out}/{name}.json"))
+    key = "rest" if proto == "REST" else "grpc"
+    before = buckets(open(f"{out}/{name}.before").read(), key)
+    after = buckets(open(f"{out}/{name}.after").read(), key)
+    print(f"{proto:<8} {conns:>10} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
+          f"{fmt(quantile(0.5, before, after)):>13} {fmt(quantile(0.99, before, after)):>13} {r['errors']:>7}")
+    if r["errors"]:
+        print(f"  first error: {r['first_error']}")
+r1, r8 = (json.load(open(f"{out}/{n}.json"))["rps"] for n in ("rest-1", "rest-8"))
+g1, g8 = (json.load(open(f"{out}/{n}.json"))["rps"] for n in ("grpc-1", "grpc-8"))
+print(f"\n8 vs 1 connection, req/s: REST {r8 / r1:.1f}x, gRPC {g8 / g1:.1f}x")
+PY
