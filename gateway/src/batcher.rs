@@ -5,14 +5,15 @@
 //! group is idle, the batch takes every request already waiting (up to `max_batch_size`
 //! rows) and goes at once. When the group is computing another batch, the new one is
 //! staged behind it: it keeps gathering requests until that batch is about to end (the
-//! group's moving-average compute time less the usual cost of a call), then goes, so it
-//! runs the moment the group frees with everything that arrived meanwhile. Nothing waits
-//! while a group could compute; requests accumulate only while every group is busy, so
-//! the batch size follows the load, as with TGI's continuous batching and Triton's
-//! dynamic batcher at its default (no queue delay). `max_queue_delay` (default 0) is an
-//! upper bound for those who want fuller batches at low load: a batch then also waits
-//! until its first request has waited that long. A request whose caller has gone (timed
-//! out or disconnected) before dispatch is dropped from its batch.
+//! group's moving-average compute time less the usual cost of a call, or sooner if that
+//! batch ends first), then goes, so it runs the moment the group frees with everything
+//! that arrived meanwhile. Nothing waits while a group could compute; requests
+//! accumulate only while every group is busy, so the batch size follows the load, as
+//! with TGI's continuous batching and Triton's dynamic batcher at its default (no queue
+//! delay). `max_queue_delay` (default 0) is an upper bound for those who want fuller
+//! batches at low load: a batch then also waits until its first request has waited that
+//! long. A request whose caller has gone (timed out or disconnected) before dispatch is
+//! dropped from its batch.
 //!
 //! Spans: each request's `queue` span lasts until its batch is dispatched; the `batch`
 //! span is a child of its first request's span (so a one-request batch is in the
@@ -34,7 +35,7 @@ use tracing::Instrument;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::model::ValidRequest;
-use crate::pool::{Lease, Pool};
+use crate::pool::{Group, Lease, Pool};
 use crate::request_id::RequestId;
 
 #[derive(Debug, Clone, Copy)]
@@ -206,18 +207,32 @@ impl BatchLoop {
     }
 
     /// The next request for the batch being filled: one already waiting, else one that
-    /// arrives before `close_at` (never, with no queue delay).
-    async fn next_for_batch(&mut self, close_at: Instant) -> Option<Entry> {
+    /// arrives before the batch closes. It closes at `delay_until` (now, with no queue
+    /// delay), or, for a batch staged on a busy group, at the staging deadline if later,
+    /// unless the group frees first: then nothing is worth waiting for.
+    async fn next_for_batch(
+        &mut self,
+        delay_until: Instant,
+        staged: Option<(Instant, &Group)>,
+    ) -> Option<Entry> {
         if let Some(e) = self.try_recv() {
             return Some(e);
         }
-        if Instant::now() >= close_at {
-            return None;
+        let pool = self.pool.clone();
+        loop {
+            let changed = pool.changed();
+            // The lease of the batch being filled is one of the group's in-flight slots.
+            let staging = staged.filter(|(until, group)| group.in_flight() > 1 && Instant::now() < *until);
+            let close_at = staging.map_or(delay_until, |(until, _)| until.max(delay_until));
+            if Instant::now() >= close_at {
+                return None;
+            }
+            tokio::select! {
+                e = self.recv() => return e,
+                _ = tokio::time::sleep_until(close_at) => return None,
+                _ = changed, if staging.is_some() => {} // a slot freed: is the group idle now?
+            }
         }
-        tokio::time::timeout_at(close_at, self.recv())
-            .await
-            .ok()
-            .flatten()
     }
 
     async fn run(mut self) {
@@ -257,13 +272,13 @@ impl BatchLoop {
             // delay, what arrives until the first request has waited that long. Never
             // past the first request's deadline.
             let opened = Instant::now();
-            let close_at = (first.enqueued + self.cfg.max_queue_delay)
-                .max(opened + lease.group().staging_window())
-                .min(first.deadline);
+            let delay_until = (first.enqueued + self.cfg.max_queue_delay).min(first.deadline);
+            let window = lease.group().staging_window();
+            let staged = (!window.is_zero()).then(|| ((opened + window).min(first.deadline), lease.group()));
             let mut rows = first.request.rows;
             let mut batch = vec![first];
             while rows < self.cfg.max_batch_size {
-                let Some(next) = self.next_for_batch(close_at).await else {
+                let Some(next) = self.next_for_batch(delay_until, staged).await else {
                     break;
                 };
                 let Some(next) = next.still_wanted(Instant::now()) else {
@@ -635,7 +650,7 @@ mod queue_tests {
             assert!(tx.try_send(entry()).is_ok());
         }
         let mut taken = 0;
-        while lp.next_for_batch(now).await.is_some() {
+        while lp.next_for_batch(now, None).await.is_some() {
             taken += 1;
         }
         assert_eq!(taken, 3, "every waiting request joins the batch");
@@ -653,9 +668,44 @@ mod queue_tests {
             let _ = tx.send(entry()).await;
             tokio::time::sleep(Duration::from_secs(60)).await; // keep the queue open
         });
-        assert!(lp.next_for_batch(close_at).await.is_some());
+        assert!(lp.next_for_batch(close_at, None).await.is_some());
         assert_eq!(Instant::now(), start + Duration::from_millis(2));
-        assert!(lp.next_for_batch(close_at).await.is_none());
+        assert!(lp.next_for_batch(close_at, None).await.is_none());
         assert_eq!(Instant::now(), close_at, "no more: the batch closes at the bound");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_staged_batch_gathers_while_the_group_computes_and_leaves_when_it_frees() {
+        let (tx, mut lp) = batch_loop();
+        let pool = lp.pool.clone();
+        let running = pool.acquire("m", &[]).await.unwrap();
+        let ours = pool.acquire("m", &[]).await.unwrap();
+        let start = Instant::now();
+        let staged_until = start + Duration::from_millis(50);
+        let group = ours.group();
+        // Requests arriving while the other batch runs join the staged one...
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            let _ = tx.send(entry()).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        assert!(
+            lp.next_for_batch(start, Some((staged_until, group)))
+                .await
+                .is_some()
+        );
+        assert_eq!(Instant::now(), start + Duration::from_millis(3));
+        // ...and it leaves the moment the running batch ends, not at the estimate.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(7)).await;
+            drop(running);
+        });
+        assert!(
+            lp.next_for_batch(start, Some((staged_until, group)))
+                .await
+                .is_none()
+        );
+        assert_eq!(Instant::now(), start + Duration::from_millis(10));
+        drop(ours);
     }
 }

@@ -381,6 +381,12 @@ impl Pool {
         self.inner.snapshot().iter().map(|g| g.view()).collect()
     }
 
+    /// Resolves at the next freed slot or readiness change (created before the check it
+    /// follows, it misses none).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.changed.notified()
+    }
+
     /// Follows whether any group is routable.
     pub fn subscribe_ready(&self) -> watch::Receiver<bool> {
         self.inner.any_ready.subscribe()
@@ -648,5 +654,27 @@ pub(crate) mod tests {
         drop(probe);
         pool.groups()[0].breaker.lock().unwrap().on_success();
         assert_eq!(pool.views()[0].breaker, Some(BreakerState::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_staging_window_is_open_only_behind_a_running_batch_that_takes_longer_than_a_call() {
+        let pool = ready_pool(&["a"], "m");
+        let g = pool.groups()[0].clone();
+        g.compute_us.observe(20_000);
+        g.overhead_us.observe(1_000);
+        let ours = pool.acquire("m", &[]).await.unwrap();
+        assert_eq!(
+            g.staging_window(),
+            Duration::ZERO,
+            "an idle group takes the batch now"
+        );
+        let running = pool.acquire("m", &[]).await.unwrap();
+        assert_eq!(g.staging_window(), Duration::from_millis(19));
+        // A model faster than a round trip: nothing to wait for.
+        for _ in 0..40 {
+            g.compute_us.observe(100);
+        }
+        assert_eq!(g.staging_window(), Duration::ZERO);
+        drop((ours, running));
     }
 }
