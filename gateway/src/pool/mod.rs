@@ -462,10 +462,15 @@ impl Pool {
                     "every group serving model {model:?} is failing (circuit breaker open)"
                 )));
             }
-            let free: Vec<&Arc<Group>> = allowed
+            let mut free: Vec<&Arc<Group>> = allowed
                 .into_iter()
                 .filter(|g| g.slots.available_permits() > 0)
                 .collect();
+            // An idle group, when there is one, takes the batch at once; a busy one would
+            // stage it (see the batcher). P2C alone may draw two busy groups of many.
+            if free.iter().any(|g| g.in_flight() == 0) {
+                free.retain(|g| g.in_flight() == 0);
+            }
             let loads: Vec<usize> = free.iter().map(|g| g.in_flight()).collect();
             let pick = p2c::choose(&loads, &mut *self.inner.rng.lock().expect("rng lock"));
             if let Some(group) = pick.map(|i| free[i])
@@ -616,6 +621,24 @@ pub(crate) mod tests {
         drop(first);
         let l = pool.acquire("m", &["a".to_owned()]).await.unwrap();
         assert_eq!(l.group().name(), "b");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_group_is_chosen_whenever_there_is_one() {
+        let names: Vec<String> = (0..6).map(|i| format!("g{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let pool = ready_pool(&refs, "m");
+        // Five groups busy with one batch each; one idle.
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(pool.acquire("m", &[]).await.unwrap());
+        }
+        let busy: Vec<String> = held.iter().map(|l| l.group().name().to_owned()).collect();
+        let idle = names.iter().find(|n| !busy.contains(n)).unwrap().clone();
+        for _ in 0..20 {
+            let l = pool.acquire("m", &[]).await.unwrap();
+            assert_eq!(l.group().name(), idle, "never staged behind a busy group");
+        }
     }
 
     #[tokio::test(start_paused = true)]
