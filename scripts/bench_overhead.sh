@@ -17,8 +17,7 @@ DURATION=${DURATION:-5s}
 HTTP=127.0.0.1:$(free_port)
 GRPC=127.0.0.1:$(free_port)
 WORKER=127.0.0.1:$(free_port)
-OUT=$(mktemp -d)
-trap 'stop_all; rm -rf "$OUT"' EXIT
+bench_init
 
 $BIN/rankway-worker serve --model mlp --mlp-hidden 16 --mlp-layers 1 --torch-threads 1 \
   --listen "$WORKER" --metrics-listen 127.0.0.1:0 --group bench 2>"$OUT/worker.log" &

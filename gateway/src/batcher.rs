@@ -221,8 +221,8 @@ impl BatchLoop {
         let pool = self.pool.clone();
         loop {
             let changed = pool.changed();
-            // The lease of the batch being filled is one of the group's in-flight slots.
-            let staging = staged.filter(|(until, group)| group.in_flight() > 1 && Instant::now() < *until);
+            let staging =
+                staged.filter(|(until, group)| group.computes_another_batch() && Instant::now() < *until);
             let close_at = staging.map_or(delay_until, |(until, _)| until.max(delay_until));
             if Instant::now() >= close_at {
                 return None;
@@ -357,14 +357,12 @@ impl Dispatch {
             tracing::Span::current().record("group", group.as_str());
             self.metrics.observe_batch(&self.model, &group, self.rows);
             let call = tracing::info_span!("worker.Infer", otel.kind = "client", group = %group, batch_id);
-            let started = Instant::now();
             match lease
                 .infer(request.clone(), deadline, &call)
                 .instrument(call.clone())
                 .await
             {
-                Ok(resp) => {
-                    let took = started.elapsed();
+                Ok((resp, took)) => {
                     self.metrics.observe_worker_call(&group, took);
                     break Ok((resp, took));
                 }

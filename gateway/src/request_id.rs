@@ -61,13 +61,6 @@ enum Protocol {
     Grpc,
 }
 
-/// Wraps a REST router or a tonic server; see the module docs.
-#[derive(Clone)]
-pub struct RequestIdLayer {
-    metrics: Arc<Metrics>,
-    protocol: Protocol,
-}
-
 impl Protocol {
     fn label(self) -> &'static str {
         match self {
@@ -75,6 +68,13 @@ impl Protocol {
             Protocol::Grpc => "grpc",
         }
     }
+}
+
+/// Wraps a REST router or a tonic server; see the module docs.
+#[derive(Clone)]
+pub struct RequestIdLayer {
+    metrics: Arc<Metrics>,
+    protocol: Protocol,
 }
 
 impl RequestIdLayer {

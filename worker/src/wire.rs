@@ -40,9 +40,8 @@ fn dtype_to_wire(d: DType) -> DataType {
 
 /// A request's tensor as the models take it; the error says what is wrong with it.
 pub fn tensor_from_wire(t: pb::Tensor) -> Result<HostTensor, String> {
-    let dtype = DataType::try_from(t.datatype)
-        .ok()
-        .and_then(dtype_from_wire)
+    let wire_dtype = DataType::try_from(t.datatype).unwrap_or_default();
+    let dtype = dtype_from_wire(wire_dtype)
         .ok_or_else(|| format!("input {:?} has an unknown datatype ({})", t.name, t.datatype))?;
     if t.shape.iter().any(|&d| d < 0) {
         return Err(format!(
@@ -55,7 +54,7 @@ pub fn tensor_from_wire(t: pb::Tensor) -> Result<HostTensor, String> {
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d as usize))
         .ok_or_else(|| format!("input {:?}: shape {:?} is too large", t.name, t.shape))?;
-    let values = match dtype.element_size() {
+    let values = match wire_dtype.element_size() {
         Some(size) => {
             if elements.checked_mul(size) != Some(t.data.len()) {
                 return Err(format!(

@@ -143,11 +143,16 @@ impl Group {
     /// less the usual cost of getting a batch there), so that it leaves in time to run
     /// the moment the group frees, carrying every request that arrived meanwhile.
     pub fn staging_window(&self) -> Duration {
-        if self.in_flight() <= 1 {
+        if !self.computes_another_batch() {
             return Duration::ZERO;
         }
         let (compute, overhead) = (self.compute_us.get(), self.overhead_us.get());
         Duration::from_micros(compute.saturating_sub(overhead))
+    }
+
+    /// Whether the group holds a batch besides the one of the caller, which holds a slot.
+    pub fn computes_another_batch(&self) -> bool {
+        self.in_flight() > 1
     }
 
     /// Batches sent and not yet answered (running or staged).
@@ -242,13 +247,14 @@ impl Lease {
     /// Runs `request` on the group by `deadline`, which goes to rank 0 as the call's
     /// `grpc-timeout` (its server enforces it); `trace` is the call's span, whose context
     /// goes along as `traceparent`. A failure says whether the group never started the
-    /// batch (safe to retry elsewhere) or lost it (its callers must be told).
+    /// batch (safe to retry elsewhere) or lost it (its callers must be told). An answer
+    /// comes with how long the call took.
     pub async fn infer(
         &self,
         request: InferRequest,
         deadline: Instant,
         trace: &tracing::Span,
-    ) -> Result<InferResponse, DispatchError> {
+    ) -> Result<(InferResponse, Duration), DispatchError> {
         self.group.batches.fetch_add(1, Ordering::Relaxed);
         let mut client = self.group.client.clone();
         let mut headers = http::HeaderMap::new();
@@ -266,12 +272,12 @@ impl Lease {
             Ok(resp) => {
                 breaker.on_success();
                 let resp = resp.into_inner();
-                let call_us = started.elapsed().as_micros() as u64;
+                let took = started.elapsed();
                 self.group.compute_us.observe(resp.compute_us);
                 self.group
                     .overhead_us
-                    .observe(call_us.saturating_sub(resp.compute_us));
-                Ok(resp)
+                    .observe((took.as_micros() as u64).saturating_sub(resp.compute_us));
+                Ok((resp, took))
             }
             // Rank 0's server cancels a call at its grpc-timeout: the batch ran out of
             // time, which says nothing about the group's health.

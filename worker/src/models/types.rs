@@ -35,17 +35,6 @@ impl DType {
             DType::Bytes => "BYTES",
         }
     }
-
-    /// Bytes per element of a fixed-size type; None for `Bytes`.
-    pub fn element_size(self) -> Option<usize> {
-        match self {
-            DType::Bool | DType::Uint8 | DType::Int8 => Some(1),
-            DType::Fp16 => Some(2),
-            DType::Int32 | DType::Fp32 => Some(4),
-            DType::Int64 | DType::Fp64 => Some(8),
-            DType::Bytes => None,
-        }
-    }
 }
 
 /// What a tensor holds.
