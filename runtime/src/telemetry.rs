@@ -6,6 +6,7 @@
 //! Trace context crosses processes as W3C `traceparent`: HTTP headers and gRPC metadata
 //! ([`extract`], [`inject`]), and the group's step header between ranks ([`TraceParent`]).
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -102,7 +103,10 @@ pub fn init(args: &TelemetryArgs, default_service: &str) -> Result<Telemetry, Te
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         tracing_opentelemetry::layer().with_tracer(p.tracer("rankway"))
     });
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only on a terminal: escape codes in a log file or `kubectl logs` are noise.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     match args.log_format {
         LogFormat::Text => registry.with(fmt).init(),
