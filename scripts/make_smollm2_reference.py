@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import jinja2
+import jinja2.sandbox
 import numpy as np
 import regex
 from gguf import GGUFReader
@@ -202,7 +203,9 @@ def main():
     r = GGUFReader(path)
     tok = Tokenizer(r)
     model = Model(r)
-    template = jinja2.Environment().from_string(field(r, "tokenizer.chat_template"))
+    # As transformers renders chat templates.
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(field(r, "tokenizer.chat_template"))
     eos = int(field(r, "tokenizer.ggml.eos_token_id"))
     cases = []
     for chat in CHATS:

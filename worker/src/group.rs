@@ -34,6 +34,8 @@ pub enum Op {
     Heartbeat = 2,
     /// Rank 0 is shutting down cleanly: exit with success.
     Shutdown = 3,
+    /// Receive a generative step (tokens, sequences, cache rows) and run it.
+    Step = 4,
 }
 
 /// One step's header.
@@ -117,6 +119,7 @@ impl Header {
             Some(1) => Op::Batch,
             Some(2) => Op::Heartbeat,
             Some(3) => Op::Shutdown,
+            Some(4) => Op::Step,
             other => {
                 return Err(bad(format!(
                     "unknown op {other:?}: ranks disagree on the protocol"
@@ -188,28 +191,82 @@ pub fn lead_batch(
     for t in batch.tensors.iter_mut() {
         *t = t.to_device(comm.device());
     }
-    if comm.shard().world > 1 {
-        let header = Header {
-            op: Op::Batch,
-            batch_id,
-            tensors: batch.tensors.iter().map(|t| (t.kind(), t.size())).collect(),
-            trace: TraceParent::of(&span),
-        };
-        send_header(comm, &header)?;
-        for t in batch.tensors.iter_mut() {
-            comm.broadcast(t, 0)?;
-        }
-    }
+    send_work(
+        comm,
+        Op::Batch,
+        batch_id,
+        &mut batch.tensors,
+        TraceParent::of(&span),
+    )?;
     forward(model, batch, comm, metrics)
 }
 
-/// Followers: serve rank 0's steps until it shuts down (Ok) or a collective fails (Err).
-/// `on_step` sees every header, for liveness tracking and logs.
+/// Rank 0: announces a step (`Op::Batch` or `Op::Step`) and sends its tensors, already
+/// on the group's device, to every rank. Nothing to do in a group of one.
+pub fn send_work(
+    comm: &dyn Collective,
+    op: Op,
+    batch_id: u64,
+    tensors: &mut [Tensor],
+    trace: Option<TraceParent>,
+) -> Result<(), ModelError> {
+    if comm.shard().world == 1 {
+        return Ok(());
+    }
+    let header = Header {
+        op,
+        batch_id,
+        tensors: tensors.iter().map(|t| (t.kind(), t.size())).collect(),
+        trace,
+    };
+    send_header(comm, &header)?;
+    for t in tensors.iter_mut() {
+        comm.broadcast(t, 0)?;
+    }
+    Ok(())
+}
+
+/// Followers: the tensors `header` announces, from rank 0.
+fn receive_work(comm: &dyn Collective, header: &Header) -> Result<Vec<Tensor>, CollectiveError> {
+    header
+        .tensors
+        .iter()
+        .map(|(kind, shape)| {
+            let mut t = Tensor::zeros(shape.as_slice(), (*kind, comm.device()));
+            comm.broadcast(&mut t, 0).map(|()| t)
+        })
+        .collect()
+}
+
+/// Followers of an embedding group: run each batch of rank 0's on `model`.
 pub fn follow(
     comm: &dyn Collective,
     model: &dyn Model,
     metrics: &WorkerMetrics,
+    on_step: impl FnMut(&Header),
+) -> Result<(), ModelError> {
+    follow_with(comm, Op::Batch, on_step, |tensors| {
+        let rows = tensors
+            .first()
+            .map_or(0, |t| t.size().first().copied().unwrap_or(0) as usize);
+        let batch = Prepared {
+            rows,
+            tensors,
+            token_counts: None,
+        };
+        forward(model, &batch, comm, metrics).map(drop)
+    })
+}
+
+/// Followers: serve rank 0's steps until it shuts down (Ok) or a collective fails (Err).
+/// Each step of kind `work` (`Op::Batch` or `Op::Step`) goes to `compute` with its
+/// tensors; a step of the other kind means the ranks run different models, an error.
+/// `on_step` sees every header, for liveness tracking and logs.
+pub fn follow_with(
+    comm: &dyn Collective,
+    work: Op,
     mut on_step: impl FnMut(&Header),
+    mut compute: impl FnMut(Vec<Tensor>) -> Result<(), ModelError>,
 ) -> Result<(), ModelError> {
     let rank = comm.shard().rank;
     loop {
@@ -220,29 +277,22 @@ pub fn follow(
         match header.op {
             Op::Heartbeat => continue,
             Op::Shutdown => return Ok(()),
-            Op::Batch => {
+            op if op == work => {
                 let span = tracing::info_span!("forward", rank, batch_id = header.batch_id);
                 if let Some(parent) = header.trace {
                     telemetry::set_parent(&span, parent.context());
                 }
                 let _entered = span.enter();
-                let tensors = header
-                    .tensors
-                    .iter()
-                    .map(|(kind, shape)| {
-                        let mut t = Tensor::zeros(shape.as_slice(), (*kind, comm.device()));
-                        comm.broadcast(&mut t, 0).map(|()| t)
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let rows = tensors
-                    .first()
-                    .map_or(0, |t| t.size().first().copied().unwrap_or(0) as usize);
-                let batch = Prepared {
-                    rows,
-                    tensors,
-                    token_counts: None,
-                };
-                let _output = forward(model, &batch, comm, metrics)?;
+                compute(receive_work(comm, &header)?)?;
+            }
+            other => {
+                return Err(CollectiveError {
+                    op: "header",
+                    message: format!(
+                        "rank 0 sent {other:?} to a follower serving {work:?}: the ranks run different models"
+                    ),
+                }
+                .into());
             }
         }
     }

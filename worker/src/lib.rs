@@ -14,6 +14,7 @@ pub mod bench;
 pub mod collective;
 pub mod config;
 pub mod engine;
+pub mod generate;
 pub mod group;
 pub mod launch;
 pub mod metrics;

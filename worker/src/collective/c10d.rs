@@ -224,15 +224,20 @@ impl Drop for ProcessGroup {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tch::Kind;
 
     fn join(rank: usize, port: u16) -> ProcessGroup {
+        join_world(rank, 2, port)
+    }
+
+    /// Rank `rank` of a Gloo group of `world` on loopback (ranks as threads of a test).
+    pub(crate) fn join_world(rank: usize, world: usize, port: u16) -> ProcessGroup {
         ProcessGroup::join(&JoinOptions {
             master_addr: "127.0.0.1".into(),
             master_port: port,
-            shard: Shard { rank, world: 2 },
+            shard: Shard { rank, world },
             backend: Backend::Gloo,
             device: tch::Device::Cpu,
             store_timeout: Duration::from_secs(30),

@@ -6,6 +6,7 @@
 //! types ([`types`]); the gRPC edge converts.
 
 pub mod gguf;
+pub mod llama;
 pub mod minilm;
 pub mod mlp;
 pub mod safetensors;
@@ -21,6 +22,9 @@ pub enum ModelError {
     /// The request is wrong; the message says how.
     #[error("{0}")]
     InvalidInput(String),
+    /// The request is fine but the group has no room for it now; try again later.
+    #[error("{0}")]
+    Busy(String),
     /// The model files or settings are wrong; the worker cannot start.
     #[error("cannot load model: {0}")]
     Load(String),

@@ -1,0 +1,301 @@
+//! The decoder against tests/fixtures/smollm2_generation_reference.json (see
+//! scripts/make_smollm2_reference.py): tokenizer ids, first-step logits, greedy tokens on
+//! one rank and on a 3-rank c10d group, and continuous batching against sequences run
+//! alone.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+use tch::Device;
+
+use super::{follow_steps, lead_step};
+use crate::collective::{Collective, Shard, SingleRank};
+use crate::group::{self, Header, Op};
+use crate::models::gguf::Gguf;
+use crate::models::llama::cache::BlockAllocator;
+use crate::models::llama::schedule::{Emitted, Limits, Sampling, Scheduler};
+use crate::models::llama::tokenizer::{ChatTokenizer, Message, Role};
+use crate::models::llama::{Llama, LlamaConfig};
+
+/// Largest difference allowed between the worker's float32 logits and the reference's
+/// float64 ones (logits here are of order 10-30; the largest difference seen was under
+/// 0.0005).
+const LOGIT_TOLERANCE: f64 = 0.005;
+
+#[derive(Deserialize)]
+struct Fixture {
+    steps: usize,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Chat {
+    role: String,
+    content: String,
+}
+
+#[derive(Deserialize)]
+struct Top {
+    ids: Vec<i64>,
+    logits: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    messages: Vec<Chat>,
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    first_step_top: Top,
+    min_margin: f64,
+}
+
+impl Case {
+    /// Whether greedy decoding is decided by more than float32 rounding at every step.
+    fn decisive(&self) -> bool {
+        self.min_margin >= 2.0 * LOGIT_TOLERANCE
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn gguf_path() -> PathBuf {
+    root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let text =
+            std::fs::read_to_string(root().join("tests/fixtures/smollm2_generation_reference.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+fn tokenizer() -> &'static ChatTokenizer {
+    static T: OnceLock<ChatTokenizer> = OnceLock::new();
+    T.get_or_init(|| ChatTokenizer::from_gguf(&Gguf::open(&gguf_path()).unwrap()).unwrap())
+}
+
+fn messages(case: &Case) -> Vec<Message> {
+    case.messages
+        .iter()
+        .map(|m| Message {
+            role: Role::parse(&m.role).unwrap(),
+            content: m.content.clone(),
+        })
+        .collect()
+}
+
+fn scheduler(model: &Llama, blocks: usize) -> Scheduler {
+    let limits = Limits {
+        max_batch_tokens: 1024,
+        max_running: 32,
+        max_waiting: 64,
+        context: model.cfg.context,
+    };
+    Scheduler::new(limits, BlockAllocator::new(blocks, 16), tokenizer().eos_id)
+}
+
+/// A sequence to run: id (its index in the results), prompt, max_tokens, and the step
+/// before which it is submitted.
+type Job = (u64, Vec<u32>, usize, u64);
+
+struct Run {
+    tokens: Vec<Vec<u32>>,
+    /// The logits of the first step (rank 0).
+    first: tch::Tensor,
+    scheduler: Scheduler,
+    /// Most sequences in one step.
+    widest: usize,
+}
+
+/// Rank 0: runs every job to its end, then shuts the group down.
+fn run(model: &Llama, comm: &dyn Collective, jobs: &[Job]) -> Run {
+    let mut sched = scheduler(model, 256);
+    let mut cache = model.new_cache(256, 16);
+    let mut tokens = vec![Vec::new(); jobs.len()];
+    let (mut first, mut widest, mut step_id) = (None, 0, 0);
+    loop {
+        for (id, prompt, max_tokens, at) in jobs {
+            if *at == step_id {
+                sched
+                    .submit(*id, prompt.clone(), Sampling::greedy(*max_tokens))
+                    .unwrap();
+            }
+        }
+        let pending = jobs.iter().any(|j| j.3 > step_id);
+        let Some(step) = sched.plan(cache.padding_row()) else {
+            if pending {
+                step_id += 1;
+                continue;
+            }
+            break;
+        };
+        widest = widest.max(step.seqs.size()[0] as usize);
+        step_id += 1;
+        let logits = lead_step(model, comm, &mut cache, step_id, step).unwrap();
+        first.get_or_insert_with(|| logits.shallow_clone());
+        for Emitted { id, token, .. } in sched.finish_step(&logits).unwrap() {
+            tokens[id as usize].push(token);
+        }
+    }
+    group::send_header(comm, &Header::control(Op::Shutdown)).unwrap();
+    Run {
+        tokens,
+        first: first.expect("at least one step"),
+        scheduler: sched,
+        widest,
+    }
+}
+
+#[test]
+fn the_tokenizer_and_template_give_the_reference_ids() {
+    for case in &fixture().cases {
+        let prompt = tokenizer().render(&messages(case)).unwrap();
+        assert_eq!(prompt, case.prompt);
+        assert_eq!(
+            tokenizer().encode(&prompt).unwrap(),
+            case.prompt_ids,
+            "{prompt:?}"
+        );
+    }
+    let c = &fixture().cases[0];
+    assert_eq!(
+        tokenizer().decode(&c.prompt_ids).unwrap(),
+        c.prompt.replace("<|im_start|>", "").replace("<|im_end|>", "")
+    );
+}
+
+#[test]
+fn bad_chats_are_refused_with_a_reason() {
+    let err = Role::parse("wizard").unwrap_err().to_string();
+    assert!(err.contains("unknown role \"wizard\""), "{err}");
+    let err = tokenizer().render(&[]).unwrap_err().to_string();
+    assert!(err.contains("at least one message"), "{err}");
+}
+
+#[test]
+fn world_sizes_must_split_the_heads() {
+    let cfg = LlamaConfig::from_gguf(&Gguf::open(&gguf_path()).unwrap()).unwrap();
+    assert_eq!((cfg.heads, cfg.kv_heads, cfg.layers), (9, 3, 30));
+    assert_eq!(cfg.valid_world_sizes(), vec![1, 3]);
+    let err = cfg.check_world(2).unwrap_err().to_string();
+    assert!(err.contains("valid group sizes for this model: [1, 3]"), "{err}");
+}
+
+fn check_against_reference(tokens: &[Vec<u32>], first: &tch::Tensor) {
+    let f = fixture();
+    let mut decisive = 0;
+    for (i, case) in f.cases.iter().enumerate() {
+        let row = first.get(i as i64);
+        for (&id, &want) in case.first_step_top.ids.iter().zip(&case.first_step_top.logits) {
+            let got = row.double_value(&[id]);
+            assert!(
+                (got - want).abs() <= LOGIT_TOLERANCE,
+                "case {i}: logit of token {id} is {got}, reference {want}"
+            );
+        }
+        if case.decisive() {
+            decisive += 1;
+            assert_eq!(tokens[i], case.greedy_ids, "case {i}: {:?}", case.prompt);
+        }
+    }
+    assert!(
+        decisive >= 8,
+        "the fixture must have 8 decisive cases, has {decisive}"
+    );
+}
+
+fn reference_jobs() -> Vec<Job> {
+    let f = fixture();
+    f.cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i as u64, c.prompt_ids.clone(), f.steps, 0))
+        .collect()
+}
+
+#[test]
+fn one_rank_generates_the_reference_tokens() {
+    let model = Llama::load(&gguf_path(), Shard::SINGLE, Device::Cpu).unwrap();
+    let r = run(&model, &SingleRank(Device::Cpu), &reference_jobs());
+    check_against_reference(&r.tokens, &r.first);
+}
+
+#[test]
+fn three_ranks_over_c10d_generate_the_reference_tokens() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ranks: Vec<_> = (0..3)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                let pg = crate::collective::c10d::tests::join_world(rank, 3, port);
+                let model = Llama::load(&gguf_path(), Shard { rank, world: 3 }, Device::Cpu).unwrap();
+                if rank == 0 {
+                    let r = run(&model, &pg, &reference_jobs());
+                    Some((r.tokens, r.first))
+                } else {
+                    let mut cache = model.new_cache(256, 16);
+                    follow_steps(&model, &pg, &mut cache, |_| {}).unwrap();
+                    None
+                }
+            })
+        })
+        .collect();
+    let results: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    let (tokens, first) = results.into_iter().flatten().next().unwrap();
+    check_against_reference(&tokens, &first);
+}
+
+#[test]
+fn sequences_batched_together_generate_what_they_generate_alone() {
+    let model = Llama::load(&gguf_path(), Shard::SINGLE, Device::Cpu).unwrap();
+    let comm = SingleRank(Device::Cpu);
+    // 16 sequences from the decisive reference prompts, with different output lengths,
+    // submitted at different steps (several while others are mid-decode).
+    let prompts: Vec<&Case> = fixture().cases.iter().filter(|c| c.decisive()).collect();
+    let jobs: Vec<Job> = (0..16)
+        .map(|i| {
+            let case = prompts[i % prompts.len()];
+            (
+                i as u64,
+                case.prompt_ids.clone(),
+                6 + (i * 7) % 19,
+                (i as u64 * 3) % 11,
+            )
+        })
+        .collect();
+    let together = run(&model, &comm, &jobs);
+    for job in &jobs {
+        let alone = run(&model, &comm, &[(0, job.1.clone(), job.2, 0)]);
+        assert_eq!(
+            together.tokens[job.0 as usize], alone.tokens[0],
+            "sequence {}",
+            job.0
+        );
+        assert_eq!(alone.widest, 1);
+    }
+    let s = &together.scheduler;
+    assert!(
+        together.widest >= 8,
+        "at most {} sequences shared a step",
+        together.widest
+    );
+    assert!(
+        s.shared_steps * 2 > s.steps,
+        "{} of {} steps were shared",
+        s.shared_steps,
+        s.steps
+    );
+    assert!(
+        s.is_idle() && s.free_tokens() == 256 * 16,
+        "every block came back"
+    );
+}

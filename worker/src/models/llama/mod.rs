@@ -1,0 +1,445 @@
+//! A LLaMA-family decoder (SmolLM2) read from GGUF, tensor-parallel Megatron style.
+//!
+//! Every number comes from the GGUF metadata. Each rank holds `1/world` of the query and
+//! KV heads (their rows of Q, K and V, their columns of the attention output) and
+//! `1/world` of the MLP's intermediate width (gate and up rows, down columns); the token
+//! embedding (tied to the output) and the norms are replicated. Each layer all-reduces
+//! twice: after attention and after the MLP. Logits are computed on rank 0 only: with
+//! the output tied to the embedding every rank already holds the whole matrix, and one
+//! rank computing `[sequences, vocab]` costs less than a gather of vocab shards each step.
+//!
+//! Weights are kept in the file's row order. llama.cpp's converter permutes each head's
+//! Q and K rows so that RoPE rotates adjacent pairs `(2i, 2i+1)` instead of Hugging
+//! Face's halves `(i, i + d/2)`; this forward applies the adjacent-pair rotation to the
+//! file's order, which is the same attention. The permutation stays inside each head, so
+//! sharding by whole heads is unaffected. (The reference in
+//! `scripts/make_smollm2_reference.py` undoes the permutation and uses HF's rotation: the
+//! two agree only if both readings are right.)
+//!
+//! One [`Step`] runs any mix of prefills and decodes: the linear layers see every token
+//! of the step as one `[tokens, hidden]` matrix; attention reads each sequence's keys and
+//! values from the paged [`KvCache`] through its cache rows.
+
+pub mod cache;
+pub mod schedule;
+pub mod tokenizer;
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::collective::{Collective, Shard};
+use crate::models::ModelError;
+use crate::models::gguf::Gguf;
+pub use cache::KvCache;
+
+/// The shape of the model, from the GGUF metadata.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LlamaConfig {
+    pub layers: usize,
+    pub hidden: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    pub ffn: i64,
+    pub vocab: i64,
+    pub context: usize,
+    pub rope_theta: f64,
+    pub eps: f64,
+}
+
+impl LlamaConfig {
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self, ModelError> {
+        let arch = gguf
+            .metadata("general.architecture")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        if arch != "llama" {
+            return Err(ModelError::Load(format!(
+                "general.architecture {arch:?}: only llama-family decoders are supported"
+            )));
+        }
+        let int = |key: &str| gguf.require_u64(&format!("llama.{key}")).map(|v| v as i64);
+        let hidden = int("embedding_length")?;
+        let heads = int("attention.head_count")?;
+        let kv_heads = int("attention.head_count_kv").or(Ok::<i64, ModelError>(heads))?;
+        let vocab = match gguf.metadata("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            Some(tokens) => tokens.len() as i64,
+            None => int("vocab_size")?,
+        };
+        let cfg = Self {
+            layers: int("block_count")? as usize,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim: hidden / heads.max(1),
+            ffn: int("feed_forward_length")?,
+            vocab,
+            context: int("context_length")? as usize,
+            rope_theta: gguf.require_f64("llama.rope.freq_base").unwrap_or(10_000.0),
+            eps: gguf.require_f64("llama.attention.layer_norm_rms_epsilon")?,
+        };
+        let sane = cfg.layers > 0
+            && cfg.heads > 0
+            && cfg.kv_heads > 0
+            && cfg.heads % cfg.kv_heads == 0
+            && cfg.head_dim * cfg.heads == cfg.hidden
+            && cfg.head_dim % 2 == 0
+            && cfg.ffn > 0
+            && cfg.vocab > 0
+            && cfg.context > 0;
+        if !sane {
+            return Err(ModelError::Load(format!("inconsistent llama metadata: {cfg:?}")));
+        }
+        Ok(cfg)
+    }
+
+    /// Group sizes that split both the query and the KV heads (and the MLP) evenly.
+    pub fn valid_world_sizes(&self) -> Vec<usize> {
+        (1..=self.heads as usize)
+            .filter(|&w| {
+                let w = w as i64;
+                self.heads % w == 0 && self.kv_heads % w == 0 && self.ffn % w == 0
+            })
+            .collect()
+    }
+
+    /// Refuses a group size the heads do not divide, naming the ones that work.
+    pub fn check_world(&self, world: usize) -> Result<(), ModelError> {
+        let valid = self.valid_world_sizes();
+        if valid.contains(&world) {
+            return Ok(());
+        }
+        Err(ModelError::Load(format!(
+            "a group of {world} ranks cannot split {} query and {} KV heads evenly; valid \
+             group sizes for this model: {valid:?}",
+            self.heads, self.kv_heads
+        )))
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    /// `[hidden, (q + 2 kv) local heads * head_dim]`: Q, K and V in one matmul.
+    qkv: Tensor,
+    /// `[local heads * head_dim, hidden]`.
+    out: Tensor,
+    ffn_norm: Tensor,
+    /// `[hidden, 2 * local ffn]`: gate then up.
+    gate_up: Tensor,
+    /// `[local ffn, hidden]`.
+    down: Tensor,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    shard: Shard,
+    device: Device,
+    /// Heads on this rank.
+    heads: i64,
+    kv_heads: i64,
+    ffn: i64,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// `[positions, head_dim / 2]` each.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// One step's work, identical on every rank (rank 0 builds it; see [`cache`]).
+pub struct Step {
+    /// `[3, tokens]` i64: token id, position, cache row to write.
+    pub tokens: Tensor,
+    /// `[sequences, 3]` i64: first token index in the step, query tokens, context length
+    /// after the step.
+    pub seqs: Tensor,
+    /// `[sequences, max context]` i64: cache rows of each sequence's positions, padded
+    /// with the cache's padding row.
+    pub rows: Tensor,
+}
+
+impl Step {
+    /// The tensors that travel to the followers, in order.
+    pub fn into_tensors(self) -> Vec<Tensor> {
+        vec![self.tokens, self.seqs, self.rows]
+    }
+
+    pub fn from_tensors(tensors: Vec<Tensor>) -> Result<Self, ModelError> {
+        let Ok([tokens, seqs, rows]) = <[Tensor; 3]>::try_from(tensors) else {
+            return Err(ModelError::InvalidInput("a step is three tensors".into()));
+        };
+        Ok(Self { tokens, seqs, rows })
+    }
+}
+
+impl Llama {
+    pub fn load(path: &Path, shard: Shard, device: Device) -> Result<Self, ModelError> {
+        let gguf = Gguf::open(path)?;
+        let cfg = LlamaConfig::from_gguf(&gguf)?;
+        cfg.check_world(shard.world)?;
+        let world = shard.world as i64;
+        let (heads, kv_heads, ffn) = (cfg.heads / world, cfg.kv_heads / world, cfg.ffn / world);
+        let d = cfg.head_dim;
+        let read = |name: &str, rows: i64| -> Result<Tensor, ModelError> {
+            let values = gguf.read_f32(name)?;
+            let cols = values.len() as i64 / rows;
+            if rows * cols != values.len() as i64 {
+                return Err(ModelError::Load(format!(
+                    "{name}: {} values are not {rows} rows",
+                    values.len()
+                )));
+            }
+            Ok(Tensor::from_slice(&values).view([rows, cols]))
+        };
+        // This rank's rows [start, start + len) of a `[rows, in]` weight.
+        let rows_of = |w: &Tensor, start: i64, len: i64| w.narrow(0, start, len);
+        let vector = |name: &str| -> Result<Tensor, ModelError> {
+            Ok(Tensor::from_slice(&gguf.read_f32(name)?).to_device(device))
+        };
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let p = format!("blk.{i}.");
+            let q = read(&format!("{p}attn_q.weight"), cfg.hidden)?;
+            let k = read(&format!("{p}attn_k.weight"), cfg.kv_heads * d)?;
+            let v = read(&format!("{p}attn_v.weight"), cfg.kv_heads * d)?;
+            let qkv = Tensor::cat(
+                &[
+                    rows_of(&q, shard.rank as i64 * heads * d, heads * d),
+                    rows_of(&k, shard.rank as i64 * kv_heads * d, kv_heads * d),
+                    rows_of(&v, shard.rank as i64 * kv_heads * d, kv_heads * d),
+                ],
+                0,
+            );
+            let out = read(&format!("{p}attn_output.weight"), cfg.hidden)?;
+            let out = out.narrow(1, shard.rank as i64 * heads * d, heads * d);
+            let gate = read(&format!("{p}ffn_gate.weight"), cfg.ffn)?;
+            let up = read(&format!("{p}ffn_up.weight"), cfg.ffn)?;
+            let (f0, _) = shard.range(cfg.ffn);
+            let gate_up = Tensor::cat(&[rows_of(&gate, f0, ffn), rows_of(&up, f0, ffn)], 0);
+            let down = read(&format!("{p}ffn_down.weight"), cfg.hidden)?.narrow(1, f0, ffn);
+            // Stored `[in, out]` so a step is `x.mm(w)` with no transposes.
+            let t = |w: Tensor| w.tr().contiguous().to_device(device);
+            layers.push(Layer {
+                attn_norm: vector(&format!("{p}attn_norm.weight"))?,
+                qkv: t(qkv),
+                out: t(out),
+                ffn_norm: vector(&format!("{p}ffn_norm.weight"))?,
+                gate_up: t(gate_up),
+                down: t(down),
+            });
+        }
+        let embed = read("token_embd.weight", cfg.vocab)?.to_device(device);
+        if gguf.tensor("output.weight").is_ok() {
+            return Err(ModelError::Load(
+                "an untied output.weight is not supported yet (SmolLM2 ties it to the embedding)".into(),
+            ));
+        }
+        let half = d / 2;
+        let inv: Vec<f64> = (0..half)
+            .map(|i| cfg.rope_theta.powf(-(2.0 * i as f64) / d as f64))
+            .collect();
+        let positions = cfg.context as i64;
+        let angles = Tensor::arange(positions, (Kind::Double, Device::Cpu))
+            .unsqueeze(1)
+            .matmul(&Tensor::from_slice(&inv).unsqueeze(0));
+        Ok(Self {
+            cfg,
+            shard,
+            device,
+            heads,
+            kv_heads,
+            ffn,
+            embed,
+            layers,
+            norm: vector("output_norm.weight")?,
+            cos: angles.cos().to_kind(Kind::Float).to_device(device),
+            sin: angles.sin().to_kind(Kind::Float).to_device(device),
+        })
+    }
+
+    pub fn shard(&self) -> Shard {
+        self.shard
+    }
+
+    /// An empty cache for this rank's KV heads: `blocks` blocks of `block_size` tokens.
+    pub fn new_cache(&self, blocks: usize, block_size: usize) -> KvCache {
+        KvCache::new(
+            self.cfg.layers,
+            blocks,
+            block_size,
+            self.kv_heads,
+            self.cfg.head_dim,
+            self.device,
+        )
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Tensor {
+        let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        x * (var + self.cfg.eps).rsqrt() * weight
+    }
+
+    /// Rotates adjacent pairs of each head of `x` (`[tokens, heads, d]`).
+    fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let size = x.size();
+        let pairs = x.view([size[0], size[1], size[2] / 2, 2]);
+        let (a, b) = (pairs.select(3, 0), pairs.select(3, 1));
+        Tensor::stack(&[&a * cos - &b * sin, &a * sin + &b * cos], 3).view(size.as_slice())
+    }
+
+    /// Runs one step on this rank; rank 0 gets `[sequences, vocab]` logits of each
+    /// sequence's last token, the others `None`.
+    pub fn step(
+        &self,
+        step: &Step,
+        cache: &mut KvCache,
+        comm: &dyn Collective,
+    ) -> Result<Option<Tensor>, ModelError> {
+        let _guard = tch::no_grad_guard();
+        let d = self.cfg.head_dim;
+        let ids = step.tokens.get(0);
+        let positions = step.tokens.get(1);
+        let write = step.tokens.get(2);
+        let seqs = Vec::<i64>::try_from(step.seqs.to_device(Device::Cpu).view([-1]))?;
+        let seqs: Vec<[i64; 3]> = seqs.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect();
+        let n = ids.size()[0];
+        let cos = self.cos.index_select(0, &positions).unsqueeze(1);
+        let sin = self.sin.index_select(0, &positions).unsqueeze(1);
+        let plan = AttentionPlan::new(&seqs, &step.rows, self.device);
+        let mut x = self.embed.index_select(0, &ids);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.attn_norm);
+            let qkv = h.mm(&layer.qkv);
+            let q = qkv.narrow(1, 0, self.heads * d).view([n, self.heads, d]);
+            let k = qkv
+                .narrow(1, self.heads * d, self.kv_heads * d)
+                .view([n, self.kv_heads, d]);
+            let v = qkv
+                .narrow(1, (self.heads + self.kv_heads) * d, self.kv_heads * d)
+                .view([n, self.kv_heads, d]);
+            let q = Self::rope(&q, &cos, &sin);
+            let k = Self::rope(&k, &cos, &sin);
+            cache.write(l, &write, &k, &v);
+            let attn = self.attend(&plan, &q, &positions, cache, l);
+            let mut o = attn.view([n, self.heads * d]).mm(&layer.out);
+            comm.all_reduce_sum(&mut o)?;
+            x += o;
+            let h = self.rms_norm(&x, &layer.ffn_norm);
+            let gu = h.mm(&layer.gate_up);
+            let act = gu.narrow(1, 0, self.ffn).silu() * gu.narrow(1, self.ffn, self.ffn);
+            let mut y = act.mm(&layer.down);
+            comm.all_reduce_sum(&mut y)?;
+            x += y;
+        }
+        if self.shard.rank != 0 {
+            return Ok(None);
+        }
+        let last = Tensor::from_slice(&seqs.iter().map(|s| s[0] + s[1] - 1).collect::<Vec<_>>())
+            .to_device(self.device);
+        let h = self.rms_norm(&x.index_select(0, &last), &self.norm);
+        Ok(Some(h.mm(&self.embed.tr())))
+    }
+
+    /// Attention of every query token of the step, `[tokens, heads, d]`.
+    fn attend(
+        &self,
+        plan: &AttentionPlan,
+        q: &Tensor,
+        positions: &Tensor,
+        cache: &KvCache,
+        layer: usize,
+    ) -> Tensor {
+        let d = self.cfg.head_dim;
+        let (kvh, rep) = (self.kv_heads, self.heads / self.kv_heads);
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut out = q.zeros_like();
+        // Decodes: one query each, batched over sequences, keys padded to the longest.
+        if let Some(dec) = &plan.decodes {
+            let b = dec.query.size()[0];
+            let c = dec.rows.size()[1];
+            let qd = q.index_select(0, &dec.query).view([b, kvh, rep, 1, d]);
+            let (k, v) = cache.gather(layer, &dec.rows);
+            let k = k.view([b, c, kvh, d]).permute([0, 2, 1, 3]).unsqueeze(2);
+            let v = v.view([b, c, kvh, d]).permute([0, 2, 1, 3]).unsqueeze(2);
+            let scores = qd.matmul(&k.transpose(-1, -2)) * scale;
+            let scores = scores.masked_fill(&dec.hidden, f64::NEG_INFINITY);
+            let att = scores.softmax(-1, Kind::Float).matmul(&v);
+            let _ = out.index_copy_(0, &dec.query, &att.view([b, kvh * rep, d]));
+        }
+        // Prefills: each sequence alone, causal over its own positions.
+        for p in &plan.prefills {
+            let (start, len) = p.queries;
+            let c = p.rows.size()[0];
+            let qp = q
+                .narrow(0, start, len)
+                .view([len, kvh, rep, d])
+                .permute([1, 2, 0, 3]);
+            let (k, v) = cache.gather(layer, &p.rows);
+            let k = k.view([c, kvh, d]).permute([1, 0, 2]).unsqueeze(1);
+            let v = v.view([c, kvh, d]).permute([1, 0, 2]).unsqueeze(1);
+            let key_pos = Tensor::arange(c, (Kind::Int64, self.device)).unsqueeze(0);
+            let hidden = key_pos.gt_tensor(&positions.narrow(0, start, len).unsqueeze(1));
+            let scores = qp.matmul(&k.transpose(-1, -2)) * scale;
+            let scores = scores.masked_fill(&hidden, f64::NEG_INFINITY);
+            let att = scores.softmax(-1, Kind::Float).matmul(&v);
+            out.narrow(0, start, len)
+                .copy_(&att.permute([2, 0, 1, 3]).reshape([len, kvh * rep, d]));
+        }
+        out
+    }
+}
+
+struct Decodes {
+    /// Index of each decoding sequence's query token in the step.
+    query: Tensor,
+    /// `[b, context]` cache rows.
+    rows: Tensor,
+    /// `[b, 1, 1, 1, context]`: padding positions past each sequence's length.
+    hidden: Tensor,
+}
+
+struct Prefill {
+    queries: (i64, i64),
+    rows: Tensor,
+}
+
+/// How a step's sequences are grouped for attention, the same on every rank.
+struct AttentionPlan {
+    decodes: Option<Decodes>,
+    prefills: Vec<Prefill>,
+}
+
+impl AttentionPlan {
+    fn new(seqs: &[[i64; 3]], rows: &Tensor, device: Device) -> Self {
+        let mut dec_idx = Vec::new();
+        let mut prefills = Vec::new();
+        for (i, &[start, len, ctx]) in seqs.iter().enumerate() {
+            if len == 1 {
+                dec_idx.push(i as i64);
+            } else {
+                prefills.push(Prefill {
+                    queries: (start, len),
+                    rows: rows.get(i as i64).narrow(0, 0, ctx),
+                });
+            }
+        }
+        let decodes = (!dec_idx.is_empty()).then(|| {
+            let ctx: Vec<i64> = dec_idx.iter().map(|&i| seqs[i as usize][2]).collect();
+            let longest = *ctx.iter().max().expect("non-empty");
+            let query: Vec<i64> = dec_idx.iter().map(|&i| seqs[i as usize][0]).collect();
+            let sel = Tensor::from_slice(&dec_idx).to_device(device);
+            let rows = rows.index_select(0, &sel).narrow(1, 0, longest);
+            let lens = Tensor::from_slice(&ctx).to_device(device).view([-1, 1, 1, 1, 1]);
+            let hidden = Tensor::arange(longest, (Kind::Int64, device))
+                .view([1, 1, 1, 1, -1])
+                .ge_tensor(&lens);
+            Decodes {
+                query: Tensor::from_slice(&query).to_device(device),
+                rows,
+                hidden,
+            }
+        });
+        Self { decodes, prefills }
+    }
+}
