@@ -34,6 +34,7 @@ fn inputs(args: &BenchArgs, batch: usize) -> Vec<HostTensor> {
             let texts: Vec<&str> = SENTENCES.iter().cycle().take(batch).copied().collect();
             vec![HostTensor::texts(models::minilm::INPUT, &texts)]
         }
+        ModelKind::Smollm2 => Vec::new(), // measured by crate::generate::bench
         ModelKind::Mlp => {
             let hidden = args.model.mlp_hidden as usize;
             let values: Vec<f32> = (0..batch * hidden).map(|i| (i % 17) as f32 / 17.0).collect();

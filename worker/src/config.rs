@@ -42,6 +42,8 @@ pub enum ModelKind {
     Minilm,
     /// Synthetic tensor-parallel MLP with seeded weights, for tests and benchmarks.
     Mlp,
+    /// SmolLM2-135M-Instruct, a generative LLaMA-family decoder (from --gguf).
+    Smollm2,
 }
 
 /// Which model to load and how to run libtorch.
@@ -60,6 +62,15 @@ pub struct ModelArgs {
     /// Version the model is served as (OIP's model_version in every answer).
     #[arg(long, env = "RANKWAY_MODEL_VERSION", default_value = "1")]
     pub model_version: String,
+    /// The GGUF file of a generative model; `scripts/setup.sh` puts SmolLM2's there.
+    #[arg(
+        long,
+        env = "RANKWAY_GGUF",
+        default_value = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    pub gguf: PathBuf,
+    #[command(flatten)]
+    pub generation: GenerationArgs,
     /// Width of the synthetic MLP (input and output features).
     #[arg(long, env = "RANKWAY_MLP_HIDDEN", default_value_t = 256)]
     pub mlp_hidden: i64,
@@ -80,6 +91,33 @@ pub struct ModelArgs {
     /// GPU) or cuda:N. CUDA needs the worker's `cuda` build and a visible GPU.
     #[arg(long, env = "RANKWAY_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: tch::Device,
+}
+
+/// How a generative group batches and caches (rank 0 schedules; every rank allocates
+/// the cache for its own KV heads).
+#[derive(Debug, Clone, Args)]
+pub struct GenerationArgs {
+    /// Tokens one step may compute: every admitted prompt plus one per running sequence.
+    /// A prompt longer than this is refused.
+    #[arg(long, env = "RANKWAY_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+    /// Sequences decoding together at most.
+    #[arg(long, env = "RANKWAY_MAX_RUNNING_SEQUENCES", default_value_t = 32)]
+    pub max_running_sequences: usize,
+    /// Sequences that may wait for room; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RANKWAY_MAX_WAITING_SEQUENCES", default_value_t = 128)]
+    pub max_waiting_sequences: usize,
+    /// KV cache size in tokens, shared by all sequences (each reserves its prompt plus
+    /// max_tokens). SmolLM2 costs 30 layers x 2 x (3 / world) KV heads x 64 x 4 bytes =
+    /// 46 KiB per token on one rank, 15 KiB per rank in a group of 3.
+    #[arg(long, env = "RANKWAY_KV_CACHE_TOKENS", default_value_t = 16384)]
+    pub kv_cache_tokens: usize,
+    /// Tokens per cache block.
+    #[arg(long, env = "RANKWAY_KV_BLOCK_TOKENS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub kv_block_tokens: u16,
+    /// Longest sequence (prompt plus max_tokens) accepted; 0 means the model's context.
+    #[arg(long, env = "RANKWAY_MAX_SEQUENCE_TOKENS", default_value_t = 0)]
+    pub max_sequence_tokens: usize,
 }
 
 fn parse_device(s: &str) -> Result<tch::Device, String> {
@@ -115,6 +153,9 @@ impl ModelArgs {
                 layers: self.mlp_layers,
                 seed: self.mlp_seed,
             }),
+            ModelKind::Smollm2 => Architecture::Llama {
+                gguf: self.gguf.clone(),
+            },
         };
         ModelConfig {
             architecture,
@@ -176,6 +217,13 @@ pub struct BenchArgs {
     /// Print one JSON object per batch size instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Generative models: ranks of the measured group (threads of this process over a
+    /// c10d Gloo group on loopback); the batch sizes are concurrent sequences.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub world: u16,
+    /// Generative models: tokens each sequence generates.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
 }
 
 #[cfg(test)]

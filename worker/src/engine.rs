@@ -76,7 +76,7 @@ pub struct EngineHandle {
     stats: Arc<EngineStats>,
 }
 
-fn start_thread(
+pub(crate) fn start_thread(
     name: &str,
     stats: Arc<EngineStats>,
     torch_threads: usize,
@@ -152,20 +152,49 @@ pub fn spawn_follower(
         stats.set_signature(model.signature());
         stats.set_phase(Phase::Warming);
         let rank = comm.shard().rank;
-        group::follow(comm.as_ref(), model.as_ref(), &metrics, |h: &Header| {
-            if h.op == Op::Batch {
-                if !stats.is_ready() {
-                    // The first batch is rank 0's warm-up.
-                    stats.set_phase(Phase::Ready);
-                    tracing::info!(rank, "warm-up batch done; following rank 0");
-                }
-                stats.batches.fetch_add(1, Ordering::AcqRel);
-            }
-        })?;
+        group::follow(
+            comm.as_ref(),
+            model.as_ref(),
+            &metrics,
+            track_follower(stats, rank, Op::Batch),
+        )?;
         tracing::info!(rank, "rank 0 shut the group down");
         Ok(())
     })?;
     Ok((stats, thread))
+}
+
+/// Rank 0 when idle: waits for work, sending a heartbeat step every `heartbeat`. `None`
+/// once the server is gone, after releasing the followers with a clean exit.
+pub(crate) fn next_work<T>(
+    rx: &mpsc::Receiver<T>,
+    comm: &dyn Collective,
+    heartbeat: Duration,
+) -> Result<Option<T>, ModelError> {
+    loop {
+        match rx.recv_timeout(heartbeat) {
+            Ok(work) => return Ok(Some(work)),
+            Err(RecvTimeoutError::Timeout) => group::send_header(comm, &Header::control(Op::Heartbeat))?,
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = group::send_header(comm, &Header::control(Op::Shutdown));
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// A follower's reading of rank 0's headers: the first step of kind `work` is rank 0's
+/// warm-up, after which this rank is ready; every such step counts as a batch.
+pub(crate) fn track_follower(stats: &EngineStats, rank: usize, work: Op) -> impl FnMut(&Header) + '_ {
+    move |h: &Header| {
+        if h.op == work {
+            if !stats.is_ready() {
+                stats.set_phase(Phase::Ready);
+                tracing::info!(rank, "warm-up done; following rank 0");
+            }
+            stats.batches.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 fn lead(
@@ -177,17 +206,8 @@ fn lead(
     heartbeat: Duration,
 ) -> Result<(), ModelError> {
     loop {
-        let job = match rx.recv_timeout(heartbeat) {
-            Ok(job) => job,
-            Err(RecvTimeoutError::Timeout) => {
-                group::send_header(comm, &Header::control(Op::Heartbeat))?;
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                // The server is gone: release the followers with a clean exit.
-                let _ = group::send_header(comm, &Header::control(Op::Shutdown));
-                return Ok(());
-            }
+        let Some(job) = next_work(rx, comm, heartbeat)? else {
+            return Ok(());
         };
         stats.queued.fetch_sub(1, Ordering::AcqRel);
         if job.reply.is_closed() {

@@ -1,7 +1,8 @@
 use anyhow::Context;
 use clap::Parser;
 use rankway_runtime::telemetry::{self, Telemetry, TelemetryArgs};
-use rankway_worker::config::{Cli, Command};
+use rankway_worker::config::{Cli, Command, ModelKind};
+use rankway_worker::generate::bench::GenBenchRow;
 use rankway_worker::{bench, launch, serve};
 
 /// Logs a failure as one line (the group's restart policy reads the exit status).
@@ -55,6 +56,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 otlp_endpoint: None,
                 ..cli.telemetry
             })?;
+            if args.model.model == ModelKind::Smollm2 {
+                print_generation(&rankway_worker::generate::bench::run(&args)?, args.json)?;
+                return Ok(());
+            }
             let rows = bench::run(&args)?;
             if args.json {
                 for row in &rows {
@@ -73,6 +78,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn print_generation(rows: &[GenBenchRow], json: bool) -> anyhow::Result<()> {
+    if json {
+        for row in rows {
+            println!("{}", serde_json::to_string(row)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:>6} {:>8} {:>10} {:>8} {:>7} {:>10} {:>8}",
+        "world", "phase", "sequences", "tokens", "steps", "tokens/s", "ms/step"
+    );
+    for r in rows {
+        println!(
+            "{:>6} {:>8} {:>10} {:>8} {:>7} {:>10.1} {:>8.1}",
+            r.world, r.phase, r.sequences, r.tokens, r.steps, r.tokens_per_sec, r.ms_per_step
+        );
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! non-zero when the group breaks, so a supervisor (Kubernetes, `launch`) restarts it.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -14,10 +15,16 @@ use crate::collective::c10d::ProcessGroup;
 use crate::collective::observed::Observed;
 use crate::collective::{Collective, Shard, SingleRank};
 use crate::config::ServeArgs;
-use crate::engine::{self, EngineOptions, Loader};
+use crate::engine::{self, EngineOptions, Loader, ModelThread};
+use crate::generate::engine::{self as gen_engine, GenLoader, GenOptions};
+use crate::generate::service::GenService;
 use crate::metrics::WorkerMetrics;
-use crate::models::{self, ModelError};
-use crate::server::{LIVENESS_SERVICE, WorkerService, track_health};
+use crate::models::gguf::Gguf;
+use crate::models::llama::schedule::Limits;
+use crate::models::llama::tokenizer::ChatTokenizer;
+use crate::models::llama::{Llama, LlamaConfig};
+use crate::models::{self, Architecture, ModelError};
+use crate::server::{Engine, LIVENESS_SERVICE, WorkerService, track_health};
 use crate::stats::EngineStats;
 
 /// A variant with a source names only its own step: the cause follows in the error
@@ -53,23 +60,87 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Resul
     serve_on(listener, args, shutdown).await
 }
 
+/// Joins the group; a group of one needs no rendezvous.
+fn joiner(
+    args: &ServeArgs,
+    shard: Shard,
+    metrics: Arc<WorkerMetrics>,
+) -> impl FnOnce() -> Result<Box<dyn Collective>, ModelError> + Send + 'static {
+    let device = args.model.device;
+    let join = args.rendezvous.join_options(shard, device);
+    move || {
+        if shard.world == 1 {
+            return Ok(Box::new(SingleRank(device)) as Box<dyn Collective>);
+        }
+        tracing::info!(rank = shard.rank, world_size = shard.world, master = %format!("{}:{}", join.master_addr, join.master_port), "joining the group");
+        let pg = ProcessGroup::join(&join)?;
+        tracing::info!(rank = shard.rank, world_size = shard.world, "joined the group");
+        Ok(Box::new(Observed::new(pg, metrics)) as Box<dyn Collective>)
+    }
+}
+
 /// Loads this rank's shard (a bad world size fails here, before anyone waits on us),
 /// then joins the group.
 fn loader(args: &ServeArgs, shard: Shard, metrics: Arc<WorkerMetrics>) -> Loader {
     let model_cfg = args.model.config();
-    let join = args.rendezvous.join_options(shard, args.model.device);
-    Box::new(move || {
-        let model = models::load(&model_cfg, shard)?;
-        let comm: Box<dyn Collective> = if shard.world == 1 {
-            Box::new(SingleRank(model_cfg.device))
-        } else {
-            tracing::info!(rank = shard.rank, world_size = shard.world, master = %format!("{}:{}", join.master_addr, join.master_port), "joining the group");
-            let pg = ProcessGroup::join(&join)?;
-            tracing::info!(rank = shard.rank, world_size = shard.world, "joined the group");
-            Box::new(Observed::new(pg, metrics))
-        };
-        Ok((model, comm))
-    })
+    let join = joiner(args, shard, metrics);
+    Box::new(move || Ok((models::load(&model_cfg, shard)?, join()?)))
+}
+
+/// Starts this rank's generative model thread; rank 0 also gets the service.
+fn start_generative(
+    args: &ServeArgs,
+    gguf: &Path,
+    shard: Shard,
+    threads: usize,
+    metrics: Arc<WorkerMetrics>,
+) -> Result<(Arc<EngineStats>, ModelThread, Option<Engine>), ServeError> {
+    let file = Gguf::open(gguf)?;
+    // A group size the heads do not divide is refused here, before the rendezvous.
+    let cfg = LlamaConfig::from_gguf(&file)?;
+    cfg.check_world(shard.world)
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let g = &args.model.generation;
+    let context = match g.max_sequence_tokens {
+        0 => cfg.context,
+        n => n.min(cfg.context),
+    };
+    let opts = GenOptions {
+        torch_threads: threads,
+        heartbeat: args.rendezvous.heartbeat_interval,
+        limits: Limits {
+            max_batch_tokens: g.max_batch_tokens,
+            max_running: g.max_running_sequences,
+            max_waiting: g.max_waiting_sequences,
+            context,
+        },
+        kv_tokens: g.kv_cache_tokens,
+        block_size: g.kv_block_tokens as usize,
+    };
+    if opts.kv_tokens < opts.block_size {
+        return Err(ServeError::Config(format!(
+            "--kv-cache-tokens {} holds less than one block of {} tokens",
+            opts.kv_tokens, opts.block_size
+        )));
+    }
+    let join = joiner(args, shard, metrics);
+    let (path, device) = (gguf.to_path_buf(), args.model.device);
+    let load: GenLoader = Box::new(move || Ok((Llama::load(&path, shard, device)?, join()?)));
+    if shard.rank != 0 {
+        let (stats, thread) = gen_engine::spawn_follower(load, opts).map_err(ServeError::Thread)?;
+        return Ok((stats, thread, None));
+    }
+    let tokenizer = Arc::new(ChatTokenizer::from_gguf(&file)?);
+    let model_cfg = args.model.config();
+    let (handle, thread) =
+        gen_engine::spawn_leader(load, opts, tokenizer.eos_id, model_cfg.name, model_cfg.version)
+            .map_err(ServeError::Thread)?;
+    let stats = handle.stats().clone();
+    Ok((
+        stats,
+        thread,
+        Some(Engine::Generative(GenService::new(handle, tokenizer))),
+    ))
 }
 
 /// Like [`serve`], on a listener the caller bound (tests bind port 0 first).
@@ -92,23 +163,27 @@ pub async fn serve_on(
         addr: args.metrics_listen,
         source,
     })?;
-    let load = loader(&args, shard, metrics.clone());
-    let (stats, thread, worker) = if shard.rank == 0 {
-        let opts = EngineOptions {
-            torch_threads: threads,
-            capacity: args.queue_capacity,
-            heartbeat: args.rendezvous.heartbeat_interval,
-        };
-        let (engine, thread) =
-            engine::spawn_leader(load, opts, metrics.clone()).map_err(ServeError::Thread)?;
-        let stats = engine.stats().clone();
-        let service = WorkerService::new(engine, args.group.clone(), shard.world as u32).into_server();
-        (stats, thread, Some(service))
-    } else {
-        let (stats, thread) =
-            engine::spawn_follower(load, threads, metrics.clone()).map_err(ServeError::Thread)?;
-        (stats, thread, None)
+    let (stats, thread, engine) = match args.model.config().architecture {
+        Architecture::Llama { gguf } => start_generative(&args, &gguf, shard, threads, metrics.clone())?,
+        _ if shard.rank == 0 => {
+            let opts = EngineOptions {
+                torch_threads: threads,
+                capacity: args.queue_capacity,
+                heartbeat: args.rendezvous.heartbeat_interval,
+            };
+            let load = loader(&args, shard, metrics.clone());
+            let (engine, thread) =
+                engine::spawn_leader(load, opts, metrics.clone()).map_err(ServeError::Thread)?;
+            (engine.stats().clone(), thread, Some(Engine::Embedding(engine)))
+        }
+        _ => {
+            let load = loader(&args, shard, metrics.clone());
+            let (stats, thread) =
+                engine::spawn_follower(load, threads, metrics.clone()).map_err(ServeError::Thread)?;
+            (stats, thread, None)
+        }
     };
+    let worker = engine.map(|e| WorkerService::new(e, args.group.clone(), shard.world as u32).into_server());
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter

@@ -6,14 +6,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rankway_proto::worker::worker_server::{Worker, WorkerServer};
 use rankway_proto::worker::{
-    GroupStatusRequest, GroupStatusResponse, InferRequest, InferResponse, MAX_MESSAGE_BYTES, NOT_STARTED_KEY,
-    RankState,
+    GenerateRequest, GroupStatusRequest, GroupStatusResponse, InferRequest, InferResponse, MAX_MESSAGE_BYTES,
+    ModelKind, NOT_STARTED_KEY, RankState,
 };
 use rankway_runtime::telemetry;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::engine::{EngineError, EngineHandle};
+use crate::generate::service::{GenService, GenerateStream};
 use crate::models::ModelError;
 use crate::stats::EngineStats;
 use crate::wire;
@@ -43,16 +44,33 @@ fn not_started(mut status: Status) -> Status {
     status
 }
 
+/// What rank 0's model thread runs.
+pub enum Engine {
+    /// One forward per batch (`Infer`).
+    Embedding(EngineHandle),
+    /// Sequences batched step by step (`Generate`).
+    Generative(GenService),
+}
+
+impl Engine {
+    fn stats(&self) -> &Arc<EngineStats> {
+        match self {
+            Engine::Embedding(e) => e.stats(),
+            Engine::Generative(g) => g.handle().stats(),
+        }
+    }
+}
+
 /// Rank 0's `rankway.worker.v1.Worker`.
 pub struct WorkerService {
-    engine: EngineHandle,
+    engine: Engine,
     group: String,
     world_size: u32,
     generation: u64,
 }
 
 impl WorkerService {
-    pub fn new(engine: EngineHandle, group: String, world_size: u32) -> Self {
+    pub fn new(engine: Engine, group: String, world_size: u32) -> Self {
         // Start time in ms: a restarted group reports a new generation.
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -72,9 +90,45 @@ impl WorkerService {
     }
 }
 
+/// The error for a call the group's kind of model does not serve.
+fn wrong_kind(stats: &EngineStats, want: &str) -> Status {
+    let name = stats.signature().map_or("this model", |s| s.name.as_str());
+    Status::invalid_argument(format!("{name} does not serve {want}"))
+}
+
 #[tonic::async_trait]
 impl Worker for WorkerService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let Engine::Generative(service) = &self.engine else {
+            return Err(wrong_kind(
+                self.engine.stats(),
+                "Generate: it is an embedding model (use Infer)",
+            ));
+        };
+        let deadline = rankway_proto::grpc_timeout(request.metadata()).map_err(Status::invalid_argument)?;
+        let req = request.into_inner();
+        let span = tracing::info_span!("rank0.Generate", otel.kind = "server", group = %self.group, rank = 0);
+        if let Some(name) = self.engine.stats().signature().map(|s| &s.name)
+            && !req.model.is_empty()
+            && &req.model != name
+        {
+            return Err(Status::not_found(format!(
+                "this group serves {name}, not the model requested"
+            )));
+        }
+        let stream = service.generate(req, deadline).instrument(span).await?;
+        Ok(Response::new(stream))
+    }
+
     async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
+        let Engine::Embedding(engine) = &self.engine else {
+            return Err(wrong_kind(
+                self.engine.stats(),
+                "Infer: it is a generative model (use Generate)",
+            ));
+        };
         let (metadata, _, req) = request.into_parts();
         // The gateway's request ids: every log line of the batch names its requests.
         let request_ids = req.request_ids.join(",");
@@ -97,11 +151,7 @@ impl Worker for WorkerService {
         // The batch's deadline is the call's `grpc-timeout`: tonic's server drops this
         // future when it passes, which takes the batch out of the model thread's queue.
         let started = Instant::now();
-        let out = self
-            .engine
-            .infer(req.batch_id, inputs)
-            .instrument(span.clone())
-            .await;
+        let out = engine.infer(req.batch_id, inputs).instrument(span.clone()).await;
         span.in_scope(|| match &out {
             Ok(o) => tracing::debug!(
                 rows = o.rows,
@@ -113,7 +163,7 @@ impl Worker for WorkerService {
             Err(e) => tracing::warn!(error = %e, "batch failed"),
         });
         let out = out?;
-        let stats = self.engine.stats();
+        let stats = engine.stats();
         Ok(Response::new(InferResponse {
             batch_id: req.batch_id,
             model_version: stats.signature().map(|s| s.version.clone()).unwrap_or_default(),
@@ -149,6 +199,14 @@ impl Worker for WorkerService {
             ready: stats.is_ready(),
             reason: stats.not_ready_reason(),
             batches_completed: stats.batches.load(Ordering::Acquire) as u64,
+            kind: match &self.engine {
+                Engine::Embedding(_) => ModelKind::Embedding,
+                Engine::Generative(_) => ModelKind::Generative,
+            } as i32,
+            generation_state: match &self.engine {
+                Engine::Embedding(_) => None,
+                Engine::Generative(g) => Some(g.status()),
+            },
         }))
     }
 }

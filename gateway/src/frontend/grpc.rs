@@ -39,28 +39,9 @@ pub fn service(
         .max_encoding_message_size(usize::MAX)
 }
 
-/// The client's deadline from gRPC's `grpc-timeout` (e.g. `250m` = 250 ms), if set.
+/// The client's deadline from gRPC's `grpc-timeout`, if set.
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, ApiError> {
-    let Some(v) = metadata.get("grpc-timeout") else {
-        return Ok(None);
-    };
-    let bad = || ApiError::InvalidInput(format!("malformed grpc-timeout {v:?}"));
-    let s = v.to_str().map_err(|_| bad())?;
-    // At most 8 digits and a unit, as the gRPC spec allows.
-    if s.len() < 2 || s.len() > 9 {
-        return Err(bad());
-    }
-    let (digits, unit) = s.split_at(s.len() - 1);
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    Ok(Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return Err(bad()),
-    }))
+    rankway_proto::grpc_timeout(metadata).map_err(ApiError::InvalidInput)
 }
 
 fn le_bytes<T: Copy, const N: usize>(values: &[T], f: fn(T) -> [u8; N]) -> Vec<u8> {
@@ -255,18 +236,6 @@ mod tests {
             contents,
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        let mut m = tonic::metadata::MetadataMap::new();
-        assert_eq!(grpc_timeout(&m).unwrap(), None);
-        m.insert("grpc-timeout", "250m".parse().unwrap());
-        assert_eq!(grpc_timeout(&m).unwrap(), Some(Duration::from_millis(250)));
-        m.insert("grpc-timeout", "3S".parse().unwrap());
-        assert_eq!(grpc_timeout(&m).unwrap(), Some(Duration::from_secs(3)));
-        m.insert("grpc-timeout", "12x".parse().unwrap());
-        assert!(grpc_timeout(&m).is_err());
     }
 
     #[test]

@@ -51,5 +51,10 @@ pub fn follow_steps(
     })
 }
 
+pub mod bench;
+pub mod engine;
+pub mod service;
+pub mod text;
+
 #[cfg(test)]
 mod tests;

@@ -72,6 +72,12 @@ pub fn load(cfg: &ModelConfig, shard: Shard) -> Result<Box<dyn Model>, ModelErro
     Ok(match &cfg.architecture {
         Architecture::MiniLm { dir } => Box::new(minilm::MiniLm::load(dir, cfg, shard)?),
         Architecture::Mlp(mlp_cfg) => Box::new(mlp::Mlp::new(*mlp_cfg, cfg, shard)?),
+        Architecture::Llama { .. } => {
+            return Err(ModelError::Load(format!(
+                "{} is a generative model: it runs on the generation engine",
+                cfg.name
+            )));
+        }
     })
 }
 

@@ -143,6 +143,9 @@ pub enum Architecture {
     MiniLm { dir: PathBuf },
     /// The synthetic MLP.
     Mlp(super::mlp::MlpConfig),
+    /// A generative LLaMA-family decoder from a GGUF file ([`super::llama`]); it runs on
+    /// the generation engine, not through [`super::Model`].
+    Llama { gguf: PathBuf },
 }
 
 /// Everything a model needs to load, independent of how it was configured.

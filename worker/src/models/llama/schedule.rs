@@ -119,6 +119,8 @@ pub struct Scheduler {
     pub steps: u64,
     /// Steps that computed more than one sequence.
     pub shared_steps: u64,
+    /// Prompt tokens in the step last planned.
+    pub prefill_tokens: usize,
 }
 
 impl Scheduler {
@@ -132,6 +134,7 @@ impl Scheduler {
             in_step: Vec::new(),
             steps: 0,
             shared_steps: 0,
+            prefill_tokens: 0,
         }
     }
 
@@ -232,6 +235,7 @@ impl Scheduler {
             return None;
         }
         let (mut tokens, mut seqs, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+        self.prefill_tokens = 0;
         let longest = self
             .running
             .iter()
@@ -242,6 +246,9 @@ impl Scheduler {
         for (i, s) in self.running.iter().enumerate() {
             let start = tokens.len() / 3;
             let new = &s.tokens[s.cached..];
+            if s.cached == 0 {
+                self.prefill_tokens += new.len();
+            }
             for (k, &t) in new.iter().enumerate() {
                 let pos = s.cached + k;
                 tokens.extend([i64::from(t), pos as i64, self.alloc.row(&s.blocks, pos)]);
