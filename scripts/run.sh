@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # `make run`: two MiniLM groups of two tensor-parallel ranks each (rankway-worker launch)
-# behind the gateway, all on loopback; Ctrl-C stops everything.
+# behind the gateway, and one generative SmolLM2 group of three ranks (a second launch),
+# all on loopback; Ctrl-C stops everything.
 # Ports: REST 8000 and gRPC 8001 (gateway); 9000 and 9001 (rank 0 of groups g0, g1);
-# 9100+ (followers' health); 9400+ (each rank's /metrics); 29500+ (c10d stores). RANKWAY_RUN_GROUPS and RANKWAY_RUN_RANKS change the shape.
+# 9100+ (followers' health); 9400+ (each rank's /metrics); 29500+ (c10d stores).
+# The generative group: rank 0 at 9010, followers' health 9110+, metrics 9410+, store
+# 29510. RANKWAY_RUN_GROUPS and RANKWAY_RUN_RANKS change the MiniLM groups' shape;
+# RANKWAY_RUN_GENERATIVE=0 leaves the generative group out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release
@@ -22,6 +26,13 @@ trap stop INT TERM EXIT
 
 $BIN/rankway-worker launch --groups "$GROUPS_N" --ranks-per-group "$RANKS_N" &
 pids+=($!)
+GENERATIVE=${RANKWAY_RUN_GENERATIVE:-1}
+if [ "$GENERATIVE" = 1 ]; then
+  # Not behind the gateway yet: generation through the gateway is the next issue.
+  $BIN/rankway-worker launch --groups 1 --ranks-per-group 3 --port 9010 --follower-port 9110 \
+    --metrics-port 9410 --master-port 29510 -- --model smollm2 --group smollm2 &
+  pids+=($!)
+fi
 group_flags=()
 for ((g = 0; g < GROUPS_N; g++)); do group_flags+=(--group "g$g=127.0.0.1:$((9000 + g))"); done
 $BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "$GRPC" "${group_flags[@]}" &
@@ -41,6 +52,18 @@ Rankway is ready: $GROUPS_N groups x $RANKS_N ranks, REST http://$HTTP, gRPC $GR
 
   curl -s http://$HTTP/metrics              # the gateway's
   curl -s http://127.0.0.1:9400/metrics     # rank 0 of g0 (rank i of the launch: 9400+i)
+MSG
+if [ "$GENERATIVE" = 1 ]; then
+  cat <<MSG
+
+The generative group (SmolLM2-135M-Instruct, 3 tensor-parallel ranks) streams answers from
+its rank 0 once it is ready (its log says "generative group ready"):
+
+  cargo run --release -p rankway-gateway --example generate -- --addr 127.0.0.1:9010 \
+    "What is the capital of France?"
+MSG
+fi
+cat <<MSG
 
 Ctrl-C stops everything.
 MSG

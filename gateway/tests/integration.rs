@@ -10,6 +10,7 @@ mod deadlines_and_drain;
 mod deploy_manifests;
 mod dns_discovery;
 mod embeddings;
+mod generation;
 mod group_life;
 mod latency;
 mod observability;

@@ -12,7 +12,7 @@ use crate::common::{Gateway, Worker, free_port, sample_sum};
 use serde_json::{Value, json};
 
 /// `promtool check metrics` on `text`; the lint's complaints if it fails.
-fn promtool(what: &str, text: &str) {
+pub(crate) fn promtool(what: &str, text: &str) {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -31,7 +31,7 @@ fn promtool(what: &str, text: &str) {
     );
 }
 
-async fn get_text(url: String) -> String {
+pub(crate) async fn get_text(url: String) -> String {
     let resp = reqwest::get(url).await.unwrap();
     assert_eq!(resp.status(), 200);
     resp.text().await.unwrap()

@@ -11,7 +11,7 @@ use prometheus::{
     TextEncoder, exponential_buckets,
 };
 
-use crate::stats::EngineStats;
+use crate::stats::{EngineStats, GenStats};
 
 /// 50 µs .. ~26 s.
 fn seconds_buckets() -> Vec<f64> {
@@ -34,6 +34,20 @@ pub struct WorkerMetrics {
     batches: IntCounter,
     ready: IntGauge,
     queue_depth: IntGauge,
+    /// Rank 0 of a generative group: its scheduler's figures.
+    generation: std::sync::OnceLock<(Arc<GenStats>, GenerationMetrics)>,
+}
+
+/// Counters mirror [`GenStats`]' at each scrape (they only grow); gauges copy it.
+struct GenerationMetrics {
+    running: IntGauge,
+    waiting: IntGauge,
+    free_kv: IntGauge,
+    total_kv: IntGauge,
+    steps: IntCounter,
+    shared_steps: IntCounter,
+    generated: IntCounter,
+    prompt: IntCounter,
 }
 
 /// Every series is labelled `group` and `rank`, in that order. (Ordinary labels rather
@@ -85,9 +99,34 @@ impl WorkerMetrics {
                 "1 while this rank is ready (on rank 0: the whole group is complete and warm).",
             ),
             queue_depth: gauge("queue_depth", "Batches waiting for rank 0's model thread."),
+            generation: std::sync::OnceLock::new(),
             labels,
             registry: r,
         }
+    }
+
+    /// Rank 0 of a generative group: adds its scheduler's series.
+    pub fn track_generation(&self, stats: Arc<GenStats>) {
+        let values = [self.labels[0].as_str(), self.labels[1].as_str()];
+        let r = &self.registry;
+        let gauge = |name: &str, help: &str| {
+            registered(r, IntGaugeVec::new(Opts::new(name, help), &LABELS).expect("valid gauge")).with_label_values(&values)
+        };
+        let counter = |name: &str, help: &str| {
+            registered(r, IntCounterVec::new(Opts::new(name, help), &LABELS).expect("valid counter"))
+                .with_label_values(&values)
+        };
+        let m = GenerationMetrics {
+            running: gauge("running_sequences", "Sequences in rank 0's running batch."),
+            waiting: gauge("waiting_sequences", "Sequences waiting for room in the batch or the KV cache."),
+            free_kv: gauge("kv_cache_free_tokens", "KV cache tokens no sequence holds."),
+            total_kv: gauge("kv_cache_tokens", "KV cache size in tokens."),
+            steps: counter("generation_steps_total", "Generation steps run by the group."),
+            shared_steps: counter("generation_shared_steps_total", "Generation steps that computed more than one sequence."),
+            generated: counter("generated_tokens_total", "Tokens generated."),
+            prompt: counter("prompt_tokens_total", "Prompt tokens prefilled."),
+        };
+        let _ = self.generation.set((stats, m));
     }
 
     /// Times a forward pass.
@@ -108,6 +147,20 @@ impl WorkerMetrics {
     pub fn render(&self, stats: &EngineStats) -> String {
         self.ready.set(i64::from(stats.is_ready()));
         self.queue_depth.set(stats.queued.load(Ordering::Acquire) as i64);
+        if let Some((g, m)) = self.generation.get() {
+            let gauge = |metric: &IntGauge, v: &std::sync::atomic::AtomicUsize| metric.set(v.load(Ordering::Acquire) as i64);
+            gauge(&m.running, &g.running);
+            gauge(&m.waiting, &g.waiting);
+            gauge(&m.free_kv, &g.free_kv_tokens);
+            gauge(&m.total_kv, &g.total_kv_tokens);
+            let counter = |metric: &IntCounter, v: &std::sync::atomic::AtomicU64| {
+                metric.inc_by(v.load(Ordering::Acquire).saturating_sub(metric.get()));
+            };
+            counter(&m.steps, &g.steps);
+            counter(&m.shared_steps, &g.shared_steps);
+            counter(&m.generated, &g.generated_tokens);
+            counter(&m.prompt, &g.prompt_tokens);
+        }
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .expect("encoding to a String cannot fail")
@@ -165,5 +218,21 @@ mod tests {
             text.contains("rankway_worker_ready{group=\"a\",rank=\"1\"} 0"),
             "{text}"
         );
+        assert!(!text.contains("generation_steps_total"), "only generative groups have them");
+        let g = Arc::new(GenStats::default());
+        m.track_generation(g.clone());
+        g.steps.store(7, Ordering::Release);
+        g.shared_steps.store(5, Ordering::Release);
+        g.free_kv_tokens.store(96, Ordering::Release);
+        m.render(&EngineStats::default());
+        g.steps.store(9, Ordering::Release);
+        let text = m.render(&EngineStats::default());
+        for line in [
+            "rankway_worker_generation_steps_total{group=\"a\",rank=\"1\"} 9",
+            "rankway_worker_generation_shared_steps_total{group=\"a\",rank=\"1\"} 5",
+            "rankway_worker_kv_cache_free_tokens{group=\"a\",rank=\"1\"} 96",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
     }
 }

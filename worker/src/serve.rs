@@ -123,7 +123,7 @@ fn start_generative(
             opts.kv_tokens, opts.block_size
         )));
     }
-    let join = joiner(args, shard, metrics);
+    let join = joiner(args, shard, metrics.clone());
     let (path, device) = (gguf.to_path_buf(), args.model.device);
     let load: GenLoader = Box::new(move || Ok((Llama::load(&path, shard, device)?, join()?)));
     if shard.rank != 0 {
@@ -136,6 +136,7 @@ fn start_generative(
         gen_engine::spawn_leader(load, opts, tokenizer.eos_id, model_cfg.name, model_cfg.version)
             .map_err(ServeError::Thread)?;
     let stats = handle.stats().clone();
+    metrics.track_generation(handle.gen_stats().clone());
     Ok((
         stats,
         thread,

@@ -3,7 +3,7 @@
 //! gRPC (GroupStatus, health) and by the metrics.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use crate::models::Signature;
 
@@ -94,4 +94,19 @@ impl EngineStats {
             _ => "stopped".into(),
         }
     }
+}
+
+/// Rank 0 of a generative group: its scheduler's load and counters, for GroupStatus
+/// and the metrics.
+#[derive(Debug, Default)]
+pub struct GenStats {
+    pub context: AtomicUsize,
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub free_kv_tokens: AtomicUsize,
+    pub total_kv_tokens: AtomicUsize,
+    pub steps: AtomicU64,
+    pub shared_steps: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
 }

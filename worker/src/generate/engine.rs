@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use crate::models::llama::cache::BlockAllocator;
 use crate::models::llama::schedule::{Finish, Limits, Sampling, Scheduler};
 use crate::models::llama::{KvCache, Llama};
 use crate::models::{DType, Signature, TensorSpec};
-use crate::stats::{EngineStats, Phase};
+use crate::stats::{EngineStats, GenStats, Phase};
 
 /// Loads this rank's shard and joins the group; run on the model thread.
 pub type GenLoader = Box<dyn FnOnce() -> Result<(Llama, Box<dyn Collective>), ModelError> + Send>;
@@ -54,20 +54,6 @@ pub enum Event {
     Finished(Finish),
     /// The group broke; the sequence is lost.
     Failed(String),
-}
-
-/// Counters of the generation, for GroupStatus and metrics.
-#[derive(Debug, Default)]
-pub struct GenStats {
-    pub context: AtomicUsize,
-    pub running: AtomicUsize,
-    pub waiting: AtomicUsize,
-    pub free_kv_tokens: AtomicUsize,
-    pub total_kv_tokens: AtomicUsize,
-    pub steps: AtomicU64,
-    pub shared_steps: AtomicU64,
-    pub generated_tokens: AtomicU64,
-    pub prompt_tokens: AtomicU64,
 }
 
 struct Submit {

@@ -116,7 +116,7 @@ impl GenService {
         let sampling = Sampling {
             max_tokens: req.max_tokens as usize,
             temperature: req.temperature,
-            top_p: if req.top_p == 0.0 { 1.0 } else { req.top_p },
+            top_p: req.top_p.unwrap_or(1.0),
             seed: req.seed,
         };
         let prompt_tokens = prompt.len() as u32;
