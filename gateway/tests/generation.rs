@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use rankway_proto::worker::worker_client::WorkerClient;
 use rankway_proto::worker::{
-    ChatMessage, FinishReason, GenerateRequest, GenerateResponse, Generation, GroupStatusRequest, InferRequest,
-    ModelKind,
+    ChatMessage, FinishReason, GenerateRequest, GenerateResponse, Generation, GroupStatusRequest,
+    InferRequest, ModelKind,
 };
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -45,11 +45,18 @@ fn request(case: &Value, max_tokens: u32) -> GenerateRequest {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Every message of a stream, or the status that ended it.
-async fn collect(client: &mut WorkerClient<Channel>, req: GenerateRequest) -> Result<Vec<GenerateResponse>, tonic::Status> {
+async fn collect(
+    client: &mut WorkerClient<Channel>,
+    req: GenerateRequest,
+) -> Result<Vec<GenerateResponse>, tonic::Status> {
     let mut stream = client.generate(req).await?.into_inner();
     let mut out = Vec::new();
     while let Some(msg) = stream.message().await? {
@@ -59,7 +66,11 @@ async fn collect(client: &mut WorkerClient<Channel>, req: GenerateRequest) -> Re
 }
 
 async fn generation(client: &mut WorkerClient<Channel>) -> Generation {
-    let s = client.group_status(GroupStatusRequest {}).await.unwrap().into_inner();
+    let s = client
+        .group_status(GroupStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(s.kind, ModelKind::Generative as i32);
     s.generation_state.expect("a generative group reports its load")
 }
@@ -73,11 +84,20 @@ async fn assert_reference_answer(client: &mut WorkerClient<Channel>) {
     let tokens: Vec<u32> = msgs.iter().flat_map(|m| m.token_ids.clone()).collect();
     let text: String = msgs.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(tokens, ids(&case["greedy_ids"]));
-    assert_eq!(text, case["greedy_text"].as_str().unwrap().replace("<|im_end|>", ""));
+    assert_eq!(
+        text,
+        case["greedy_text"].as_str().unwrap().replace("<|im_end|>", "")
+    );
     assert_eq!(last.finish_reason, FinishReason::Stop as i32);
-    assert_eq!(last.prompt_tokens as usize, case["prompt_ids"].as_array().unwrap().len());
+    assert_eq!(
+        last.prompt_tokens as usize,
+        case["prompt_ids"].as_array().unwrap().len()
+    );
     assert_eq!(last.completion_tokens as usize, tokens.len());
-    assert!(msgs[..msgs.len() - 1].iter().all(|m| m.finish_reason == 0), "only the last message finishes");
+    assert!(
+        msgs[..msgs.len() - 1].iter().all(|m| m.finish_reason == 0),
+        "only the last message finishes"
+    );
 }
 
 async fn wait_free(client: &mut WorkerClient<Channel>, within: Duration) -> Generation {
@@ -87,7 +107,10 @@ async fn wait_free(client: &mut WorkerClient<Channel>, within: Duration) -> Gene
         if g.free_kv_tokens == g.total_kv_tokens && g.running_sequences == 0 {
             return g;
         }
-        assert!(Instant::now() < deadline, "cache not freed within {within:?}: {g:?}");
+        assert!(
+            Instant::now() < deadline,
+            "cache not freed within {within:?}: {g:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -105,7 +128,10 @@ async fn one_rank_streams_the_reference_answer_and_refuses_bad_requests() {
     let f = fixture();
     let msgs = collect(&mut client, request(&f["cases"][1], 5)).await.unwrap();
     let last = msgs.last().unwrap();
-    assert_eq!((last.finish_reason, last.completion_tokens), (FinishReason::Length as i32, 5));
+    assert_eq!(
+        (last.finish_reason, last.completion_tokens),
+        (FinishReason::Length as i32, 5)
+    );
     // A stop string ends the text before it.
     let mut stop = request(&f["cases"][0], 24);
     stop.stop = vec!["Paris".into()];
@@ -120,37 +146,117 @@ async fn one_rank_streams_the_reference_answer_and_refuses_bad_requests() {
         content: content.to_vec().into(),
     };
     let bad: Vec<(GenerateRequest, &str)> = vec![
-        (GenerateRequest { messages: vec![], ..base.clone() }, "the prompt is empty"),
-        (GenerateRequest { messages: vec![user(b"  ")], ..base.clone() }, "the prompt is empty"),
         (
             GenerateRequest {
-                messages: vec![ChatMessage { role: "wizard".into(), content: "hi".into() }],
+                messages: vec![],
+                ..base.clone()
+            },
+            "the prompt is empty",
+        ),
+        (
+            GenerateRequest {
+                messages: vec![user(b"  ")],
+                ..base.clone()
+            },
+            "the prompt is empty",
+        ),
+        (
+            GenerateRequest {
+                messages: vec![ChatMessage {
+                    role: "wizard".into(),
+                    content: "hi".into(),
+                }],
                 ..base.clone()
             },
             "unknown role \"wizard\"",
         ),
-        (GenerateRequest { max_tokens: 0, ..base.clone() }, "max_tokens 0"),
-        (GenerateRequest { max_tokens: 8193, ..base.clone() }, "max_tokens 8193"),
-        (GenerateRequest { temperature: -0.5, ..base.clone() }, "temperature -0.5"),
-        (GenerateRequest { temperature: 1.0, top_p: Some(1.5), ..base.clone() }, "top_p 1.5"),
-        (GenerateRequest { temperature: 1.0, top_p: Some(0.0), ..base.clone() }, "top_p 0"),
         (
-            GenerateRequest { stop: ["a", "b", "c", "d", "e"].map(Into::into).to_vec(), ..base.clone() },
+            GenerateRequest {
+                max_tokens: 0,
+                ..base.clone()
+            },
+            "max_tokens 0",
+        ),
+        (
+            GenerateRequest {
+                max_tokens: 8193,
+                ..base.clone()
+            },
+            "max_tokens 8193",
+        ),
+        (
+            GenerateRequest {
+                temperature: -0.5,
+                ..base.clone()
+            },
+            "temperature -0.5",
+        ),
+        (
+            GenerateRequest {
+                temperature: 1.0,
+                top_p: Some(1.5),
+                ..base.clone()
+            },
+            "top_p 1.5",
+        ),
+        (
+            GenerateRequest {
+                temperature: 1.0,
+                top_p: Some(0.0),
+                ..base.clone()
+            },
+            "top_p 0",
+        ),
+        (
+            GenerateRequest {
+                stop: ["a", "b", "c", "d", "e"].map(Into::into).to_vec(),
+                ..base.clone()
+            },
             "at most 4",
         ),
-        (GenerateRequest { messages: vec![user(b"caf\xc3")], ..base.clone() }, "messages[0].content is not valid UTF-8"),
-        (GenerateRequest { prompt: "x".into(), ..base.clone() }, "not both"),
+        (
+            GenerateRequest {
+                messages: vec![user(b"caf\xc3")],
+                ..base.clone()
+            },
+            "messages[0].content is not valid UTF-8",
+        ),
+        (
+            GenerateRequest {
+                prompt: "x".into(),
+                ..base.clone()
+            },
+            "not both",
+        ),
         // Prompt plus max_tokens larger than the whole cache: never runnable.
-        (GenerateRequest { max_tokens: 5000, ..base.clone() }, "can never fit"),
+        (
+            GenerateRequest {
+                max_tokens: 5000,
+                ..base.clone()
+            },
+            "can never fit",
+        ),
     ];
     for (req, want) in bad {
         let status = collect(&mut client, req).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{want}: {status:?}");
         assert!(status.message().contains(want), "{want}: {:?}", status.message());
     }
-    let wrong_model = GenerateRequest { model: "minilm".into(), ..base.clone() };
-    assert_eq!(collect(&mut client, wrong_model).await.unwrap_err().code(), tonic::Code::NotFound);
-    let infer = client.infer(InferRequest { model: "smollm2".into(), ..Default::default() }).await.unwrap_err();
+    let wrong_model = GenerateRequest {
+        model: "minilm".into(),
+        ..base.clone()
+    };
+    assert_eq!(
+        collect(&mut client, wrong_model).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let infer = client
+        .infer(InferRequest {
+            model: "smollm2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(infer.code(), tonic::Code::InvalidArgument);
     assert!(infer.message().contains("use Generate"), "{}", infer.message());
     // Still serving after all of that.
@@ -220,9 +326,19 @@ async fn a_three_rank_group_generates_and_a_killed_follower_ends_every_stream() 
         }
     };
     let mut client = connect().await;
-    let status = client.group_status(GroupStatusRequest {}).await.unwrap().into_inner();
+    let status = client
+        .group_status(GroupStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(status.world_size, 3);
-    assert!(status.model.unwrap().shard_layout.starts_with("tp=3 heads/rank=3 kv_heads/rank=1"));
+    assert!(
+        status
+            .model
+            .unwrap()
+            .shard_layout
+            .starts_with("tp=3 heads/rank=3 kv_heads/rank=1")
+    );
     assert_reference_answer(&mut client).await;
 
     // Eight streams under way, then a follower dies. Their prompts are the reference's
@@ -254,7 +370,10 @@ async fn a_three_rank_group_generates_and_a_killed_follower_ends_every_stream() 
     sigkill(pids[2]);
     for mut s in streams {
         let status = loop {
-            match tokio::time::timeout(Duration::from_secs(5), s.message()).await.expect("the stream ends") {
+            match tokio::time::timeout(Duration::from_secs(5), s.message())
+                .await
+                .expect("the stream ends")
+            {
                 Ok(Some(_)) => continue,
                 Ok(None) => panic!("a stream finished although its group broke"),
                 Err(status) => break status,
@@ -263,7 +382,10 @@ async fn a_three_rank_group_generates_and_a_killed_follower_ends_every_stream() 
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     }
     let ended = killed.elapsed();
-    assert!(ended < Duration::from_secs(2), "streams ended {ended:?} after the kill");
+    assert!(
+        ended < Duration::from_secs(2),
+        "streams ended {ended:?} after the kill"
+    );
 
     // `launch` restarts the group, which answers again.
     let (_, again) = launcher.next_group_start();

@@ -110,19 +110,32 @@ impl WorkerMetrics {
         let values = [self.labels[0].as_str(), self.labels[1].as_str()];
         let r = &self.registry;
         let gauge = |name: &str, help: &str| {
-            registered(r, IntGaugeVec::new(Opts::new(name, help), &LABELS).expect("valid gauge")).with_label_values(&values)
+            registered(
+                r,
+                IntGaugeVec::new(Opts::new(name, help), &LABELS).expect("valid gauge"),
+            )
+            .with_label_values(&values)
         };
         let counter = |name: &str, help: &str| {
-            registered(r, IntCounterVec::new(Opts::new(name, help), &LABELS).expect("valid counter"))
-                .with_label_values(&values)
+            registered(
+                r,
+                IntCounterVec::new(Opts::new(name, help), &LABELS).expect("valid counter"),
+            )
+            .with_label_values(&values)
         };
         let m = GenerationMetrics {
             running: gauge("running_sequences", "Sequences in rank 0's running batch."),
-            waiting: gauge("waiting_sequences", "Sequences waiting for room in the batch or the KV cache."),
+            waiting: gauge(
+                "waiting_sequences",
+                "Sequences waiting for room in the batch or the KV cache.",
+            ),
             free_kv: gauge("kv_cache_free_tokens", "KV cache tokens no sequence holds."),
             total_kv: gauge("kv_cache_tokens", "KV cache size in tokens."),
             steps: counter("generation_steps_total", "Generation steps run by the group."),
-            shared_steps: counter("generation_shared_steps_total", "Generation steps that computed more than one sequence."),
+            shared_steps: counter(
+                "generation_shared_steps_total",
+                "Generation steps that computed more than one sequence.",
+            ),
             generated: counter("generated_tokens_total", "Tokens generated."),
             prompt: counter("prompt_tokens_total", "Prompt tokens prefilled."),
         };
@@ -148,7 +161,9 @@ impl WorkerMetrics {
         self.ready.set(i64::from(stats.is_ready()));
         self.queue_depth.set(stats.queued.load(Ordering::Acquire) as i64);
         if let Some((g, m)) = self.generation.get() {
-            let gauge = |metric: &IntGauge, v: &std::sync::atomic::AtomicUsize| metric.set(v.load(Ordering::Acquire) as i64);
+            let gauge = |metric: &IntGauge, v: &std::sync::atomic::AtomicUsize| {
+                metric.set(v.load(Ordering::Acquire) as i64)
+            };
             gauge(&m.running, &g.running);
             gauge(&m.waiting, &g.waiting);
             gauge(&m.free_kv, &g.free_kv_tokens);
@@ -218,7 +233,10 @@ mod tests {
             text.contains("rankway_worker_ready{group=\"a\",rank=\"1\"} 0"),
             "{text}"
         );
-        assert!(!text.contains("generation_steps_total"), "only generative groups have them");
+        assert!(
+            !text.contains("generation_steps_total"),
+            "only generative groups have them"
+        );
         let g = Arc::new(GenStats::default());
         m.track_generation(g.clone());
         g.steps.store(7, Ordering::Release);

@@ -108,8 +108,16 @@ impl Worker for WorkerService {
             ));
         };
         let deadline = rankway_proto::grpc_timeout(request.metadata()).map_err(Status::invalid_argument)?;
-        let req = request.into_inner();
-        let span = tracing::info_span!("rank0.Generate", otel.kind = "server", group = %self.group, rank = 0);
+        let (metadata, _, req) = request.into_parts();
+        // The gateway's id, if it is one (1..=128 visible ASCII): it goes into log lines.
+        let id = &req.request_id;
+        let request_id = if (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()) {
+            id.as_str()
+        } else {
+            "-"
+        };
+        let span = tracing::info_span!("rank0.Generate", otel.kind = "server", group = %self.group, rank = 0, request_id);
+        telemetry::set_parent(&span, telemetry::extract(&metadata.into_headers()));
         if let Some(name) = self.engine.stats().signature().map(|s| &s.name)
             && !req.model.is_empty()
             && &req.model != name

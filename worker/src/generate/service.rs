@@ -14,13 +14,14 @@ use rankway_proto::worker::{FinishReason, GenerateRequest, GenerateResponse, Gen
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
+use tracing::Instrument;
 
 use super::engine::{Event, GenHandle};
 use super::text::{TextStream, check_stops};
 use crate::engine::EngineError;
 use crate::models::ModelError;
 use crate::models::llama::schedule::{Finish, Sampling};
-use crate::models::llama::tokenizer::{ChatTokenizer, Message, Role};
+use crate::models::llama::tokenizer::{ChatTokenizer, MAX_MESSAGES, Message, Role};
 
 /// Largest prompt (all message contents, or the raw prompt) in bytes, checked before
 /// anything is tokenized.
@@ -65,6 +66,12 @@ impl GenService {
 
     /// The prompt's token ids.
     fn prompt(&self, req: &mut GenerateRequest) -> Result<Vec<u32>, ModelError> {
+        if req.messages.len() > MAX_MESSAGES {
+            return Err(ModelError::InvalidInput(format!(
+                "{} messages: at most {MAX_MESSAGES}",
+                req.messages.len()
+            )));
+        }
         let bytes: usize = req.prompt.len() + req.messages.iter().map(|m| m.content.len()).sum::<usize>();
         if bytes > MAX_PROMPT_BYTES {
             return Err(ModelError::InvalidInput(format!(
@@ -124,7 +131,8 @@ impl GenService {
         let (tx, rx) = mpsc::channel(16);
         let tokenizer = self.tokenizer.clone();
         let deadline = deadline.map(|d| tokio::time::Instant::now() + d);
-        tokio::spawn(async move {
+        let span = tracing::Span::current();
+        let task = async move {
             let mut text = TextStream::new(&tokenizer, stops);
             let mut completion = 0u32;
             loop {
@@ -167,11 +175,24 @@ impl GenService {
                     None => Err(Status::unavailable("the group stopped")),
                 };
                 let end = !matches!(&reply, Ok(r) if r.finish_reason == FinishReason::Unspecified as i32);
+                match &reply {
+                    Ok(r) if end => tracing::debug!(
+                        prompt_tokens,
+                        completion_tokens = r.completion_tokens,
+                        finish = r.finish_reason().as_str_name(),
+                        "generation done"
+                    ),
+                    Err(status) => {
+                        tracing::warn!(completion_tokens = completion, error = %status.message(), "generation failed")
+                    }
+                    Ok(_) => {}
+                }
                 if tx.send(reply).await.is_err() || end {
                     return; // the client went away, or the stream is complete
                 }
             }
-        });
+        };
+        tokio::spawn(task.instrument(span));
         Ok(ReceiverStream::new(rx))
     }
 }

@@ -23,7 +23,7 @@ use crate::models::gguf::Gguf;
 
 /// GGUF token type of control tokens.
 const TOKEN_TYPE_CONTROL: u64 = 3;
-/// Most messages in one chat.
+/// Most messages in one chat (callers check it before converting them).
 pub const MAX_MESSAGES: usize = 256;
 
 /// Who said a chat message.
@@ -172,18 +172,13 @@ impl ChatTokenizer {
         self.vocab_size
     }
 
-    /// The prompt text for `messages`, ending where the assistant's answer begins.
+    /// The prompt text for `messages` (at most [`MAX_MESSAGES`]), ending where the
+    /// assistant's answer begins.
     pub fn render(&self, messages: &[Message]) -> Result<String, ModelError> {
         if messages.is_empty() {
             return Err(ModelError::InvalidInput(
                 "a chat needs at least one message".into(),
             ));
-        }
-        if messages.len() > MAX_MESSAGES {
-            return Err(ModelError::InvalidInput(format!(
-                "{} messages: at most {MAX_MESSAGES}",
-                messages.len()
-            )));
         }
         let mut env = Environment::new();
         env.set_trim_blocks(true);
