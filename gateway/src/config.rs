@@ -44,6 +44,10 @@ pub struct Config {
     /// Requests that may wait per model; more are refused at once (429 / RESOURCE_EXHAUSTED).
     #[arg(long, env = "RANKWAY_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
+    /// Generations per model admitted but not yet streaming (a generative group's rank 0
+    /// queues them); more are refused at once (429 / RESOURCE_EXHAUSTED).
+    #[arg(long, env = "RANKWAY_MAX_WAITING_GENERATIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waiting_generations: u32,
     /// Batches in flight per group at most (one running, one staged).
     #[arg(long, env = "RANKWAY_MAX_IN_FLIGHT", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,

@@ -84,6 +84,13 @@ pub struct Metrics {
     group_world_size: IntGaugeVec,
     group_in_flight: IntGaugeVec,
     group_breaker: IntGaugeVec,
+    time_to_first_token: HistogramVec,
+    inter_token: HistogramVec,
+    generated_tokens: IntCounterVec,
+    open_streams: IntGaugeVec,
+    group_sequences: IntGaugeVec,
+    group_kv_free: IntGaugeVec,
+    group_kv_total: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -187,8 +194,74 @@ impl Metrics {
                 "Circuit breaker of the group: 1 for the state it is in (closed, open, half_open).",
                 &["group", "state"],
             ),
+            time_to_first_token: histogram(
+                &r,
+                "time_to_first_token_seconds",
+                "Time from a generation's request to its first token, by model.",
+                &["model"],
+                fine_seconds_buckets(),
+            ),
+            inter_token: histogram(
+                &r,
+                "inter_token_seconds",
+                "Time between consecutive tokens of a generation, by model.",
+                &["model"],
+                fine_seconds_buckets(),
+            ),
+            generated_tokens: counter(
+                &r,
+                "generated_tokens_total",
+                "Tokens generated, by model.",
+                &["model"],
+            ),
+            open_streams: gauge(
+                &r,
+                "generations_open",
+                "Generations under way through this gateway, by model.",
+                &["model"],
+            ),
+            group_sequences: gauge(
+                &r,
+                "group_sequences",
+                "Sequences a generative group's rank 0 reported, by group and state (running, waiting).",
+                &["group", "state"],
+            ),
+            group_kv_free: gauge(
+                &r,
+                "group_kv_cache_free_tokens",
+                "KV cache tokens free on a generative group, as its rank 0 reported.",
+                &["group"],
+            ),
+            group_kv_total: gauge(
+                &r,
+                "group_kv_cache_tokens",
+                "KV cache size of a generative group, in tokens.",
+                &["group"],
+            ),
             registry: r,
         }
+    }
+
+    /// The first token of a generation of `model`, `after` its request arrived.
+    pub fn observe_first_token(&self, model: &str, after: Duration) {
+        self.time_to_first_token
+            .with_label_values(&[model])
+            .observe(after.as_secs_f64());
+    }
+
+    /// A token of a generation, `gap` after the previous one (`None` for the first).
+    pub fn observe_token(&self, model: &str, gap: Option<Duration>) {
+        self.generated_tokens.with_label_values(&[model]).inc();
+        if let Some(gap) = gap {
+            self.inter_token
+                .with_label_values(&[model])
+                .observe(gap.as_secs_f64());
+        }
+    }
+
+    /// Generations of `model` under way (the gauge is moved by its holder).
+    pub fn open_streams(&self, model: &str) -> IntGauge {
+        self.open_streams.with_label_values(&[model])
     }
 
     pub fn observe_request(&self, route: &str, code: &str, elapsed: Duration) {
@@ -245,6 +318,9 @@ impl Metrics {
             &self.group_world_size,
             &self.group_in_flight,
             &self.group_breaker,
+            &self.group_sequences,
+            &self.group_kv_free,
+            &self.group_kv_total,
         ] {
             family.reset();
         }
@@ -258,6 +334,21 @@ impl Metrics {
                 .with_label_values(&l)
                 .set(i64::from(g.world_size));
             self.group_in_flight.with_label_values(&l).set(g.in_flight as i64);
+            if let Some(load) = g.load {
+                let name = g.name.as_str();
+                self.group_sequences
+                    .with_label_values(&[name, "running"])
+                    .set(i64::from(load.running_sequences));
+                self.group_sequences
+                    .with_label_values(&[name, "waiting"])
+                    .set(i64::from(load.waiting_sequences));
+                self.group_kv_free
+                    .with_label_values(&l)
+                    .set(load.free_kv_tokens as i64);
+                self.group_kv_total
+                    .with_label_values(&l)
+                    .set(load.total_kv_tokens as i64);
+            }
             let current = g.breaker.unwrap_or(BreakerState::Closed);
             for (state, name) in [
                 (BreakerState::Closed, "closed"),

@@ -11,6 +11,7 @@ mod deploy_manifests;
 mod dns_discovery;
 mod embeddings;
 mod generation;
+mod generation_gateway;
 mod group_life;
 mod latency;
 mod observability;

@@ -28,7 +28,7 @@ impl From<EngineError> for Status {
             EngineError::NotReady(_) => not_started(Status::unavailable(msg)),
             EngineError::Stopped(_) => Status::unavailable(msg),
             EngineError::Model(ModelError::InvalidInput(_)) => Status::invalid_argument(msg),
-            EngineError::Model(ModelError::Busy(_)) => Status::resource_exhausted(msg),
+            EngineError::Model(ModelError::Busy(_)) => not_started(Status::resource_exhausted(msg)),
             EngineError::Model(ModelError::Collective(_)) => Status::unavailable(msg),
             EngineError::Model(ModelError::Load(_) | ModelError::Torch(_)) => Status::internal(msg),
         }

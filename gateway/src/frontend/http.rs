@@ -47,6 +47,38 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| ApiError::InvalidInput(format!("invalid JSON body: {e}")))
 }
 
+/// A JSON object body and the client's timeout, as the generation routes take them.
+pub fn object_and_timeout(
+    limits: RestLimits,
+    headers: &http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(serde_json::Map<String, serde_json::Value>, Option<Duration>), ApiError> {
+    let timeout = rest_timeout(headers)?;
+    Ok((parse_json(body, limits.max_request_bytes)?, timeout))
+}
+
+/// Takes field `name` out of a JSON body, typed; a wrong type is an error naming it.
+/// (Typed structs with `#[serde(flatten)]` lose the field's name in their errors.)
+pub fn field<T: serde::de::DeserializeOwned>(
+    body: &mut serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Result<Option<T>, ApiError> {
+    match body.remove(name) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| ApiError::InvalidInput(format!("'{name}': {e}"))),
+    }
+}
+
+/// Like [`field`], for a field the request must have.
+pub fn required<T: serde::de::DeserializeOwned>(
+    body: &mut serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Result<T, ApiError> {
+    field(body, name)?.ok_or_else(|| ApiError::InvalidInput(format!("'{name}' is required")))
+}
+
 /// REST header carrying the client's timeout in seconds (fractions allowed).
 pub const REQUEST_TIMEOUT_HEADER: &str = "request-timeout";
 

@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 use super::http::{AppState, RestLimits};
-use super::{admin, openai, rest};
+use super::{admin, completions, oip_generate, openai, rest};
 use crate::metrics::Metrics;
 use crate::request_id::RequestIdLayer;
 
@@ -23,7 +23,15 @@ pub fn router(state: AppState, limits: RestLimits, metrics: Arc<Metrics>) -> axu
         .route("/v2/models/{model}", get(rest::model_metadata))
         .route("/v2/models/{model}/ready", get(rest::model_ready))
         .route("/v2/models/{model}/infer", post(rest::infer))
+        .route("/v2/models/{model}/generate", post(oip_generate::generate))
+        .route(
+            "/v2/models/{model}/generate_stream",
+            post(oip_generate::generate_stream),
+        )
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(completions::models))
         .route("/metrics", get(admin::metrics))
         .route("/admin/groups", get(admin::groups))
         .fallback(not_found)

@@ -18,7 +18,8 @@ use tokio::time::Instant;
 
 use rankway_proto::worker::worker_client::WorkerClient;
 use rankway_proto::worker::{
-    GroupStatusRequest, InferRequest, InferResponse, MAX_MESSAGE_BYTES, ModelInfo, NOT_STARTED_KEY, RankPhase,
+    GenerateRequest, GenerateResponse, GroupStatusRequest, InferRequest, InferResponse, MAX_MESSAGE_BYTES,
+    ModelInfo, ModelKind, NOT_STARTED_KEY, RankPhase,
 };
 use serde::Serialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
@@ -44,8 +45,22 @@ pub struct GroupView {
     pub last_error_at: Option<String>,
     /// Circuit breaker on consecutive failed dispatches.
     pub breaker: Option<BreakerState>,
+    /// `embedding` or `generative` (empty until rank 0 said).
+    pub kind: &'static str,
+    /// A generative group's load as rank 0 last reported it.
+    pub load: Option<GenerationLoad>,
     #[serde(skip)]
     pub model_info: Option<Arc<ModelInfo>>,
+}
+
+/// A generative group's load, from its GroupStatus.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct GenerationLoad {
+    pub context_length: u32,
+    pub running_sequences: u32,
+    pub waiting_sequences: u32,
+    pub free_kv_tokens: u64,
+    pub total_kv_tokens: u64,
 }
 
 impl GroupView {
@@ -85,6 +100,9 @@ pub struct Group {
     overhead_us: Ewma,
     /// Found through DNS (so DNS may also remove it), rather than given with --group.
     discovered: bool,
+    /// Streams this gateway opened on the group minus those that ended, since the last
+    /// GroupStatus (whose running and waiting figures already count the older ones).
+    streams_since_poll: std::sync::atomic::AtomicI64,
 }
 
 impl Group {
@@ -114,6 +132,7 @@ impl Group {
             compute_us: Ewma::default(),
             overhead_us: Ewma::default(),
             discovered: false,
+            streams_since_poll: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -165,6 +184,69 @@ impl Group {
         v.ready && v.model.as_deref() == Some(model)
     }
 
+    /// A generative group's load for routing: the sequences rank 0 last reported running
+    /// or waiting, plus the streams this gateway opened (minus those that ended) since.
+    fn sequences(&self) -> i64 {
+        let reported = self.view.read().expect("group view lock").load.map_or(0, |l| {
+            i64::from(l.running_sequences) + i64::from(l.waiting_sequences)
+        });
+        (reported + self.streams_since_poll.load(Ordering::Relaxed)).max(0)
+    }
+
+    /// Opens a generation on this group, bounded by `deadline` (sent as `grpc-timeout`;
+    /// rank 0 ends the stream when it passes). The stream counts toward the group's load
+    /// until its [`StreamGuard`] drops.
+    pub async fn generate(
+        self: &Arc<Self>,
+        request: GenerateRequest,
+        deadline: Instant,
+        trace: &tracing::Span,
+    ) -> Result<(tonic::Streaming<GenerateResponse>, StreamGuard), DispatchError> {
+        let guard = StreamGuard::new(self.clone());
+        let mut client = self.client.clone();
+        let req = call_request(request, deadline, trace);
+        match client.generate(req).await {
+            Ok(resp) => {
+                self.breaker.lock().expect("breaker lock").on_success();
+                Ok((resp.into_inner(), guard))
+            }
+            Err(status) => Err(self.failed(&status, deadline)),
+        }
+    }
+
+    /// What a failed call means; a failure of the group (not of the request) counts
+    /// against its breaker.
+    pub fn failed(&self, status: &tonic::Status, deadline: Instant) -> DispatchError {
+        // Rank 0's server cancels a call at its grpc-timeout: the call ran out of time,
+        // which says nothing about the group's health.
+        if Instant::now() >= deadline && is_timeout(status) {
+            return DispatchError {
+                error: ApiError::DeadlineExceeded(format!(
+                    "group {:?} did not finish before the deadline",
+                    self.name
+                )),
+                not_started: false,
+            };
+        }
+        let error = from_worker_status(&self.name, status);
+        // A full queue is load, not a fault: it does not open the breaker.
+        if matches!(error, ApiError::Unavailable(_)) && status.code() != tonic::Code::ResourceExhausted {
+            self.breaker
+                .lock()
+                .expect("breaker lock")
+                .on_failure(Instant::now());
+            self.view.write().expect("group view lock").record_error(format!(
+                "{}: {}",
+                status.code(),
+                status.message()
+            ));
+        }
+        DispatchError {
+            error,
+            not_started: never_started(status),
+        }
+    }
+
     /// Polls rank 0 once and records what it said. Returns whether readiness changed.
     pub async fn check(&self, timeout: Duration) -> bool {
         let mut client = self.client.clone();
@@ -191,6 +273,19 @@ impl Group {
                 v.generation = s.generation;
                 v.model = s.model.as_ref().map(|m| m.name.clone());
                 v.model_info = s.model.map(Arc::new);
+                v.kind = match ModelKind::try_from(s.kind) {
+                    Ok(ModelKind::Generative) => "generative",
+                    Ok(ModelKind::Embedding) => "embedding",
+                    _ => "",
+                };
+                v.load = s.generation_state.map(|g| GenerationLoad {
+                    context_length: g.context_length,
+                    running_sequences: g.running_sequences,
+                    waiting_sequences: g.waiting_sequences,
+                    free_kv_tokens: g.free_kv_tokens,
+                    total_kv_tokens: g.total_kv_tokens,
+                });
+                self.streams_since_poll.store(0, Ordering::Relaxed);
             }
             Ok(Err(status)) => {
                 v.ready = false;
@@ -232,6 +327,39 @@ impl Ewma {
     }
 }
 
+/// A call to rank 0: the trace context as `traceparent`, the deadline as `grpc-timeout`.
+fn call_request<T>(message: T, deadline: Instant, trace: &tracing::Span) -> tonic::Request<T> {
+    let mut headers = http::HeaderMap::new();
+    rankway_runtime::telemetry::inject(trace, &mut headers);
+    let mut req = tonic::Request::from_parts(
+        tonic::metadata::MetadataMap::from_headers(headers),
+        Default::default(),
+        message,
+    );
+    req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    req
+}
+
+/// One open generation on a group: counted in the group's load until dropped.
+pub struct StreamGuard(Arc<Group>);
+
+impl StreamGuard {
+    fn new(group: Arc<Group>) -> Self {
+        group.streams_since_poll.fetch_add(1, Ordering::Relaxed);
+        Self(group)
+    }
+
+    pub fn group(&self) -> &Group {
+        &self.0
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams_since_poll.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A slot on one group; the batch it carries is sent with [`Lease::infer`].
 pub struct Lease {
     group: Arc<Group>,
@@ -257,20 +385,12 @@ impl Lease {
     ) -> Result<(InferResponse, Duration), DispatchError> {
         self.group.batches.fetch_add(1, Ordering::Relaxed);
         let mut client = self.group.client.clone();
-        let mut headers = http::HeaderMap::new();
-        rankway_runtime::telemetry::inject(trace, &mut headers);
-        let mut req = tonic::Request::from_parts(
-            tonic::metadata::MetadataMap::from_headers(headers),
-            Default::default(),
-            request,
-        );
-        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        let req = call_request(request, deadline, trace);
         let started = Instant::now();
         let result = client.infer(req).await;
-        let mut breaker = self.group.breaker.lock().expect("breaker lock");
         match result {
             Ok(resp) => {
-                breaker.on_success();
+                self.group.breaker.lock().expect("breaker lock").on_success();
                 let resp = resp.into_inner();
                 let took = started.elapsed();
                 self.group.compute_us.observe(resp.compute_us);
@@ -279,26 +399,7 @@ impl Lease {
                     .observe((took.as_micros() as u64).saturating_sub(resp.compute_us));
                 Ok((resp, took))
             }
-            // Rank 0's server cancels a call at its grpc-timeout: the batch ran out of
-            // time, which says nothing about the group's health.
-            Err(status) if Instant::now() >= deadline && is_timeout(&status) => Err(DispatchError {
-                error: ApiError::DeadlineExceeded(format!(
-                    "group {:?} did not finish the batch before its deadline",
-                    self.group.name
-                )),
-                not_started: false,
-            }),
-            Err(status) => {
-                let error = from_worker_status(&self.group.name, &status);
-                let not_started = never_started(&status);
-                if matches!(error, ApiError::Unavailable(_)) {
-                    breaker.on_failure(Instant::now());
-                    drop(breaker);
-                    let mut v = self.group.view.write().expect("group view lock");
-                    v.record_error(format!("{}: {}", status.code(), status.message()));
-                }
-                Err(DispatchError { error, not_started })
-            }
+            Err(status) => Err(self.group.failed(&status, deadline)),
         }
     }
 }
@@ -449,27 +550,9 @@ impl Pool {
             changed.as_mut().enable();
 
             let now = Instant::now();
-            let groups = self.inner.snapshot();
-            let candidates: Vec<&Arc<Group>> = groups
-                .iter()
-                .filter(|g| g.serves(model) && !exclude.contains(&g.name))
-                .collect();
-            if candidates.is_empty() {
-                return Err(ApiError::Unavailable(format!(
-                    "no ready worker group serves model {model:?}"
-                )));
-            }
-            let allowed: Vec<&Arc<Group>> = candidates
-                .into_iter()
-                .filter(|g| g.breaker.lock().expect("breaker lock").allows(now))
-                .collect();
-            if allowed.is_empty() {
-                return Err(ApiError::Unavailable(format!(
-                    "every group serving model {model:?} is failing (circuit breaker open)"
-                )));
-            }
+            let allowed = self.routable(model, exclude, now)?;
             let mut free: Vec<&Arc<Group>> = allowed
-                .into_iter()
+                .iter()
                 .filter(|g| g.slots.available_permits() > 0)
                 .collect();
             // An idle group, when there is one, takes the batch at once; a busy one would
@@ -491,6 +574,68 @@ impl Pool {
             }
             changed.await;
         }
+    }
+
+    /// A ready generative group serving `model` (not one of `exclude`) to open a stream
+    /// on: power of two choices on their sequences (see [`Group::sequences`]) among those
+    /// whose breaker allows. Never waits: rank 0 queues sequences itself.
+    pub fn choose_generative(&self, model: &str, exclude: &[String]) -> Result<Arc<Group>, ApiError> {
+        let now = Instant::now();
+        let allowed = self.routable(model, exclude, now)?;
+        let loads: Vec<usize> = allowed.iter().map(|g| g.sequences() as usize).collect();
+        let pick = p2c::choose(&loads, &mut *self.inner.rng.lock().expect("rng lock")).expect("non-empty");
+        let group = allowed[pick].clone();
+        group.breaker.lock().expect("breaker lock").on_dispatch(now);
+        Ok(group)
+    }
+
+    /// The ready groups serving `model` (not one of `exclude`) whose breaker lets a call
+    /// through; an error saying why when there is none.
+    fn routable(&self, model: &str, exclude: &[String], now: Instant) -> Result<Vec<Arc<Group>>, ApiError> {
+        let candidates: Vec<Arc<Group>> = self
+            .inner
+            .snapshot()
+            .into_iter()
+            .filter(|g| g.serves(model) && !exclude.contains(&g.name))
+            .collect();
+        if candidates.is_empty() {
+            return Err(ApiError::Unavailable(format!(
+                "no ready worker group serves model {model:?}"
+            )));
+        }
+        let allowed: Vec<Arc<Group>> = candidates
+            .into_iter()
+            .filter(|g| g.breaker.lock().expect("breaker lock").allows(now))
+            .collect();
+        if allowed.is_empty() {
+            return Err(ApiError::Unavailable(format!(
+                "every group serving model {model:?} is failing (circuit breaker open)"
+            )));
+        }
+        Ok(allowed)
+    }
+
+    /// Whether `model` is served by generative groups (as far as any group has said).
+    pub fn is_generative(&self, model: &str) -> bool {
+        self.inner.snapshot().iter().any(|g| {
+            let v = g.view.read().expect("group view lock");
+            v.kind == "generative" && v.model.as_deref() == Some(model)
+        })
+    }
+
+    /// The context length of a ready group serving `model`, if one reported it.
+    pub fn context_length(&self, model: &str) -> Option<u32> {
+        self.inner
+            .snapshot()
+            .iter()
+            .filter(|g| g.serves(model))
+            .find_map(|g| {
+                g.view
+                    .read()
+                    .expect("group view lock")
+                    .load
+                    .map(|l| l.context_length)
+            })
     }
 
     /// Makes the discovered groups exactly `addrs` (static `--group`s are kept). A group

@@ -30,6 +30,8 @@ pub struct InferCall {
     pub request_id: RequestId,
 }
 
+pub mod generate;
+
 pub struct Gateway {
     pool: Pool,
     metrics: Arc<Metrics>,
@@ -37,6 +39,11 @@ pub struct Gateway {
     request_timeout: Duration,
     batchers: Mutex<HashMap<String, Batcher>>,
     draining: AtomicBool,
+    admission: generate::Admission,
+    /// Generations admitted and not yet streaming, per model, at most.
+    max_waiting_generations: usize,
+    /// Other groups a generation may go to when one refused it before starting it.
+    retry_budget: usize,
 }
 
 impl Gateway {
@@ -48,7 +55,16 @@ impl Gateway {
             request_timeout,
             batchers: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
+            admission: generate::Admission::default(),
+            max_waiting_generations: 256,
+            retry_budget: batch.retry_budget,
         }
+    }
+
+    /// Bounds generations admitted and not yet streaming, per model.
+    pub fn with_max_waiting_generations(mut self, n: usize) -> Self {
+        self.max_waiting_generations = n;
+        self
     }
 
     /// From now on: not ready, and new requests are refused; accepted ones finish.

@@ -1,0 +1,525 @@
+//! OpenAI-compatible generation: `POST /v1/chat/completions`, `POST /v1/completions`
+//! (non-streaming, and `stream: true` as Server-Sent Events) and `GET /v1/models`, so
+//! the official SDKs and langchain-openai's `ChatOpenAI` work unchanged.
+//!
+//! Fields that would change the answer's meaning and are not supported (tools, a JSON
+//! response format, log probabilities, penalties, `n` other than 1, ...) are refused with
+//! a 400 naming the field; the same fields at their neutral value are accepted, and so
+//! are the informational ones (`user`, `metadata`, `store`, ...). Any other field is
+//! refused by name, as OpenAI itself does, rather than silently ignored.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::http::{AppState, RestLimits, field, object_and_timeout, required};
+use super::openai::OpenAiError;
+use crate::error::ApiError;
+use crate::request_id::RequestId;
+use crate::state::generate::{Delta, GenerateCall, Generation, Prompt, Usage};
+
+/// OpenAI's default sampling temperature.
+const OPENAI_TEMPERATURE: f32 = 1.0;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Map<String, Value>>),
+}
+
+#[derive(Debug, Deserialize)]
+struct InMessage {
+    role: String,
+    content: Option<Content>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// What chat and completions requests share.
+#[derive(Debug)]
+struct Common {
+    model: String,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum CompletionPrompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Common {
+    /// The shared fields, taken out of `body` (what is left is checked by [`check_rest`]).
+    fn take(body: &mut Map<String, Value>) -> Result<Self, ApiError> {
+        Ok(Self {
+            model: required(body, "model")?,
+            max_tokens: field(body, "max_tokens")?,
+            max_completion_tokens: field(body, "max_completion_tokens")?,
+            temperature: field(body, "temperature")?,
+            top_p: field(body, "top_p")?,
+            seed: field(body, "seed")?,
+            stop: field(body, "stop")?,
+            n: field(body, "n")?,
+            stream: field(body, "stream")?.unwrap_or(false),
+            stream_options: field(body, "stream_options")?,
+        })
+    }
+}
+
+fn invalid(m: String) -> ApiError {
+    ApiError::InvalidInput(m)
+}
+
+/// Whether `value` of the unsupported field `name` leaves the answer as it would be
+/// without it; `None` for fields this gateway does not know.
+fn neutral(name: &str, value: &Value) -> Option<bool> {
+    let zero = |v: &Value| v.is_null() || v.as_f64() == Some(0.0);
+    let empty = |v: &Value| {
+        v.is_null()
+            || v.as_array().is_some_and(|a| a.is_empty())
+            || v.as_object().is_some_and(|o| o.is_empty())
+    };
+    Some(match name {
+        // Informational: they never change the answer.
+        "user" | "metadata" | "store" | "service_tier" | "parallel_tool_calls" => true,
+        "frequency_penalty" | "presence_penalty" | "top_logprobs" => zero(value),
+        "logprobs" | "echo" => value.is_null() || value == &Value::Bool(false) || value.as_u64() == Some(0),
+        "tools" | "functions" | "logit_bias" => empty(value),
+        "tool_choice" | "function_call" => value.is_null() || value == "none",
+        "response_format" => value.is_null() || value.get("type").is_some_and(|t| t == "text"),
+        "best_of" => value.is_null() || value.as_u64() == Some(1),
+        "suffix" => value.is_null() || value == "",
+        _ => return None,
+    })
+}
+
+fn check_rest(rest: &Map<String, Value>) -> Result<(), ApiError> {
+    for (name, value) in rest {
+        let shown: String = name.chars().take(64).collect();
+        match neutral(name, value) {
+            Some(true) => {}
+            Some(false) => {
+                return Err(invalid(format!(
+                    "'{shown}' is not supported (only its neutral value is)"
+                )));
+            }
+            None => return Err(invalid(format!("unrecognized field '{shown}'"))),
+        }
+    }
+    Ok(())
+}
+
+impl Common {
+    fn call(
+        self,
+        prompt: Prompt,
+        timeout: Option<std::time::Duration>,
+        request_id: RequestId,
+    ) -> Result<GenerateCall, ApiError> {
+        if let Some(n) = self.n.filter(|&n| n != 1) {
+            return Err(invalid(format!(
+                "'n' {n} is not supported: only 1 answer per request"
+            )));
+        }
+        if self.stream_options.is_some() && !self.stream {
+            return Err(invalid(
+                "'stream_options' is only allowed with 'stream': true".into(),
+            ));
+        }
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        Ok(GenerateCall {
+            model: self.model,
+            prompt,
+            // langchain-openai sends max_completion_tokens, older clients max_tokens.
+            max_tokens: self.max_completion_tokens.or(self.max_tokens),
+            temperature: self.temperature.unwrap_or(OPENAI_TEMPERATURE),
+            top_p: self.top_p,
+            seed: self.seed,
+            stop,
+            timeout,
+            request_id,
+        })
+    }
+}
+
+fn messages(input: Vec<InMessage>) -> Result<Prompt, ApiError> {
+    let mut out = Vec::with_capacity(input.len());
+    for (i, m) in input.into_iter().enumerate() {
+        if let Some(name) = m.rest.keys().find(|k| k.as_str() != "name") {
+            let shown: String = name.chars().take(64).collect();
+            return Err(invalid(format!("messages[{i}].{shown} is not supported")));
+        }
+        let content = match m.content {
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    match (
+                        part.get("type").and_then(Value::as_str),
+                        part.get("text").and_then(Value::as_str),
+                    ) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        _ => {
+                            return Err(invalid(format!(
+                                "messages[{i}].content[{j}] must be a text part ({{\"type\": \"text\", \"text\": ...}})"
+                            )));
+                        }
+                    }
+                }
+                text
+            }
+            None => return Err(invalid(format!("messages[{i}].content is missing"))),
+        };
+        // OpenAI's newer name for the system role.
+        let role = if m.role == "developer" {
+            "system".to_owned()
+        } else {
+            m.role
+        };
+        out.push((role, content));
+    }
+    Ok(Prompt::Chat(out))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+/// Which of the two APIs an answer is shaped for.
+#[derive(Clone, Copy)]
+enum Api {
+    Chat,
+    Completion,
+}
+
+/// How one answer's chunks and body are written.
+struct Shape {
+    api: Api,
+    id: String,
+    model: String,
+    created: u64,
+}
+
+impl Shape {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.api, chunk) {
+            (Api::Chat, false) => "chat.completion",
+            (Api::Chat, true) => "chat.completion.chunk",
+            (Api::Completion, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Value) -> Map<String, Value> {
+        let Value::Object(m) = json!({
+            "id": self.id, "object": self.object(chunk), "created": self.created,
+            "model": self.model, "choices": choices,
+        }) else {
+            unreachable!("a literal object")
+        };
+        m
+    }
+
+    fn choice(&self, text: &str, finish: Option<&str>, chunk: bool) -> Value {
+        match (self.api, chunk) {
+            (Api::Chat, false) => json!({
+                "index": 0, "message": {"role": "assistant", "content": text},
+                "finish_reason": finish, "logprobs": null,
+            }),
+            (Api::Chat, true) => {
+                json!({"index": 0, "delta": {"content": text}, "finish_reason": finish, "logprobs": null})
+            }
+            (Api::Completion, _) => {
+                json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
+            }
+        }
+    }
+}
+
+async fn answer(shape: Shape, generation: Generation) -> Result<Response, OpenAiError> {
+    let (text, _, finish, usage) = generation.collect().await?;
+    let mut body = shape.envelope(false, json!([shape.choice(&text, Some(finish.as_str()), false)]));
+    body.insert("usage".into(), usage_json(usage));
+    Ok(Json(Value::Object(body)).into_response())
+}
+
+fn error_event(e: &ApiError) -> Event {
+    let err =
+        json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": e.kind()}});
+    Event::default().data(err.to_string())
+}
+
+/// The answer as SSE chunks: a first chunk with the role (chat), one per delta, a last
+/// one with the finish reason, the usage chunk when asked, then `[DONE]`. An error after
+/// the stream started arrives as an `{"error": ...}` event, and the stream ends. The
+/// events are written by a task; when the client goes, the body (and with it the
+/// channel) is dropped, the task stops, and the generation is cancelled.
+fn stream(
+    shape: Shape,
+    generation: Generation,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(16);
+    tokio::spawn(async move {
+        let chunk = |choices: Value, usage: Option<Usage>| {
+            let mut m = shape.envelope(true, choices);
+            if include_usage {
+                m.insert("usage".into(), usage.map_or(Value::Null, usage_json));
+            }
+            Event::default().data(Value::Object(m).to_string())
+        };
+        let mut events = Vec::new();
+        if let Api::Chat = shape.api {
+            events.push(chunk(
+                json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}]),
+                None,
+            ));
+        }
+        let mut deltas = generation.deltas;
+        loop {
+            let mut end = true;
+            match deltas.recv().await {
+                Some(Ok(Delta { text, finish, .. })) => {
+                    // A token with no text of its own (end of text) sends nothing.
+                    if !text.is_empty() {
+                        events.push(chunk(json!([shape.choice(&text, None, true)]), None));
+                    }
+                    match finish {
+                        None => end = false,
+                        Some((finish, usage)) => {
+                            events.push(chunk(
+                                json!([shape.choice("", Some(finish.as_str()), true)]),
+                                None,
+                            ));
+                            if include_usage {
+                                events.push(chunk(json!([]), Some(usage)));
+                            }
+                            events.push(Event::default().data("[DONE]"));
+                        }
+                    }
+                }
+                Some(Err(e)) => events.push(error_event(&e)),
+                None => events.push(error_event(&ApiError::Internal(
+                    "the generation ended early".into(),
+                ))),
+            }
+            for event in events.drain(..) {
+                if tx.send(event).await.is_err() {
+                    return; // the client went away; dropping `deltas` cancels the sequence
+                }
+            }
+            if end {
+                return;
+            }
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) })
+}
+
+/// Runs `call` and answers in the shape of `api`, streamed or whole.
+async fn respond(
+    state: AppState,
+    api: Api,
+    call: GenerateCall,
+    stream_it: bool,
+    include_usage: bool,
+    request_id: &RequestId,
+) -> Result<Response, OpenAiError> {
+    let shape = Shape {
+        api,
+        id: match api {
+            Api::Chat => format!("chatcmpl-{}", request_id.0),
+            Api::Completion => format!("cmpl-{}", request_id.0),
+        },
+        model: call.model.clone(),
+        created: now_secs(),
+    };
+    let generation = state.generate(call).await?;
+    if stream_it {
+        Ok(Sse::new(stream(shape, generation, include_usage)).into_response())
+    } else {
+        answer(shape, generation).await
+    }
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    axum::Extension(limits): axum::Extension<RestLimits>,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    headers: http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpenAiError> {
+    let (mut body, timeout) = object_and_timeout(limits, &headers, body)?;
+    let chat: Vec<InMessage> = required(&mut body, "messages")?;
+    let common = Common::take(&mut body)?;
+    check_rest(&body)?;
+    let (stream_it, include_usage) = (
+        common.stream,
+        common.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    );
+    let call = common.call(messages(chat)?, timeout, request_id.clone())?;
+    respond(state, Api::Chat, call, stream_it, include_usage, &request_id).await
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    axum::Extension(limits): axum::Extension<RestLimits>,
+    axum::Extension(request_id): axum::Extension<RequestId>,
+    headers: http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpenAiError> {
+    let (mut body, timeout) = object_and_timeout(limits, &headers, body)?;
+    let prompt: CompletionPrompt = required(&mut body, "prompt")?;
+    let common = Common::take(&mut body)?;
+    check_rest(&body)?;
+    let prompt = match prompt {
+        CompletionPrompt::One(p) => p,
+        CompletionPrompt::Many(mut v) if v.len() == 1 => v.remove(0),
+        CompletionPrompt::Many(v) => {
+            return Err(invalid(format!("'prompt' must be one string, got a list of {}", v.len())).into());
+        }
+    };
+    let (stream_it, include_usage) = (
+        common.stream,
+        common.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    );
+    let call = common.call(Prompt::Text(prompt), timeout, request_id.clone())?;
+    respond(
+        state,
+        Api::Completion,
+        call,
+        stream_it,
+        include_usage,
+        &request_id,
+    )
+    .await
+}
+
+/// `GET /v1/models`: every model a ready group serves, embedding and generative.
+pub async fn models(State(state): State<AppState>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .ready_models()
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "rankway"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_fields_are_refused_by_name_and_neutral_ones_accepted() {
+        let ok = json!({"user": "u", "tools": [], "logprobs": false, "frequency_penalty": 0,
+                        "response_format": {"type": "text"}, "tool_choice": "none", "logit_bias": {}});
+        check_rest(ok.as_object().unwrap()).unwrap();
+        for (field, value, want) in [
+            ("tools", json!([{"type": "function"}]), "'tools' is not supported"),
+            (
+                "response_format",
+                json!({"type": "json_object"}),
+                "'response_format' is not supported",
+            ),
+            ("logprobs", json!(true), "'logprobs' is not supported"),
+            (
+                "presence_penalty",
+                json!(0.5),
+                "'presence_penalty' is not supported",
+            ),
+            (
+                "frequency_penalty",
+                json!(-1),
+                "'frequency_penalty' is not supported",
+            ),
+            ("mystery", json!(1), "unrecognized field 'mystery'"),
+        ] {
+            let m = json!({ field: value });
+            let err = check_rest(m.as_object().unwrap()).unwrap_err().to_string();
+            assert!(err.contains(want), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn message_contents_are_text_or_text_parts() {
+        let parse = |v: Value| messages(serde_json::from_value(v).unwrap());
+        let mut body = json!({"model": "m", "max_tokens": "many"})
+            .as_object()
+            .unwrap()
+            .clone();
+        let err = Common::take(&mut body).unwrap_err().to_string();
+        assert!(err.starts_with("'max_tokens': invalid type"), "{err}");
+        let Prompt::Chat(m) = parse(json!([
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+        ]))
+        .unwrap() else {
+            panic!("a chat")
+        };
+        assert_eq!(
+            m,
+            vec![
+                ("system".to_string(), "be brief".to_string()),
+                ("user".into(), "ab".into())
+            ]
+        );
+        let err = parse(json!([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("messages[0].content[0] must be a text part"),
+            "{err}"
+        );
+        let err = parse(json!([{"role": "assistant", "content": null, "tool_calls": []}])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("messages[0].tool_calls is not supported"),
+            "{err}"
+        );
+    }
+}

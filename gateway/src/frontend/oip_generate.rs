@@ -1,0 +1,171 @@
+//! The generate extension of OIP v2, as Triton and KServe define it:
+//! `POST /v2/models/{model}/generate` answers `{model_name, model_version, text_output}`
+//! with the whole text; `POST /v2/models/{model}/generate_stream` answers Server-Sent
+//! Events, one `data: {model_name, model_version, text_output}` per text delta, the last
+//! with `finish_reason`. The request is `{text_input, parameters: {max_tokens,
+//! temperature, top_p, stop, seed}}` (`stream` also accepted, as Triton's clients send
+//! it). With no `temperature` the answer is greedy. An error after the stream started
+//! arrives as `data: {"error": ...}`.
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::http::{AppState, RestLimits, field, object_and_timeout, required};
+use super::rest::OipError;
+use crate::error::ApiError;
+use crate::request_id::RequestId;
+use crate::state::generate::{GenerateCall, Generation, Prompt};
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Parameters {
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    stop: Option<Stop>,
+    seed: Option<u64>,
+    stream: Option<bool>,
+}
+
+/// The call, for `/generate` (`streamed` false) or `/generate_stream`, from the body
+/// `{text_input, parameters}` (Triton's request `id` is accepted and not used; any other
+/// input is refused by name).
+fn call(
+    model: String,
+    mut body: Map<String, Value>,
+    streamed: bool,
+    timeout: Option<std::time::Duration>,
+    request_id: RequestId,
+) -> Result<GenerateCall, ApiError> {
+    let text_input: String = required(&mut body, "text_input")?;
+    let parameters: Option<Map<String, Value>> = field(&mut body, "parameters")?;
+    if let Some(name) = body.keys().find(|k| k.as_str() != "id") {
+        let shown: String = name.chars().take(64).collect();
+        return Err(ApiError::InvalidInput(format!(
+            "unknown input '{shown}': this model takes text_input (sampling goes in 'parameters')"
+        )));
+    }
+    let params: Parameters = match parameters {
+        None => Parameters::default(),
+        Some(map) => serde_json::from_value(Value::Object(map))
+            .map_err(|e| ApiError::InvalidInput(format!("'parameters': {e}")))?,
+    };
+    if params.stream == Some(!streamed) {
+        return Err(ApiError::InvalidInput(format!(
+            "'parameters.stream' {} does not match the route: use generate{}",
+            !streamed,
+            if streamed { "" } else { "_stream" }
+        )));
+    }
+    Ok(GenerateCall {
+        model,
+        prompt: Prompt::Text(text_input),
+        max_tokens: params.max_tokens,
+        temperature: params.temperature.unwrap_or(0.0),
+        top_p: params.top_p,
+        seed: params.seed,
+        stop: match params.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        },
+        timeout,
+        request_id,
+    })
+}
+
+/// The handler's inputs, shared by both routes.
+type Inputs = (
+    State<AppState>,
+    Path<String>,
+    axum::Extension<RestLimits>,
+    axum::Extension<RequestId>,
+    http::HeaderMap,
+    Result<Bytes, BytesRejection>,
+);
+
+async fn start(inputs: Inputs, streamed: bool) -> Result<(String, Generation), OipError> {
+    let (State(state), Path(model), axum::Extension(limits), axum::Extension(request_id), headers, body) =
+        inputs;
+    let (body, timeout) = object_and_timeout(limits, &headers, body)?;
+    let generation = state
+        .generate(call(model.clone(), body, streamed, timeout, request_id)?)
+        .await?;
+    Ok((model, generation))
+}
+
+pub async fn generate(
+    state: State<AppState>,
+    model: Path<String>,
+    limits: axum::Extension<RestLimits>,
+    request_id: axum::Extension<RequestId>,
+    headers: http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OipError> {
+    let (model, generation) = start((state, model, limits, request_id, headers, body), false).await?;
+    let version = generation.model_version.clone();
+    let (text, _, finish, usage) = generation.collect().await?;
+    Ok(Json(json!({
+        "model_name": model, "model_version": version, "text_output": text,
+        "finish_reason": finish.as_str(),
+        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
+    }))
+    .into_response())
+}
+
+pub async fn generate_stream(
+    state: State<AppState>,
+    model: Path<String>,
+    limits: axum::Extension<RestLimits>,
+    request_id: axum::Extension<RequestId>,
+    headers: http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OipError> {
+    let (model, generation) = start((state, model, limits, request_id, headers, body), true).await?;
+    Ok(Sse::new(events(model, generation)).into_response())
+}
+
+/// One event per delta; the stream ends after the finish or an error. Dropping the
+/// stream (the client went away) drops the generation, which cancels it.
+fn events(model: String, generation: Generation) -> impl Stream<Item = Result<Event, Infallible>> {
+    let version = generation.model_version;
+    futures_util::stream::unfold(Some(generation.deltas), move |deltas| {
+        let (model, version) = (model.clone(), version.clone());
+        async move {
+            let mut deltas = deltas?;
+            let (event, more) = match deltas.recv().await {
+                Some(Ok(d)) => {
+                    let mut v = json!({"model_name": model, "model_version": version, "text_output": d.text});
+                    let more = d.finish.is_none();
+                    if let Some((finish, usage)) = d.finish {
+                        v["finish_reason"] = json!(finish.as_str());
+                        v["usage"] = json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens});
+                    }
+                    (v, more)
+                }
+                Some(Err(e)) => (json!({"error": e.to_string()}), false),
+                None => (json!({"error": "the generation ended early"}), false),
+            };
+            Some((
+                Ok(Event::default().data(event.to_string())),
+                more.then_some(deltas),
+            ))
+        }
+    })
+}
