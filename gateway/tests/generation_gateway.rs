@@ -1,6 +1,7 @@
 //! Generation through the gateway, on the real binaries: unmodified OpenAI clients (the
-//! `openai` SDK and langchain-openai, from tests/clients/openai_clients.py) and OIP
-//! generate get the worker's greedy answer; bad requests get a 400 naming the problem;
+//! `openai` SDK and langchain-openai, from tests/clients/openai_clients.py), OIP generate
+//! over REST and tritonclient.grpc over ModelStreamInfer (tests/clients/triton_stream.py)
+//! get the worker's greedy answer; bad requests get a 400 naming the problem;
 //! a client that goes away frees its sequence at rank 0.
 
 use std::process::Command;
@@ -100,6 +101,38 @@ async fn unmodified_clients_get_the_workers_greedy_answer() {
         .collect();
     assert_eq!(text, whole["text_output"].as_str().unwrap());
     assert_eq!(events.last().unwrap()["finish_reason"], "length");
+
+    // tritonclient.grpc over ModelStreamInfer and unary ModelInfer, same prompt.
+    let out = Command::new(&python)
+        .arg(workspace_root().join("tests/clients/triton_stream.py"))
+        .args([
+            &gateway.grpc.to_string(),
+            "smollm2",
+            "The capital of France is",
+            "8",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let triton: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let deltas: Vec<&str> = triton["deltas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    assert!(deltas.len() >= 4, "one response per delta: {triton}");
+    assert_eq!(deltas.concat(), whole["text_output"].as_str().unwrap());
+    assert_eq!(triton["unary"], whole["text_output"]);
+    assert_eq!(triton["final"]["finish_reason"], "length");
+    assert_eq!(triton["final"]["id"], "s1");
+    assert!(
+        triton["bad"]
+            .as_str()
+            .unwrap()
+            .contains("parameter 'beam_width' is not supported"),
+        "{triton}"
+    );
 
     let models = get_json(&http, &gateway.url("/v1/models")).await;
     assert_eq!(models["data"][0]["id"], "smollm2");

@@ -15,12 +15,13 @@ use rankway_proto::inference::model_infer_response::InferOutputTensor;
 use rankway_proto::inference::model_metadata_response::TensorMetadata;
 use rankway_proto::inference::{
     InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
-    ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
-    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+    ModelReadyRequest, ModelReadyResponse, ModelStreamInferResponse, ServerLiveRequest, ServerLiveResponse,
+    ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
 use rankway_proto::worker::{DataType, Tensor, TensorSpec};
 use tonic::{Request, Response, Status};
 
+use super::grpc_generate;
 use crate::error::ApiError;
 use crate::request_id::{RequestId, WorkerTime};
 use crate::state::{Gateway, InferCall};
@@ -175,51 +176,197 @@ impl GrpcInferenceService for InferenceService {
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let timeout = grpc_timeout(req.metadata())?;
-        // Set by the request-id layer; made here when the service runs without it.
-        let request_id = req
-            .extensions()
-            .get::<RequestId>()
-            .cloned()
-            .unwrap_or_else(|| RequestId::from_header(None));
-        let req = req.into_inner();
-        let inputs = to_tensors(req.inputs, req.raw_input_contents)?;
-        let served = self
-            .state
-            .infer(InferCall {
-                model: req.model_name.clone(),
-                inputs,
-                outputs: req.outputs.into_iter().map(|o| o.name).collect(),
-                timeout,
-                request_id,
-            })
-            .await?;
-        let worker_time = WorkerTime(served.worker_time);
-        let (meta, raw): (Vec<_>, Vec<_>) = served
-            .outputs
-            .into_iter()
-            .map(|t| {
-                let meta = InferOutputTensor {
-                    name: t.name,
-                    datatype: DataType::try_from(t.datatype)
-                        .unwrap_or_default()
-                        .oip_name()
-                        .into(),
-                    shape: t.shape,
-                    ..Default::default()
-                };
-                (meta, t.data)
-            })
-            .unzip();
-        let mut resp = Response::new(ModelInferResponse {
-            model_name: req.model_name,
-            model_version: served.model_version,
-            id: req.id,
-            parameters: Default::default(),
-            outputs: meta,
-            raw_output_contents: raw,
-        });
-        resp.extensions_mut().insert(worker_time);
+        let request_id = request_id(&req);
+        let (answer, worker_time) = infer_one(&self.state, req.into_inner(), timeout, request_id).await?;
+        let mut resp = Response::new(answer);
+        if let Some(t) = worker_time {
+            resp.extensions_mut().insert(t);
+        }
         Ok(resp)
+    }
+
+    type ModelStreamInferStream =
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+
+    /// Every request read from the stream runs on its own (at most
+    /// [`MAX_STREAM_REQUESTS`] at once); its responses go back on the stream as they come,
+    /// a failure as a response with `error_message`. The answer stream ends once the
+    /// client closed its side and every request finished; when the client goes away,
+    /// the generations under way are cancelled.
+    async fn model_stream_infer(
+        &self,
+        req: Request<tonic::Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let timeout = grpc_timeout(req.metadata())?;
+        let request_id = request_id(&req);
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ModelStreamInferResponse, Status>>(32);
+        let state = self.state.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_STREAM_REQUESTS));
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = tx.closed() => return,
+                };
+                let request = match next {
+                    Ok(Some(request)) => request,
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    let e = ApiError::InvalidInput(format!(
+                        "more than {MAX_STREAM_REQUESTS} requests under way on this stream"
+                    ));
+                    let _ = tx.send(Ok(stream_error(&request, &e))).await;
+                    continue;
+                };
+                let (state, tx, request_id) = (state.clone(), tx.clone(), request_id.clone());
+                tokio::spawn(async move {
+                    stream_one(&state, request, timeout, request_id, &tx).await;
+                    drop(slot);
+                });
+            }
+        });
+        let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// Requests under way on one `ModelStreamInfer` stream at most.
+pub const MAX_STREAM_REQUESTS: usize = 64;
+
+/// The request's id, set by the request-id layer; made here when the service runs
+/// without it.
+fn request_id<T>(req: &Request<T>) -> RequestId {
+    req.extensions()
+        .get::<RequestId>()
+        .cloned()
+        .unwrap_or_else(|| RequestId::from_header(None))
+}
+
+/// One `ModelInfer`: a batch for embedding models, the whole text for generative ones.
+async fn infer_one(
+    state: &Gateway,
+    req: ModelInferRequest,
+    timeout: Option<Duration>,
+    request_id: RequestId,
+) -> Result<(ModelInferResponse, Option<WorkerTime>), ApiError> {
+    if state.is_generative(&req.model_name) {
+        let generation = grpc_generate::start(state, &req, timeout, request_id).await?;
+        let version = generation.model_version.clone();
+        let (text, _, finish, usage) = generation.collect().await?;
+        let answer =
+            grpc_generate::response(&req.model_name, &version, &req.id, &text, Some((finish, usage)));
+        return Ok((answer, None));
+    }
+    let inputs = to_tensors(req.inputs, req.raw_input_contents)?;
+    let served = state
+        .infer(InferCall {
+            model: req.model_name.clone(),
+            inputs,
+            outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+            timeout,
+            request_id,
+        })
+        .await?;
+    let worker_time = WorkerTime(served.worker_time);
+    let (meta, raw): (Vec<_>, Vec<_>) = served
+        .outputs
+        .into_iter()
+        .map(|t| {
+            let meta = InferOutputTensor {
+                name: t.name,
+                datatype: DataType::try_from(t.datatype)
+                    .unwrap_or_default()
+                    .oip_name()
+                    .into(),
+                shape: t.shape,
+                ..Default::default()
+            };
+            (meta, t.data)
+        })
+        .unzip();
+    let answer = ModelInferResponse {
+        model_name: req.model_name,
+        model_version: served.model_version,
+        id: req.id,
+        parameters: Default::default(),
+        outputs: meta,
+        raw_output_contents: raw,
+    };
+    Ok((answer, Some(worker_time)))
+}
+
+fn stream_error(req: &ModelInferRequest, e: &ApiError) -> ModelStreamInferResponse {
+    ModelStreamInferResponse {
+        error_message: e.to_string(),
+        infer_response: Some(ModelInferResponse {
+            model_name: req.model_name.clone(),
+            id: req.id.clone(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// One request of a `ModelStreamInfer` stream: a generative model's deltas, or another
+/// model's one answer.
+async fn stream_one(
+    state: &Gateway,
+    req: ModelInferRequest,
+    timeout: Option<Duration>,
+    request_id: RequestId,
+    tx: &tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
+) {
+    let answer = |r: ModelInferResponse| ModelStreamInferResponse {
+        error_message: String::new(),
+        infer_response: Some(r),
+    };
+    if !state.is_generative(&req.model_name) {
+        let (model, id) = (req.model_name.clone(), req.id.clone());
+        let out = match infer_one(state, req, timeout, request_id).await {
+            Ok((r, _)) => answer(r),
+            Err(e) => stream_error(
+                &ModelInferRequest {
+                    model_name: model,
+                    id,
+                    ..Default::default()
+                },
+                &e,
+            ),
+        };
+        let _ = tx.send(Ok(out)).await;
+        return;
+    }
+    let generation = match grpc_generate::start(state, &req, timeout, request_id).await {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = tx.send(Ok(stream_error(&req, &e))).await;
+            return;
+        }
+    };
+    let version = generation.model_version;
+    let mut deltas = generation.deltas;
+    loop {
+        let out = match deltas.recv().await {
+            Some(Ok(d)) => {
+                let last = d.finish;
+                let r = grpc_generate::response(&req.model_name, &version, &req.id, &d.text, last);
+                (answer(r), last.is_some())
+            }
+            Some(Err(e)) => (stream_error(&req, &e), true),
+            None => (
+                stream_error(&req, &ApiError::Internal("the generation ended early".into())),
+                true,
+            ),
+        };
+        // A send fails when the client went away: dropping `deltas` cancels the sequence.
+        if tx.send(Ok(out.0)).await.is_err() || out.1 {
+            return;
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod completions;
 pub mod grpc;
+pub mod grpc_generate;
 pub mod http;
 pub mod json_tensor;
 pub mod oip_generate;

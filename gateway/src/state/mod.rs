@@ -107,6 +107,11 @@ impl Gateway {
             .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))
     }
 
+    /// Whether `model` is served by generative groups (text in, text out, streamed).
+    pub fn is_generative(&self, model: &str) -> bool {
+        self.pool.is_generative(model)
+    }
+
     /// Names of the models some ready group serves.
     pub fn ready_models(&self) -> Vec<String> {
         self.pool.ready_models()
