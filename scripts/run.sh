@@ -4,8 +4,8 @@
 # all on loopback; Ctrl-C stops everything.
 # Ports: REST 8000 and gRPC 8001 (gateway); 9000 and 9001 (rank 0 of groups g0, g1);
 # 9100+ (followers' health); 9400+ (each rank's /metrics); 29500+ (c10d stores).
-# The generative group: rank 0 at 9010, followers' health 9110+, metrics 9410+, store
-# 29510. RANKWAY_RUN_GROUPS and RANKWAY_RUN_RANKS change the MiniLM groups' shape;
+# The generative group (model "smollm2", behind the gateway too): rank 0 at 9010,
+# followers' health 9110+, metrics 9410+, store 29510. RANKWAY_RUN_GROUPS and RANKWAY_RUN_RANKS change the MiniLM groups' shape;
 # RANKWAY_RUN_GENERATIVE=0 leaves the generative group out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,13 +28,13 @@ $BIN/rankway-worker launch --groups "$GROUPS_N" --ranks-per-group "$RANKS_N" &
 pids+=($!)
 GENERATIVE=${RANKWAY_RUN_GENERATIVE:-1}
 if [ "$GENERATIVE" = 1 ]; then
-  # Not behind the gateway yet: generation through the gateway is the next issue.
   $BIN/rankway-worker launch --groups 1 --ranks-per-group 3 --port 9010 --follower-port 9110 \
     --metrics-port 9410 --master-port 29510 -- --model smollm2 --group smollm2 &
   pids+=($!)
 fi
 group_flags=()
 for ((g = 0; g < GROUPS_N; g++)); do group_flags+=(--group "g$g=127.0.0.1:$((9000 + g))"); done
+if [ "$GENERATIVE" = 1 ]; then group_flags+=(--group "smollm2=127.0.0.1:9010"); fi
 $BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "$GRPC" "${group_flags[@]}" &
 pids+=($!)
 
@@ -56,11 +56,13 @@ MSG
 if [ "$GENERATIVE" = 1 ]; then
   cat <<MSG
 
-The generative group (SmolLM2-135M-Instruct, 3 tensor-parallel ranks) streams answers from
-its rank 0 once it is ready (its log says "generative group ready"):
+The generative model "smollm2" (SmolLM2-135M-Instruct, 3 tensor-parallel ranks) answers
+through the gateway once its group is ready (its log says "generative group ready"):
 
-  cargo run --release -p rankway-gateway --example generate -- --addr 127.0.0.1:9010 \
-    "What is the capital of France?"
+  curl -sN http://$HTTP/v1/chat/completions -H 'content-type: application/json' \
+    -d '{"model": "smollm2", "stream": true, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+
+  curl -s http://$HTTP/v2/models/smollm2/generate -d '{"text_input": "The capital of France is", "parameters": {"max_tokens": 16}}'
 MSG
 fi
 cat <<MSG
