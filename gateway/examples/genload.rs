@@ -19,6 +19,9 @@ use rankway_proto::worker::{ChatMessage, GenerateRequest};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
+#[path = "shared/mod.rs"]
+mod shared;
+
 #[derive(Debug, Parser)]
 struct Args {
     /// The gateway's REST address.
@@ -206,20 +209,9 @@ async fn run_stream(args: &Args, index: usize, measure_from: Instant, end: Insta
     tally
 }
 
-fn percentile_ms(sorted_us: &[u64], q: f64) -> f64 {
-    if sorted_us.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted_us.len() as f64 * q).ceil() as usize).clamp(1, sorted_us.len()) - 1;
-    sorted_us[i] as f64 / 1e3
-}
-
 fn main() {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = shared::runtime();
     let measure_from = Instant::now() + args.warmup;
     let end = measure_from + args.duration;
     let tallies = rt.block_on(async {
@@ -249,10 +241,10 @@ fn main() {
             "generations": all.generations,
             "tokens": all.tokens,
             "tokens_per_sec": all.tokens as f64 / secs,
-            "ttft_p50_ms": percentile_ms(&all.ttft_us, 0.5),
-            "ttft_p99_ms": percentile_ms(&all.ttft_us, 0.99),
-            "itl_p50_ms": percentile_ms(&all.itl_us, 0.5),
-            "itl_p99_ms": percentile_ms(&all.itl_us, 0.99),
+            "ttft_p50_ms": shared::percentile_ms(&all.ttft_us, 0.5),
+            "ttft_p99_ms": shared::percentile_ms(&all.ttft_us, 0.99),
+            "itl_p50_ms": shared::percentile_ms(&all.itl_us, 0.5),
+            "itl_p99_ms": shared::percentile_ms(&all.itl_us, 0.99),
             "errors": all.errors,
             "first_error": all.first_error,
         })

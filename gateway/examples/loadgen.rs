@@ -20,6 +20,9 @@ use rankway_proto::inference::grpc_inference_service_client::GrpcInferenceServic
 use rankway_proto::inference::model_infer_request::InferInputTensor;
 use tokio::net::TcpStream;
 
+#[path = "shared/mod.rs"]
+mod shared;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Protocol {
     Rest,
@@ -192,20 +195,9 @@ async fn run_connection(
     }
 }
 
-fn percentile_ms(sorted_us: &[u32], q: f64) -> f64 {
-    if sorted_us.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted_us.len() as f64 * q).ceil() as usize).clamp(1, sorted_us.len()) - 1;
-    f64::from(sorted_us[i]) / 1e3
-}
-
 fn main() {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = shared::runtime();
     let start = Instant::now();
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
@@ -231,9 +223,9 @@ fn main() {
         "errors": all.errors,
         "first_error": all.first_error,
         "rps": all.latencies_us.len() as f64 / secs,
-        "p50_ms": percentile_ms(&all.latencies_us, 0.50),
-        "p99_ms": percentile_ms(&all.latencies_us, 0.99),
-        "max_ms": percentile_ms(&all.latencies_us, 1.0),
+        "p50_ms": shared::percentile_ms(&all.latencies_us, 0.50),
+        "p99_ms": shared::percentile_ms(&all.latencies_us, 0.99),
+        "max_ms": shared::percentile_ms(&all.latencies_us, 1.0),
     });
     println!("{report}");
 }
