@@ -8,7 +8,7 @@ JOBS ?= 2
 export LIBTORCH = $(shell ls -d $(CURDIR)/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -n1)
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: all setup build run test structure manifests images bench bench-overhead bench-generate bench-groups bench-pool bench-tracing lint clean
+.PHONY: all setup build run test structure manifests images example-agent bench bench-overhead bench-generate bench-groups bench-pool bench-tracing lint clean
 
 all: build
 
@@ -55,6 +55,10 @@ bench: build
 bench-overhead: build
 	$(CARGO) build --release -j$(JOBS) -p rankway-gateway --example loadgen
 	scripts/bench_overhead.sh
+
+## The LangGraph agent (examples/langgraph_agent) against `make run` on :8000.
+example-agent: setup
+	.venv-clients/bin/python examples/langgraph_agent/agent.py $(QUESTION)
 
 ## Streaming generation through the gateway vs straight at rank 0, 1/8/32 streams.
 bench-generate: build

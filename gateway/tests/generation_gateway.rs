@@ -148,6 +148,28 @@ async fn unmodified_clients_get_the_workers_greedy_answer() {
 }
 
 #[tokio::test]
+async fn the_langgraph_agent_answers_from_the_document_it_retrieved() {
+    let generative = Worker::start(&["--model=smollm2", &gguf_arg(), "--kv-cache-tokens=4096"]);
+    let embedding = Worker::start(&[]);
+    let gateway = Gateway::start(&[&generative, &embedding], &[]);
+    gateway.wait_model_ready("smollm2").await;
+    gateway.wait_model_ready("minilm").await;
+    let out = Command::new(workspace_root().join(".venv-clients/bin/python"))
+        .arg(workspace_root().join("examples/langgraph_agent/agent.py"))
+        .args(["--json", "When is the Zorblat festival held?"])
+        .env("RANKWAY_URL", gateway.url(""))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let document = result["document"].as_str().unwrap();
+    assert!(document.starts_with("The Zorblat festival is held every March"), "retrieved {document:?}");
+    let answer = result["answer"].as_str().unwrap();
+    assert!(answer.contains("March"), "the answer does not use the document: {answer:?}");
+    assert!(result["chunks"].as_u64().unwrap() >= 4, "the answer was not streamed: {result}");
+}
+
+#[tokio::test]
 async fn bad_generation_requests_get_a_400_naming_the_problem() {
     let (_worker, gateway) = start().await;
     let http = reqwest::Client::new();
