@@ -13,18 +13,10 @@ use rankway_proto::worker::{
 use serde_json::Value;
 use tonic::transport::Channel;
 
-use crate::common::{Launcher, Worker, sample_sum, sigkill, workspace_root};
+use crate::common::{
+    Launcher, Worker, long_answer_cases, sample_sum, sigkill, smollm2_arg, smollm2_reference,
+};
 use crate::observability::{get_text, promtool};
-
-fn gguf_arg() -> String {
-    let path = workspace_root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    format!("--gguf={}", path.display())
-}
-
-fn fixture() -> Value {
-    let path = workspace_root().join("tests/fixtures/smollm2_generation_reference.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 fn request(case: &Value, max_tokens: u32) -> GenerateRequest {
     let messages = case["messages"]
@@ -77,7 +69,7 @@ async fn generation(client: &mut WorkerClient<Channel>) -> Generation {
 
 /// The stream of the fixture's first case, checked against the reference.
 async fn assert_reference_answer(client: &mut WorkerClient<Channel>) {
-    let f = fixture();
+    let f = smollm2_reference();
     let case = &f["cases"][0];
     let msgs = collect(client, request(case, 24)).await.unwrap();
     let last = msgs.last().unwrap();
@@ -117,7 +109,7 @@ async fn wait_free(client: &mut WorkerClient<Channel>, within: Duration) -> Gene
 
 #[tokio::test]
 async fn one_rank_streams_the_reference_answer_and_refuses_bad_requests() {
-    let worker = Worker::start(&["--model=smollm2", &gguf_arg(), "--kv-cache-tokens=4096"]);
+    let worker = Worker::start(&["--model=smollm2", &smollm2_arg(), "--kv-cache-tokens=4096"]);
     worker.wait_serving(Duration::from_secs(60)).await;
     let mut client = worker.client().await;
     assert_reference_answer(&mut client).await;
@@ -125,7 +117,7 @@ async fn one_rank_streams_the_reference_answer_and_refuses_bad_requests() {
     assert_eq!((idle.total_kv_tokens, idle.context_length), (4096, 8192));
 
     // Length: the answer is cut at max_tokens.
-    let f = fixture();
+    let f = smollm2_reference();
     let msgs = collect(&mut client, request(&f["cases"][1], 5)).await.unwrap();
     let last = msgs.last().unwrap();
     assert_eq!(
@@ -269,11 +261,11 @@ async fn one_rank_streams_the_reference_answer_and_refuses_bad_requests() {
 
 #[tokio::test]
 async fn dropped_and_expired_sequences_free_their_cache() {
-    let worker = Worker::start(&["--model=smollm2", &gguf_arg(), "--kv-cache-tokens=2048"]);
+    let worker = Worker::start(&["--model=smollm2", &smollm2_arg(), "--kv-cache-tokens=2048"]);
     worker.wait_serving(Duration::from_secs(60)).await;
     let mut client = worker.client().await;
     let idle = wait_free(&mut client, Duration::from_secs(5)).await;
-    let f = fixture();
+    let f = smollm2_reference();
     let mut long = request(&f["cases"][2], 400); // the reference runs 24 tokens without ending
     long.stop = vec!["never in this text \u{1}".into()];
 
@@ -309,7 +301,11 @@ async fn dropped_and_expired_sequences_free_their_cache() {
 
 #[tokio::test]
 async fn a_three_rank_group_generates_and_a_killed_follower_ends_every_stream() {
-    let mut launcher = Launcher::start(1, 3, &["--model=smollm2", &gguf_arg(), "--kv-cache-tokens=8192"]);
+    let mut launcher = Launcher::start(
+        1,
+        3,
+        &["--model=smollm2", &smollm2_arg(), "--kv-cache-tokens=8192"],
+    );
     let (_, pids) = launcher.next_group_start();
     let leader = launcher.leaders[0].clone();
     let connect = || async {
@@ -344,17 +340,12 @@ async fn a_three_rank_group_generates_and_a_killed_follower_ends_every_stream() 
     // Eight streams under way, then a follower dies. Their prompts are the reference's
     // that run at least 24 tokens without ending, so all are mid-answer at the kill
     // (a few steps after the last one started).
-    let f = fixture();
-    let long: Vec<&Value> = f["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["greedy_ids"].as_array().unwrap().len() == 24 && !ids(&c["greedy_ids"]).contains(&2))
-        .collect();
+    let f = smollm2_reference();
+    let long = long_answer_cases(&f);
     assert!(long.len() >= 4, "the fixture has long answers");
     let mut streams = Vec::new();
     for i in 0..8 {
-        let mut req = request(long[i % long.len()], 400);
+        let mut req = request(&long[i % long.len()], 400);
         req.stop = vec!["never in this text \u{1}".into()];
         let mut s = client.generate(req).await.unwrap().into_inner();
         s.message().await.unwrap().expect("a first message");

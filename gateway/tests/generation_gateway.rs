@@ -10,18 +10,15 @@ use std::time::{Duration, Instant};
 use rankway_proto::worker::GroupStatusRequest;
 use serde_json::{Value, json};
 
-use crate::common::{Gateway, Worker, get_json, post_json, workspace_root};
+use crate::common::{
+    Gateway, Launcher, Worker, admin_groups, get_json, long_answer_cases, post_json, sigkill, smollm2_arg,
+    smollm2_reference, workspace_root,
+};
 use crate::observability::{get_text, promtool};
-
-fn gguf_arg() -> String {
-    let path = workspace_root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    format!("--gguf={}", path.display())
-}
 
 /// The reference's first case: its question and the worker's greedy answer.
 fn reference() -> (String, String) {
-    let path = workspace_root().join("tests/fixtures/smollm2_generation_reference.json");
-    let f: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let f = smollm2_reference();
     let case = &f["cases"][0];
     let question = case["messages"][0]["content"].as_str().unwrap().to_owned();
     let answer = case["greedy_text"].as_str().unwrap().replace("<|im_end|>", "");
@@ -29,7 +26,7 @@ fn reference() -> (String, String) {
 }
 
 async fn start() -> (Worker, Gateway) {
-    let worker = Worker::start(&["--model=smollm2", &gguf_arg(), "--kv-cache-tokens=4096"]);
+    let worker = Worker::start(&["--model=smollm2", &smollm2_arg(), "--kv-cache-tokens=4096"]);
     let gateway = Gateway::start(&[&worker], &[]);
     gateway.wait_model_ready("smollm2").await;
     (worker, gateway)
@@ -149,7 +146,7 @@ async fn unmodified_clients_get_the_workers_greedy_answer() {
 
 #[tokio::test]
 async fn the_langgraph_agent_answers_from_the_document_it_retrieved() {
-    let generative = Worker::start(&["--model=smollm2", &gguf_arg(), "--kv-cache-tokens=4096"]);
+    let generative = Worker::start(&["--model=smollm2", &smollm2_arg(), "--kv-cache-tokens=4096"]);
     let embedding = Worker::start(&[]);
     let gateway = Gateway::start(&[&generative, &embedding], &[]);
     gateway.wait_model_ready("smollm2").await;
@@ -163,10 +160,19 @@ async fn the_langgraph_agent_answers_from_the_document_it_retrieved() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     let document = result["document"].as_str().unwrap();
-    assert!(document.starts_with("The Zorblat festival is held every March"), "retrieved {document:?}");
+    assert!(
+        document.starts_with("The Zorblat festival is held every March"),
+        "retrieved {document:?}"
+    );
     let answer = result["answer"].as_str().unwrap();
-    assert!(answer.contains("March"), "the answer does not use the document: {answer:?}");
-    assert!(result["chunks"].as_u64().unwrap() >= 4, "the answer was not streamed: {result}");
+    assert!(
+        answer.contains("March"),
+        "the answer does not use the document: {answer:?}"
+    );
+    assert!(
+        result["chunks"].as_u64().unwrap() >= 4,
+        "the answer was not streamed: {result}"
+    );
 }
 
 #[tokio::test]
@@ -358,4 +364,140 @@ async fn a_client_that_goes_away_frees_its_sequence() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// One streamed chat completion read to its end: `Ok(finish_reason)` after `[DONE]`, or
+/// the error event's message with when it arrived.
+async fn stream_to_end(http: reqwest::Client, url: String, body: Value) -> Result<String, (String, Instant)> {
+    let mut resp = http
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| (e.to_string(), Instant::now()))?;
+    if !resp.status().is_success() {
+        return Err((resp.text().await.unwrap_or_default(), Instant::now()));
+    }
+    let (mut seen, mut finish) = (String::new(), None);
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = seen.find("\n\n") {
+            let event: String = seen.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                return finish.ok_or_else(|| ("[DONE] without a finish reason".to_owned(), Instant::now()));
+            }
+            let v: Value = serde_json::from_str(data).unwrap();
+            if let Some(e) = v.get("error") {
+                return Err((e.to_string(), Instant::now()));
+            }
+            if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+                finish = Some(f.to_owned());
+            }
+        }
+    }
+    Err((
+        "the stream closed without [DONE] or an error".into(),
+        Instant::now(),
+    ))
+}
+
+#[tokio::test]
+async fn losing_a_generative_group_ends_only_its_streams() {
+    let mut launcher = Launcher::start(
+        2,
+        3,
+        &["--model=smollm2", &smollm2_arg(), "--kv-cache-tokens=4096"],
+    );
+    let (first, first_pids) = launcher.next_group_start();
+    let (_, second_pids) = launcher.next_group_start();
+    let victim = if first == "g0" {
+        first_pids[2]
+    } else {
+        second_pids[2]
+    };
+    let gateway = Gateway::start_addrs(&launcher.leaders, &[]);
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while admin_groups(&http, &gateway.url(""))
+        .await
+        .iter()
+        .filter(|g| g["ready"] == true)
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "both groups ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // 16 streams over the two groups, on questions whose greedy answers run 24 tokens or
+    // more, so every stream is mid-answer at the kill.
+    let long: Vec<Value> = long_answer_cases(&smollm2_reference())
+        .into_iter()
+        .map(|c| c["messages"].clone())
+        .collect();
+    let streams: Vec<_> = (0..16)
+        .map(|i| {
+            let body = json!({"model": "smollm2", "stream": true, "temperature": 0, "max_tokens": 20,
+                              "messages": long[i % long.len()]});
+            tokio::spawn(stream_to_end(
+                http.clone(),
+                gateway.url("/v1/chat/completions"),
+                body,
+            ))
+        })
+        .collect();
+    // Both groups are running streams.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let groups = admin_groups(&http, &gateway.url("")).await;
+        if groups
+            .iter()
+            .all(|g| g["load"]["running_sequences"].as_u64().unwrap_or(0) >= 4)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "streams did not reach both groups: {groups:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let killed = Instant::now();
+    sigkill(victim);
+    // New requests succeed throughout.
+    let ask = json!({"model": "smollm2", "temperature": 0, "max_tokens": 4,
+                     "messages": [{"role": "user", "content": "Hi!"}]});
+    let chat_url = gateway.url("/v1/chat/completions");
+    let resp = http.post(&chat_url).json(&ask).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+
+    let (mut finished, mut failed) = (0, 0);
+    for s in streams {
+        match s.await.unwrap() {
+            Ok(reason) => {
+                assert_eq!(reason, "length");
+                finished += 1;
+            }
+            Err((message, at)) => {
+                assert!(
+                    at.duration_since(killed) < Duration::from_secs(2),
+                    "ended {:?} after the kill: {message}",
+                    at - killed
+                );
+                assert!(
+                    message.contains("unavailable") || message.contains("group"),
+                    "{message}"
+                );
+                failed += 1;
+            }
+        }
+    }
+    assert!(
+        failed >= 4 && finished >= 4,
+        "{failed} streams failed, {finished} finished"
+    );
+    let resp = http.post(&chat_url).json(&ask).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
 }

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::Gateway;
 use crate::error::ApiError;
-use crate::pool::StreamGuard;
+use crate::pool::{DispatchError, StreamGuard};
 use crate::request_id::RequestId;
 
 /// Largest prompt in bytes (all contents), as rank 0 bounds it.
@@ -282,12 +282,40 @@ impl Gateway {
         let request = call.to_request(context);
         let span = tracing::info_span!("worker.Generate", otel.kind = "client", model = %call.model);
         let mut tried = Vec::new();
-        let (stream, guard) = loop {
+        // Open a stream and wait for its first message: until then nothing has reached
+        // the client, so a group that refuses the request or breaks before its first
+        // token (its rank 0's model thread failed) is skipped for another.
+        let (stream, guard, first) = loop {
             let group = self.pool.choose_generative(&call.model, &tried)?;
-            match group.generate(request.clone(), deadline, &span).await {
+            let opened = match group.generate(request.clone(), deadline, &span).await {
+                Ok((mut stream, guard)) => match tokio::time::timeout_at(deadline, stream.message()).await {
+                    Ok(Ok(Some(first))) => Ok((stream, guard, first)),
+                    Ok(Ok(None)) => Err(DispatchError {
+                        error: ApiError::Unavailable(format!(
+                            "group {:?} ended the stream at once",
+                            group.name()
+                        )),
+                        not_started: true,
+                    }),
+                    Ok(Err(status)) => Err(DispatchError {
+                        not_started: true,
+                        ..group.failed(&status, deadline)
+                    }),
+                    Err(_) => Err(DispatchError {
+                        error: ApiError::DeadlineExceeded("no first token before the deadline".into()),
+                        not_started: false,
+                    }),
+                },
+                Err(e) => Err(e),
+            };
+            match opened {
                 Ok(opened) => break opened,
-                Err(e) if e.not_started && tried.len() < self.retry_budget => {
-                    tracing::info!(group = %group.name(), error = %e.error, "group did not take the generation; trying another");
+                Err(e)
+                    if e.not_started
+                        && matches!(e.error, ApiError::Unavailable(_))
+                        && tried.len() < self.retry_budget =>
+                {
+                    tracing::info!(group = %group.name(), error = %e.error, "group did not start the generation; trying another");
                     self.metrics.rejection(&call.model, "retried");
                     tried.push(group.name().to_owned());
                 }
@@ -301,7 +329,7 @@ impl Gateway {
             started,
             deadline,
         };
-        tokio::spawn(relay.run(stream, guard, tx));
+        tokio::spawn(relay.run(first, stream, guard, tx));
         Ok(Generation {
             model_version: info.version.clone(),
             deltas,
@@ -320,6 +348,7 @@ struct Relay {
 impl Relay {
     async fn run(
         self,
+        first: GenerateResponse,
         mut stream: tonic::Streaming<GenerateResponse>,
         guard: StreamGuard,
         tx: mpsc::Sender<Result<Delta, ApiError>>,
@@ -327,9 +356,10 @@ impl Relay {
         let open = self.metrics.open_streams(&self.model);
         open.inc();
         let mut last: Option<Instant> = None;
+        let mut first = Some(first);
         loop {
             let next = tokio::select! {
-                next = stream.message() => next,
+                next = async { match first.take() { Some(m) => Ok(Some(m)), None => stream.message().await } } => next,
                 // The client went away: dropping the stream cancels the sequence.
                 _ = tx.closed() => break,
             };

@@ -641,3 +641,31 @@ pub async fn dns_server(records: Arc<Mutex<Vec<Ipv4Addr>>>) -> SocketAddr {
     });
     addr
 }
+
+/// `--gguf=` the SmolLM2 file `scripts/setup.sh` unpacks.
+pub fn smollm2_arg() -> String {
+    let path = workspace_root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    format!("--gguf={}", path.display())
+}
+
+/// tests/fixtures/smollm2_generation_reference.json (scripts/make_smollm2_reference.py).
+pub fn smollm2_reference() -> Value {
+    let path = workspace_root().join("tests/fixtures/smollm2_generation_reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The reference's cases whose greedy answer runs all 24 tokens without ending, for
+/// streams that must still be under way a few steps after they start.
+pub fn long_answer_cases(reference: &Value) -> Vec<Value> {
+    let eos = &reference["eos_token_id"];
+    reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            let ids = c["greedy_ids"].as_array().unwrap();
+            ids.len() == 24 && !ids.contains(eos)
+        })
+        .cloned()
+        .collect()
+}

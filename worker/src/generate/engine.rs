@@ -104,12 +104,14 @@ impl GenHandle {
                 TrySendError::Full(_) => EngineError::Model(ModelError::Busy(
                     "too many sequences are being submitted to this group; retry later".into(),
                 )),
-                TrySendError::Disconnected(_) => EngineError::Stopped(self.stats.not_ready_reason()),
+                // The model thread is gone: the sequence never started (the gateway may
+                // send it to another group).
+                TrySendError::Disconnected(_) => EngineError::NotReady(self.stats.not_ready_reason()),
             });
         }
         accepted_rx
             .await
-            .map_err(|_| EngineError::Stopped(self.stats.not_ready_reason()))??;
+            .map_err(|_| EngineError::NotReady(self.stats.not_ready_reason()))??;
         Ok(rx)
     }
 }
