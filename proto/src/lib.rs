@@ -26,6 +26,14 @@ pub mod worker {
     /// Metadata key rank 0 sets on an error for a batch it refused before running it
     /// (not ready, queue full): the gateway may retry such a batch on another group.
     pub const NOT_STARTED_KEY: &str = "rankway-not-started";
+
+    /// Limits of a `GenerateRequest`, enforced by the gateway and again by rank 0: the
+    /// prompt's bytes (all message contents, or the raw prompt), the chat messages, the
+    /// stop strings and each stop string's bytes.
+    pub const MAX_PROMPT_BYTES: usize = 256 << 10;
+    pub const MAX_MESSAGES: usize = 256;
+    pub const MAX_STOPS: usize = 4;
+    pub const MAX_STOP_BYTES: usize = 64;
 }
 
 pub mod codec;

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use rankway_proto::worker::{ChatMessage, FinishReason, GenerateRequest, GenerateResponse};
+use rankway_proto::worker::{
+    ChatMessage, FinishReason, GenerateRequest, GenerateResponse, MAX_MESSAGES, MAX_PROMPT_BYTES,
+    MAX_STOP_BYTES, MAX_STOPS,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -21,13 +24,6 @@ use crate::error::ApiError;
 use crate::pool::{DispatchError, StreamGuard};
 use crate::request_id::RequestId;
 
-/// Largest prompt in bytes (all contents), as rank 0 bounds it.
-pub const MAX_PROMPT_BYTES: usize = 256 << 10;
-/// Most chat messages.
-pub const MAX_MESSAGES: usize = 256;
-/// Most stop strings, and the longest one in bytes.
-pub const MAX_STOPS: usize = 4;
-pub const MAX_STOP_BYTES: usize = 64;
 /// `max_tokens` when the client sets none.
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
 

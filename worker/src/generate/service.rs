@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rankway_proto::worker::{FinishReason, GenerateRequest, GenerateResponse, Generation};
+use rankway_proto::worker::{
+    FinishReason, GenerateRequest, GenerateResponse, Generation, MAX_MESSAGES, MAX_PROMPT_BYTES,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -21,11 +23,7 @@ use super::text::{TextStream, check_stops};
 use crate::engine::EngineError;
 use crate::models::ModelError;
 use crate::models::llama::schedule::{Finish, Sampling};
-use crate::models::llama::tokenizer::{ChatTokenizer, MAX_MESSAGES, Message, Role};
-
-/// Largest prompt (all message contents, or the raw prompt) in bytes, checked before
-/// anything is tokenized.
-pub const MAX_PROMPT_BYTES: usize = 256 << 10;
+use crate::models::llama::tokenizer::{ChatTokenizer, Message, Role};
 
 pub type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
 

@@ -6,13 +6,10 @@
 //! could be the start of a stop string is held back until it is known not to be; when a
 //! stop string appears, the text ends just before it.
 
+use rankway_proto::worker::{MAX_STOP_BYTES, MAX_STOPS};
+
 use crate::models::ModelError;
 use crate::models::llama::tokenizer::ChatTokenizer;
-
-/// Most stop strings per request.
-pub const MAX_STOPS: usize = 4;
-/// Longest stop string, in bytes.
-pub const MAX_STOP_BYTES: usize = 64;
 
 pub struct TextStream<'t> {
     tokenizer: &'t ChatTokenizer,

@@ -23,8 +23,6 @@ use crate::models::gguf::Gguf;
 
 /// GGUF token type of control tokens.
 const TOKEN_TYPE_CONTROL: u64 = 3;
-/// Most messages in one chat (callers check it before converting them).
-pub const MAX_MESSAGES: usize = 256;
 
 /// Who said a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -172,7 +170,7 @@ impl ChatTokenizer {
         self.vocab_size
     }
 
-    /// The prompt text for `messages` (at most [`MAX_MESSAGES`]), ending where the
+    /// The prompt text for `messages` (bounded by the caller), ending where the
     /// assistant's answer begins.
     pub fn render(&self, messages: &[Message]) -> Result<String, ModelError> {
         if messages.is_empty() {
