@@ -501,3 +501,65 @@ async fn losing_a_generative_group_ends_only_its_streams() {
     let resp = http.post(&chat_url).json(&ask).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn sigterm_lets_running_streams_finish_and_takes_no_new_ones() {
+    let worker = Worker::start(&["--model=smollm2", &smollm2_arg(), "--kv-cache-tokens=4096"]);
+    let mut gateway = Gateway::start(&[&worker], &["--drain-timeout=30s"]);
+    gateway.wait_model_ready("smollm2").await;
+    let http = reqwest::Client::new();
+    let long = long_answer_cases(&smollm2_reference());
+    let url = gateway.url("/v1/chat/completions");
+    let streams: Vec<_> = (0..2)
+        .map(|i| {
+            let body = json!({"model": "smollm2", "stream": true, "temperature": 0, "max_tokens": 24,
+                              "messages": long[i]["messages"]});
+            tokio::spawn(stream_to_end(http.clone(), url.clone(), body))
+        })
+        .collect();
+    // Both streams under way at rank 0.
+    let rank0 = worker.client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = rank0
+            .clone()
+            .group_status(GroupStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.generation_state.unwrap().running_sequences == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the streams did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &gateway.proc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No new generation: the listener is closed (or the answer says it is shutting down).
+    let ask = json!({"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi!"}]});
+    match http.post(&url).json(&ask).send().await {
+        Err(e) => assert!(e.is_connect(), "{e:?}"),
+        Ok(r) => {
+            assert_eq!(r.status(), 503);
+            assert!(r.text().await.unwrap().contains("shutting down"));
+        }
+    }
+    for s in streams {
+        assert_eq!(
+            s.await.unwrap().map_err(|e| e.0),
+            Ok("length".to_owned()),
+            "a running stream was cut"
+        );
+    }
+    let exit = tokio::task::spawn_blocking(move || gateway.proc.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        exit.success(),
+        "the gateway exits cleanly after draining: {exit:?}"
+    );
+}
