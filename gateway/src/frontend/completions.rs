@@ -12,16 +12,14 @@ use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::http::{AppState, RestLimits, field, object_and_timeout, required};
+use super::http::{AppState, JsonRequest, field, required};
 use super::openai::OpenAiError;
 use crate::error::ApiError;
 use crate::request_id::RequestId;
@@ -387,14 +385,18 @@ async fn respond(
     }
 }
 
+/// The body of a generation request, its fields taken out one by one (see [`field`]).
+type Body = Map<String, Value>;
+
 pub async fn chat_completions(
     State(state): State<AppState>,
-    axum::Extension(limits): axum::Extension<RestLimits>,
-    axum::Extension(request_id): axum::Extension<RequestId>,
-    headers: http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    JsonRequest {
+        mut body,
+        timeout,
+        request_id,
+        ..
+    }: JsonRequest<Body, OpenAiError>,
 ) -> Result<Response, OpenAiError> {
-    let (mut body, timeout) = object_and_timeout(limits, &headers, body)?;
     let chat: Vec<InMessage> = required(&mut body, "messages")?;
     let common = Common::take(&mut body)?;
     check_rest(&body)?;
@@ -408,12 +410,13 @@ pub async fn chat_completions(
 
 pub async fn completions(
     State(state): State<AppState>,
-    axum::Extension(limits): axum::Extension<RestLimits>,
-    axum::Extension(request_id): axum::Extension<RequestId>,
-    headers: http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    JsonRequest {
+        mut body,
+        timeout,
+        request_id,
+        ..
+    }: JsonRequest<Body, OpenAiError>,
 ) -> Result<Response, OpenAiError> {
-    let (mut body, timeout) = object_and_timeout(limits, &headers, body)?;
     let prompt: CompletionPrompt = required(&mut body, "prompt")?;
     let common = Common::take(&mut body)?;
     check_rest(&body)?;

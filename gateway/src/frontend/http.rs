@@ -1,15 +1,19 @@
-//! What the REST front ends share: the state they are handed, body parsing with its
-//! limit, the client's timeout header, and how an error answer is finished.
+//! What the REST front ends share: the state they are handed, the JSON request with its
+//! body limit, timeout header and request id ([`JsonRequest`]), and how an error answer
+//! is finished.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
+use crate::request_id::RequestId;
 use crate::state::Gateway;
 
 pub type AppState = Arc<Gateway>;
@@ -47,14 +51,44 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| ApiError::InvalidInput(format!("invalid JSON body: {e}")))
 }
 
-/// A JSON object body and the client's timeout, as the generation routes take them.
-pub fn object_and_timeout(
-    limits: RestLimits,
-    headers: &http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(serde_json::Map<String, serde_json::Value>, Option<Duration>), ApiError> {
-    let timeout = rest_timeout(headers)?;
-    Ok((parse_json(body, limits.max_request_bytes)?, timeout))
+/// What every JSON route takes: the body as `T` (within `--max-request-bytes`), the
+/// client's `Request-Timeout` and the request's id (set by the request layer). A failure
+/// answers in the front end's own error shape `E`.
+pub struct JsonRequest<T, E> {
+    pub body: T,
+    pub timeout: Option<Duration>,
+    pub request_id: RequestId,
+    error: PhantomData<fn() -> E>,
+}
+
+impl<T, E> FromRequest<AppState> for JsonRequest<T, E>
+where
+    T: serde::de::DeserializeOwned,
+    E: From<ApiError> + IntoResponse,
+{
+    type Rejection = E;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, E> {
+        let missing =
+            |what: &str| ApiError::Internal(format!("no {what} on the request (the router sets it)"));
+        let limits = *req
+            .extensions()
+            .get::<RestLimits>()
+            .ok_or_else(|| missing("limits"))?;
+        let request_id = req
+            .extensions()
+            .get::<RequestId>()
+            .cloned()
+            .ok_or_else(|| missing("request id"))?;
+        let timeout = rest_timeout(req.headers())?;
+        let body = parse_json(Bytes::from_request(req, state).await, limits.max_request_bytes)?;
+        Ok(Self {
+            body,
+            timeout,
+            request_id,
+            error: PhantomData,
+        })
+    }
 }
 
 /// Takes field `name` out of a JSON body, typed; a wrong type is an error naming it.

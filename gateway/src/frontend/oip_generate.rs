@@ -10,8 +10,6 @@
 use std::convert::Infallible;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +17,7 @@ use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::http::{AppState, RestLimits, field, object_and_timeout, required};
+use super::http::{AppState, JsonRequest, field, required};
 use super::rest::OipError;
 use crate::error::ApiError;
 use crate::request_id::RequestId;
@@ -90,35 +88,19 @@ fn call(
     })
 }
 
-/// The handler's inputs, shared by both routes.
-type Inputs = (
-    State<AppState>,
-    Path<String>,
-    axum::Extension<RestLimits>,
-    axum::Extension<RequestId>,
-    http::HeaderMap,
-    Result<Bytes, BytesRejection>,
-);
+type Request = JsonRequest<Map<String, Value>, OipError>;
 
-async fn start(inputs: Inputs, streamed: bool) -> Result<(String, Generation), OipError> {
-    let (State(state), Path(model), axum::Extension(limits), axum::Extension(request_id), headers, body) =
-        inputs;
-    let (body, timeout) = object_and_timeout(limits, &headers, body)?;
-    let generation = state
-        .generate(call(model.clone(), body, streamed, timeout, request_id)?)
-        .await?;
-    Ok((model, generation))
+async fn start(state: &AppState, model: &str, req: Request, streamed: bool) -> Result<Generation, OipError> {
+    let call = call(model.to_owned(), req.body, streamed, req.timeout, req.request_id)?;
+    Ok(state.generate(call).await?)
 }
 
 pub async fn generate(
-    state: State<AppState>,
-    model: Path<String>,
-    limits: axum::Extension<RestLimits>,
-    request_id: axum::Extension<RequestId>,
-    headers: http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    req: Request,
 ) -> Result<Response, OipError> {
-    let (model, generation) = start((state, model, limits, request_id, headers, body), false).await?;
+    let generation = start(&state, &model, req, false).await?;
     let version = generation.model_version.clone();
     let (text, _, finish, usage) = generation.collect().await?;
     Ok(Json(json!({
@@ -130,14 +112,11 @@ pub async fn generate(
 }
 
 pub async fn generate_stream(
-    state: State<AppState>,
-    model: Path<String>,
-    limits: axum::Extension<RestLimits>,
-    request_id: axum::Extension<RequestId>,
-    headers: http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    req: Request,
 ) -> Result<Response, OipError> {
-    let (model, generation) = start((state, model, limits, request_id, headers, body), true).await?;
+    let generation = start(&state, &model, req, true).await?;
     Ok(Sse::new(events(model, generation)).into_response())
 }
 

@@ -2,9 +2,7 @@
 //! the official OpenAI SDKs work unchanged.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use rankway_proto::codec::encode_bytes_elements;
@@ -12,10 +10,10 @@ use rankway_proto::worker::{DataType, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::http::{AppState, RestLimits, finish_error, parse_json, rest_timeout};
+use super::http::{AppState, JsonRequest, finish_error};
 use crate::error::ApiError;
 use crate::model::text_embedding_io;
-use crate::request_id::{RequestId, WorkerTime};
+use crate::request_id::WorkerTime;
 use crate::state::InferCall;
 
 /// Output that carries the token count of each text, when the model provides it.
@@ -46,7 +44,7 @@ impl IntoResponse for OpenAiError {
 }
 
 #[derive(Debug, Deserialize)]
-struct EmbeddingsRequest {
+pub struct EmbeddingsRequest {
     input: Value,
     model: String,
     #[serde(default)]
@@ -107,13 +105,13 @@ fn texts(input: Value) -> Result<Vec<String>, ApiError> {
 
 pub async fn embeddings(
     State(state): State<AppState>,
-    axum::Extension(limits): axum::Extension<RestLimits>,
-    axum::Extension(request_id): axum::Extension<RequestId>,
-    headers: http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    JsonRequest {
+        body: req,
+        timeout,
+        request_id,
+        ..
+    }: JsonRequest<EmbeddingsRequest, OpenAiError>,
 ) -> Result<Response, OpenAiError> {
-    let timeout = rest_timeout(&headers)?;
-    let req: EmbeddingsRequest = parse_json(body, limits.max_request_bytes)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

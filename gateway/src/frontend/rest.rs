@@ -1,18 +1,16 @@
 //! OIP v2 over REST: health, metadata, readiness and inference.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::http::{AppState, RestLimits, finish_error, parse_json, rest_timeout};
+use super::http::{AppState, JsonRequest, finish_error};
 use super::json_tensor::{JsonInput, JsonOutput, input_to_tensor, tensor_to_output};
 use crate::error::ApiError;
-use crate::request_id::{RequestId, WorkerTime};
+use crate::request_id::WorkerTime;
 use crate::state::InferCall;
 
 /// An error in OIP's REST form: `{"error": "..."}` with the matching status.
@@ -33,7 +31,7 @@ impl IntoResponse for OipError {
 
 /// OIP's inference request; `parameters` are accepted and ignored.
 #[derive(Debug, Deserialize)]
-struct InferRequestJson {
+pub struct InferRequestJson {
     #[serde(default)]
     id: Option<String>,
     inputs: Vec<JsonInput>,
@@ -116,14 +114,14 @@ pub async fn model_ready(
 
 pub async fn infer(
     State(state): State<AppState>,
-    axum::Extension(limits): axum::Extension<RestLimits>,
-    axum::Extension(request_id): axum::Extension<RequestId>,
     Path(model): Path<String>,
-    headers: http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    JsonRequest {
+        body: req,
+        timeout,
+        request_id,
+        ..
+    }: JsonRequest<InferRequestJson, OipError>,
 ) -> Result<Response, OipError> {
-    let timeout = rest_timeout(&headers)?;
-    let req: InferRequestJson = parse_json(body, limits.max_request_bytes)?;
     let inputs = req
         .inputs
         .into_iter()

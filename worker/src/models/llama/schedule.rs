@@ -309,9 +309,15 @@ impl Scheduler {
             });
         }
         self.in_step.clear();
+        // The sequences that just finished leave, and their blocks come back.
+        let finished: Vec<u64> = emitted
+            .iter()
+            .filter(|e| e.finish.is_some())
+            .map(|e| e.id)
+            .collect();
         let alloc = &mut self.alloc;
         self.running.retain_mut(|s| {
-            let done = s.tokens.last() == Some(&self.eos) || s.generated() >= s.sampling.max_tokens;
+            let done = finished.contains(&s.id);
             if done {
                 alloc.release(&mut s.blocks);
             }
