@@ -1,5 +1,6 @@
 # rankway-worker with the libtorch libraries it links (from the PyPI torch wheel, the
-# CPU set or, for the `cuda` build, the CUDA set) and the MiniLM weights.
+# CPU set or, for the `cuda` build, the CUDA set), the MiniLM weights and the SmolLM2
+# GGUF (RANKWAY_MODEL=smollm2 serves it; deploy/groups/chat).
 # Build context: the folder scripts/build_images.sh stages (bin/, lib/, models/).
 #   podman build -f deploy/docker/worker.Dockerfile -t rankway-worker target/image/worker
 ARG BASE=docker.io/library/debian:bookworm-slim

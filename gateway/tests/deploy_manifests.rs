@@ -1,7 +1,8 @@
 //! The Kubernetes manifests in deploy/, rendered with `kubectl kustomize` (from the
 //! project's .venv), checked for what schema validation (scripts/check_manifests.py)
 //! cannot see, and then run: the rendered CPU overlay's worker and gateway commands and
-//! environment start real processes on loopback and answer an embedding.
+//! environment start real processes on loopback, answer an embedding from each
+//! embedding group and stream a chat completion from the generative group.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -10,16 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    Proc, SERVING, admin_groups, cosine, dns_server, free_port, health, json_f32s, model_dir, reference,
-    worker_bin, workspace_root,
+    Proc, SERVING, admin_groups, cosine, dns_server, free_port, health, json_f32s, reference, smollm2_first_answer,
+    sse_data, worker_bin, workspace_root,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// Every kustomization a user applies.
 const DEPLOYMENTS: &[&str] = &["base", "overlays/cpu", "overlays/gpu", "lws"];
-/// Where the worker image keeps the model (deploy/worker.Dockerfile).
-const IMAGE_MODEL_DIR: &str = "/opt/rankway/models/minilm";
+/// Where the worker image keeps the models (deploy/docker/worker.Dockerfile,
+/// scripts/build_images.sh): the checkout's models/ folder.
+const IMAGE_MODELS: &str = "/opt/rankway/models";
 
 fn render(dir: &str) -> Vec<Value> {
     let kubectl = workspace_root().join(".venv/bin/kubectl");
@@ -419,6 +421,17 @@ fn manifests_agree_with_each_other_and_with_the_binaries() {
                     worker_cmds.text.contains(&format!(" {sub} ")),
                     "{what}: no subcommand {sub}"
                 );
+                // Model paths point into the image's models folder, which is the
+                // checkout's models/ (scripts/build_images.sh stages it).
+                for var in ["RANKWAY_MODEL_DIR", "RANKWAY_GGUF"] {
+                    if let Some(path) = env_value(c, var) {
+                        let local = path
+                            .strip_prefix(IMAGE_MODELS)
+                            .map(|rest| workspace_root().join("models").join(rest.trim_start_matches('/')))
+                            .unwrap_or_else(|| panic!("{what}: {var}={path} is outside {IMAGE_MODELS}"));
+                        assert!(local.exists(), "{what}: {var}={path}: the image has no such file");
+                    }
+                }
                 check_container(
                     &what,
                     c,
@@ -507,12 +520,12 @@ fn kubelet_env(c: &Value, pod: &Pod, ip: Ipv4Addr, hosts: &[Host]) -> Vec<(Strin
 
 /// The rendered CPU overlay, run. Substitutions, and only these: each pod gets its own
 /// loopback address (127.0.0.10 and up) for the pod IP, its DNS names and its 0.0.0.0
-/// listen addresses (gRPC, metrics); the TCPStore port is a free one per group (the store listens on every
-/// address, so groups on one host cannot share it); the model folder of the image is the
-/// checkout's; the cluster's DNS is a loopback server answering the leaders name with the
-/// pods the rankway-leaders Service selects; workers use one torch thread.
+/// listen addresses (gRPC, metrics); the TCPStore port is a free one per group (the store
+/// listens on every address, so groups on one host cannot share it); the image's models
+/// folder is the checkout's; the cluster's DNS is a loopback server answering the leaders
+/// name with the pods the rankway-leaders Service selects; workers use one torch thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rendered_cpu_overlay_serves_an_embedding() {
+async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() {
     let docs = render("overlays/cpu");
     let pods = pods(&docs);
     let services: Vec<&Value> = of_kind(&docs, "Service").collect();
@@ -546,8 +559,9 @@ async fn rendered_cpu_overlay_serves_an_embedding() {
         for (var, value) in env.iter_mut() {
             match var.as_str() {
                 "MASTER_PORT" => *value = store_ports[p.owner.as_str()].to_string(),
-                "RANKWAY_MODEL_DIR" => {
-                    *value = value.replace(IMAGE_MODEL_DIR, &model_dir().display().to_string())
+                "RANKWAY_MODEL_DIR" | "RANKWAY_GGUF" => {
+                    let models = workspace_root().join("models");
+                    *value = value.replace(IMAGE_MODELS, &models.display().to_string())
                 }
                 _ => {}
             }
@@ -566,7 +580,11 @@ async fn rendered_cpu_overlay_serves_an_embedding() {
         workers.push(Proc::spawn(cmd));
         rank_addrs.push(format!("{}:{port}", h.ip));
     }
-    assert_eq!(workers.len(), 4, "the CPU overlay runs 2 groups of 2 ranks");
+    assert_eq!(
+        workers.len(),
+        7,
+        "the CPU overlay runs 2 embedding groups of 2 ranks and a generative group of 3"
+    );
 
     let leaders = services.iter().find(|s| name(s) == "rankway-leaders").unwrap();
     let leader_ips: Vec<Ipv4Addr> = pods
@@ -575,7 +593,7 @@ async fn rendered_cpu_overlay_serves_an_embedding() {
         .filter(|(p, _)| selects(&labels(&leaders["spec"]["selector"]), &p.labels))
         .map(|(_, h)| h.ip)
         .collect();
-    assert_eq!(leader_ips.len(), 2);
+    assert_eq!(leader_ips.len(), 3);
     let dns = dns_server(Arc::new(Mutex::new(leader_ips))).await;
 
     let (gp, gh) = pods
@@ -610,10 +628,10 @@ async fn rendered_cpu_overlay_serves_an_embedding() {
     loop {
         let groups = admin_groups(&client, &format!("http://{http}")).await;
         let ready = groups.iter().filter(|g| g["ready"] == true).count();
-        if ready == 2 {
+        if ready == 3 {
             break;
         }
-        assert!(Instant::now() < deadline, "groups not both ready: {groups:?}");
+        assert!(Instant::now() < deadline, "groups not all ready: {groups:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -631,6 +649,35 @@ async fn rendered_cpu_overlay_serves_an_embedding() {
         let cos = cosine(&got, &r.embeddings[i]);
         assert!(cos >= 0.9999, "sentence {i}: cosine {cos} to the reference");
     }
+    // The generative group, streamed: the greedy answer the worker gives on its own.
+    let (question, answer) = smollm2_first_answer();
+    let resp = client
+        .post(format!("http://{http}/v1/chat/completions"))
+        .json(&json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": question}],
+            "temperature": 0,
+            "max_tokens": 32,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let events = sse_data(&resp.text().await.unwrap());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(chunks.len() >= 4, "streamed in pieces: {chunks:?}");
+    assert_eq!(text, answer);
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
+
     assert!(gateway.is_running());
     for w in &mut workers {
         assert!(w.is_running(), "a rank exited:\n{}", w.log_text());

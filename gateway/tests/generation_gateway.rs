@@ -12,18 +12,9 @@ use serde_json::{Value, json};
 
 use crate::common::{
     Gateway, Launcher, Worker, admin_groups, get_json, long_answer_cases, post_json, sigkill, smollm2_arg,
-    smollm2_reference, workspace_root,
+    smollm2_first_answer, smollm2_reference, sse_data, workspace_root,
 };
 use crate::observability::{get_text, promtool};
-
-/// The reference's first case: its question and the worker's greedy answer.
-fn reference() -> (String, String) {
-    let f = smollm2_reference();
-    let case = &f["cases"][0];
-    let question = case["messages"][0]["content"].as_str().unwrap().to_owned();
-    let answer = case["greedy_text"].as_str().unwrap().replace("<|im_end|>", "");
-    (question, answer)
-}
 
 async fn start() -> (Worker, Gateway) {
     let worker = Worker::start(&["--model=smollm2", &smollm2_arg(), "--kv-cache-tokens=4096"]);
@@ -32,18 +23,10 @@ async fn start() -> (Worker, Gateway) {
     (worker, gateway)
 }
 
-/// `data:` payloads of an SSE body.
-fn sse_data(body: &str) -> Vec<String> {
-    body.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(str::to_owned)
-        .collect()
-}
-
 #[tokio::test]
 async fn unmodified_clients_get_the_workers_greedy_answer() {
     let (_worker, gateway) = start().await;
-    let (question, answer) = reference();
+    let (question, answer) = smollm2_first_answer();
     let python = workspace_root().join(".venv-clients/bin/python");
     let out = Command::new(&python)
         .arg(workspace_root().join("tests/clients/openai_clients.py"))

@@ -654,6 +654,23 @@ pub fn smollm2_reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The reference's first case: its question and the worker's greedy answer.
+pub fn smollm2_first_answer() -> (String, String) {
+    let f = smollm2_reference();
+    let case = &f["cases"][0];
+    let question = case["messages"][0]["content"].as_str().unwrap().to_owned();
+    let answer = case["greedy_text"].as_str().unwrap().replace("<|im_end|>", "");
+    (question, answer)
+}
+
+/// `data:` payloads of an SSE body.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The reference's cases whose greedy answer runs all 24 tokens without ending, for
 /// streams that must still be under way a few steps after they start.
 pub fn long_answer_cases(reference: &Value) -> Vec<Value> {
