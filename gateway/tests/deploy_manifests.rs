@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    Proc, SERVING, admin_groups, cosine, dns_server, free_port, health, json_f32s, reference, smollm2_first_answer,
-    sse_data, worker_bin, workspace_root,
+    FLOAT32, Proc, SERVING, admin_groups, cosine, dns_server, free_port, health, json_f32s, reference,
+    smollm2_first_answer, sse_data, worker_bin, workspace_root,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -523,7 +523,8 @@ fn kubelet_env(c: &Value, pod: &Pod, ip: Ipv4Addr, hosts: &[Host]) -> Vec<(Strin
 /// listen addresses (gRPC, metrics); the TCPStore port is a free one per group (the store
 /// listens on every address, so groups on one host cannot share it); the image's models
 /// folder is the checkout's; the cluster's DNS is a loopback server answering the leaders
-/// name with the pods the rankway-leaders Service selects; workers use one torch thread.
+/// name with the pods the rankway-leaders Service selects; workers use one torch thread
+/// and float32 matrices (the greedy answer compared is the float32 reference's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() {
     let docs = render("overlays/cpu");
@@ -573,6 +574,7 @@ async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() 
             format!("{}:{}", h.ip, port_of(c, "metrics")),
         ));
         env.push(("RANKWAY_TORCH_THREADS".into(), "1".into()));
+        env.push(("RANKWAY_DTYPE".into(), FLOAT32.into()));
         let mut cmd = Command::new(worker_bin());
         cmd.env_clear()
             .args(c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()))

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::models::llama::Weights;
 use crate::models::mlp::MlpConfig;
 use crate::models::{Architecture, ModelConfig};
 
@@ -46,6 +47,40 @@ pub enum ModelKind {
     Smollm2,
 }
 
+/// How a generative model's matrices are held and multiplied (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    /// bfloat16 on a CPU with AVX512-BF16 (oneDNN's fast kernels), float32 otherwise and
+    /// on CUDA (not yet measured on a GPU).
+    Auto,
+    /// The file's values exactly: the numerics of the reference tests.
+    Float32,
+    /// Half the bytes per step; logits move by about 0.1.
+    Bfloat16,
+}
+
+impl Dtype {
+    /// The weights a rank on `device` loads; every rank of a group resolves `auto` itself.
+    pub fn resolve(self, device: tch::Device) -> Weights {
+        match self {
+            Dtype::Float32 => Weights::Float32,
+            Dtype::Bfloat16 => Weights::BFloat16,
+            Dtype::Auto if device == tch::Device::Cpu && cpu_has_bf16() => Weights::BFloat16,
+            Dtype::Auto => Weights::Float32,
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_bf16() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_bf16() -> bool {
+    false
+}
+
 /// Which model to load and how to run libtorch.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
@@ -69,6 +104,10 @@ pub struct ModelArgs {
         default_value = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     )]
     pub gguf: PathBuf,
+    /// Type of the generative model's matrices (the GGUF is dequantized, then held in
+    /// this type); MiniLM and the MLP always run in float32.
+    #[arg(long, env = "RANKWAY_DTYPE", value_enum, default_value_t = Dtype::Auto)]
+    pub dtype: Dtype,
     #[command(flatten)]
     pub generation: GenerationArgs,
     /// Width of the synthetic MLP (input and output features).
@@ -155,6 +194,7 @@ impl ModelArgs {
             }),
             ModelKind::Smollm2 => Architecture::Llama {
                 gguf: self.gguf.clone(),
+                weights: self.dtype.resolve(self.device),
             },
         };
         ModelConfig {
@@ -229,6 +269,36 @@ pub struct BenchArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dtype_resolves_per_device_and_choice() {
+        assert_eq!(Dtype::Float32.resolve(tch::Device::Cpu), Weights::Float32);
+        assert_eq!(Dtype::Bfloat16.resolve(tch::Device::Cpu), Weights::BFloat16);
+        assert_eq!(Dtype::Auto.resolve(tch::Device::Cuda(0)), Weights::Float32);
+        let cpu = if cpu_has_bf16() {
+            Weights::BFloat16
+        } else {
+            Weights::Float32
+        };
+        assert_eq!(Dtype::Auto.resolve(tch::Device::Cpu), cpu);
+        let cli = Cli::try_parse_from([
+            "rankway-worker",
+            "serve",
+            "--model",
+            "smollm2",
+            "--dtype",
+            "float32",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let Architecture::Llama { weights, .. } = args.model.config().architecture else {
+            panic!("not a generative model")
+        };
+        assert_eq!(weights, Weights::Float32);
+        assert!(Cli::try_parse_from(["rankway-worker", "serve", "--dtype", "fp8"]).is_err());
+    }
 
     #[test]
     fn serve_defaults() {

@@ -90,13 +90,13 @@ fn print_generation(rows: &[GenBenchRow], json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:>6} {:>8} {:>10} {:>8} {:>7} {:>10} {:>8}",
-        "world", "phase", "sequences", "tokens", "steps", "tokens/s", "ms/step"
+        "{:>6} {:>9} {:>8} {:>10} {:>8} {:>7} {:>10} {:>8}",
+        "world", "dtype", "phase", "sequences", "tokens", "steps", "tokens/s", "ms/step"
     );
     for r in rows {
         println!(
-            "{:>6} {:>8} {:>10} {:>8} {:>7} {:>10.1} {:>8.1}",
-            r.world, r.phase, r.sequences, r.tokens, r.steps, r.tokens_per_sec, r.ms_per_step
+            "{:>6} {:>9} {:>8} {:>10} {:>8} {:>7} {:>10.1} {:>8.1}",
+            r.world, r.dtype, r.phase, r.sequences, r.tokens, r.steps, r.tokens_per_sec, r.ms_per_step
         );
     }
     Ok(())

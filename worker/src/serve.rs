@@ -22,7 +22,7 @@ use crate::metrics::WorkerMetrics;
 use crate::models::gguf::Gguf;
 use crate::models::llama::schedule::Limits;
 use crate::models::llama::tokenizer::ChatTokenizer;
-use crate::models::llama::{Llama, LlamaConfig};
+use crate::models::llama::{Llama, LlamaConfig, Weights};
 use crate::models::{self, Architecture, ModelError};
 use crate::server::{Engine, LIVENESS_SERVICE, WorkerService, track_health};
 use crate::stats::EngineStats;
@@ -91,6 +91,7 @@ fn loader(args: &ServeArgs, shard: Shard, metrics: Arc<WorkerMetrics>) -> Loader
 fn start_generative(
     args: &ServeArgs,
     gguf: &Path,
+    weights: Weights,
     shard: Shard,
     threads: usize,
     metrics: Arc<WorkerMetrics>,
@@ -125,7 +126,8 @@ fn start_generative(
     }
     let join = joiner(args, shard, metrics.clone());
     let (path, device) = (gguf.to_path_buf(), args.model.device);
-    let load: GenLoader = Box::new(move || Ok((Llama::load(&path, shard, device)?, join()?)));
+    tracing::info!(weights = weights.name(), "generative model's matrices");
+    let load: GenLoader = Box::new(move || Ok((Llama::load(&path, shard, device, weights)?, join()?)));
     if shard.rank != 0 {
         let (stats, thread) = gen_engine::spawn_follower(load, opts).map_err(ServeError::Thread)?;
         return Ok((stats, thread, None));
@@ -165,7 +167,9 @@ pub async fn serve_on(
         source,
     })?;
     let (stats, thread, engine) = match args.model.config().architecture {
-        Architecture::Llama { gguf } => start_generative(&args, &gguf, shard, threads, metrics.clone())?,
+        Architecture::Llama { gguf, weights } => {
+            start_generative(&args, &gguf, weights, shard, threads, metrics.clone())?
+        }
         _ if shard.rank == 0 => {
             let opts = EngineOptions {
                 torch_threads: threads,

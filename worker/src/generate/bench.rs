@@ -26,6 +26,8 @@ const BLOCK: usize = 16;
 #[derive(Debug, Serialize)]
 pub struct GenBenchRow {
     pub world: usize,
+    /// The matrices' type: "float32" or "bfloat16".
+    pub dtype: &'static str,
     /// "prefill" or "decode".
     pub phase: &'static str,
     pub sequences: usize,
@@ -97,14 +99,15 @@ impl Bench<'_> {
 }
 
 fn row(
-    world: usize,
+    model: &Llama,
     phase: &'static str,
     sequences: usize,
     (tokens, steps, time): (u64, u64, Duration),
 ) -> GenBenchRow {
     let secs = time.as_secs_f64().max(1e-9);
     GenBenchRow {
-        world,
+        world: model.shard().world,
+        dtype: model.weights().name(),
         phase,
         sequences,
         tokens,
@@ -123,7 +126,6 @@ fn cache_blocks(args: &BenchArgs) -> usize {
 /// Rank 0's part: warm up, then measure.
 fn lead(model: &Llama, comm: &dyn Collective, args: &BenchArgs) -> Result<Vec<GenBenchRow>, ModelError> {
     let blocks = cache_blocks(args);
-    let world = comm.shard().world;
     let mut b = Bench {
         model,
         comm,
@@ -133,14 +135,14 @@ fn lead(model: &Llama, comm: &dyn Collective, args: &BenchArgs) -> Result<Vec<Ge
     };
     b.run(vec![prompt(0, 8)], 2, false)?; // warm-up
     let mut rows = vec![row(
-        world,
+        model,
         "prefill",
         8,
         b.run((0..8).map(|s| prompt(s, 64)).collect(), 1, true)?,
     )];
     for &n in &args.batch_sizes {
         let prompts = (0..n).map(|s| prompt(s, 32)).collect();
-        rows.push(row(world, "decode", n, b.run(prompts, args.max_tokens, false)?));
+        rows.push(row(model, "decode", n, b.run(prompts, args.max_tokens, false)?));
     }
     group::send_header(comm, &Header::control(Op::Shutdown))?;
     Ok(rows)
@@ -148,7 +150,7 @@ fn lead(model: &Llama, comm: &dyn Collective, args: &BenchArgs) -> Result<Vec<Ge
 
 pub fn run(args: &BenchArgs) -> Result<Vec<GenBenchRow>, ModelError> {
     let cfg = args.model.config();
-    let crate::models::Architecture::Llama { gguf } = cfg.architecture else {
+    let crate::models::Architecture::Llama { gguf, weights } = cfg.architecture else {
         return Err(ModelError::Load(
             "the generation bench needs a generative model".into(),
         ));
@@ -157,7 +159,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<GenBenchRow>, ModelError> {
     let threads = args.model.torch_threads(world);
     if world == 1 {
         tch::set_num_threads(threads as i32);
-        let model = Llama::load(&gguf, Shard::SINGLE, cfg.device)?;
+        let model = Llama::load(&gguf, Shard::SINGLE, cfg.device, weights)?;
         return lead(&model, &SingleRank(cfg.device), args);
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -168,7 +170,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<GenBenchRow>, ModelError> {
     let join = move |rank: usize| -> Result<(Llama, ProcessGroup), ModelError> {
         tch::set_num_threads(threads as i32);
         let shard = Shard { rank, world };
-        let model = Llama::load(&gguf, shard, cfg.device)?;
+        let model = Llama::load(&gguf, shard, cfg.device, weights)?;
         let pg = ProcessGroup::join(&JoinOptions {
             master_addr: "127.0.0.1".into(),
             master_port: port,

@@ -145,7 +145,10 @@ pub enum Architecture {
     Mlp(super::mlp::MlpConfig),
     /// A generative LLaMA-family decoder from a GGUF file ([`super::llama`]); it runs on
     /// the generation engine, not through [`super::Model`].
-    Llama { gguf: PathBuf },
+    Llama {
+        gguf: PathBuf,
+        weights: super::llama::Weights,
+    },
 }
 
 /// Everything a model needs to load, independent of how it was configured.
