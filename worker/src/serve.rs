@@ -126,7 +126,7 @@ fn start_generative(
     }
     let join = joiner(args, shard, metrics.clone());
     let (path, device) = (gguf.to_path_buf(), args.model.device);
-    tracing::info!(weights = weights.name(), "generative model's matrices");
+    tracing::info!(weights = %weights.name(), "generative model's matrices");
     let load: GenLoader = Box::new(move || Ok((Llama::load(&path, shard, device, weights)?, join()?)));
     if shard.rank != 0 {
         let (stats, thread) = gen_engine::spawn_follower(load, opts).map_err(ServeError::Thread)?;
