@@ -11,7 +11,10 @@
 //!
 //! The layer is also the one place requests are counted and timed
 //! (`rankway_requests_total`, `rankway_request_duration_seconds`): REST by route template
-//! and HTTP status, gRPC by method path and gRPC code.
+//! and HTTP status, gRPC by method path and gRPC code. Labels take only values the
+//! gateway knows: a path no route matches is `unmatched`, a gRPC method it does not serve
+//! `unknown`. The path a client sent goes into the span (and so into log lines) cut to
+//! [`MAX_LOGGED_PATH`] bytes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,6 +31,20 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 
 pub const HEADER: &str = "x-request-id";
+/// Longest part of a request path that goes into the span and the log.
+const MAX_LOGGED_PATH: usize = 256;
+/// The gRPC methods the gateway serves: the only method label values besides `unknown`.
+const GRPC_METHODS: &[&str] = &[
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+    "/inference.GRPCInferenceService/ServerMetadata",
+    "/inference.GRPCInferenceService/ModelMetadata",
+    "/inference.GRPCInferenceService/ModelInfer",
+    "/inference.GRPCInferenceService/ModelStreamInfer",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+];
 /// Longest client-chosen id kept; a longer one is replaced.
 const MAX_LEN: usize = 128;
 
@@ -126,13 +143,14 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let id = RequestId::from_header(req.headers().get(HEADER));
+        let shown = bounded(req.uri().path(), MAX_LOGGED_PATH);
         let span = tracing::info_span!(
             "request",
-            otel.name = %format!("{} {}", req.method(), req.uri().path()),
+            otel.name = %format!("{} {shown}", req.method()),
             otel.kind = "server",
             request_id = %id.0,
             method = %req.method(),
-            path = %req.uri().path(),
+            path = %shown,
             trace_id = tracing::field::Empty,
         );
         // With tracing off the span has no context of its own: log the client's trace id.
@@ -148,7 +166,11 @@ where
                 .extensions()
                 .get::<MatchedPath>()
                 .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned()),
-            Protocol::Grpc => path.clone(),
+            Protocol::Grpc => GRPC_METHODS
+                .iter()
+                .find(|m| **m == path)
+                .map_or("unknown", |m| *m)
+                .to_owned(),
         };
         req.extensions_mut().insert(id.clone());
         let layer = self.layer.clone();
@@ -195,6 +217,18 @@ fn is_probe(path: &str) -> bool {
 
 /// The request's closing log line. Returns the gRPC code: a failed call carries it in its
 /// headers (a trailers-only answer); a successful one sends OK later, in its trailers.
+/// `s` cut to at most `max` bytes (on a character boundary), marked when cut.
+fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len()).into()
+}
+
 fn log_outcome<R>(resp: &Response<R>, started: Instant, probe: bool) -> tonic::Code {
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     let status = resp.status().as_u16();
@@ -217,6 +251,33 @@ fn log_outcome<R>(resp: &Response<R>, started: Instant, probe: bool) -> tonic::C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_method_of_the_inference_service_is_a_known_label() {
+        let proto = include_str!("../../proto/proto/grpc_predict_v2.proto");
+        let rpcs: Vec<&str> = proto
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .map(|l| l.split('(').next().unwrap().trim())
+            .collect();
+        assert_eq!(rpcs.len(), 7, "{rpcs:?}");
+        for rpc in rpcs {
+            let path = format!("/inference.GRPCInferenceService/{rpc}");
+            assert!(
+                GRPC_METHODS.contains(&path.as_str()),
+                "{path} is not in GRPC_METHODS"
+            );
+        }
+    }
+
+    #[test]
+    fn long_paths_are_cut_for_the_log() {
+        assert_eq!(bounded("/v2/models/m/infer", 256), "/v2/models/m/infer");
+        let long = format!("/v2/models/{}/infer", "é".repeat(4000));
+        let shown = bounded(&long, 256);
+        assert!(shown.len() < 300, "{}", shown.len());
+        assert!(shown.ends_with(&format!("… ({} bytes)", long.len())), "{shown}");
+    }
 
     #[test]
     fn probes_are_told_from_requests() {

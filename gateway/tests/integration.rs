@@ -13,6 +13,7 @@ mod embeddings;
 mod generation;
 mod generation_gateway;
 mod group_life;
+mod hostile_input;
 mod latency;
 mod observability;
 mod pool_failover;

@@ -241,15 +241,9 @@ impl Admission {
 impl Gateway {
     /// Starts a generation on a ready generative group serving the call's model.
     pub async fn generate(&self, call: GenerateCall) -> Result<Generation, ApiError> {
-        // Only names the pool knows label metrics.
-        let label = if self.pool.known_model_info(&call.model).is_some() {
-            call.model.as_str()
-        } else {
-            "unknown"
-        };
         let result = self.start_generation(&call).await;
         if let Err(e) = &result {
-            self.metrics.rejection(label, e.kind());
+            self.metrics.rejection(self.model_label(&call.model), e.kind());
         }
         result
     }

@@ -79,6 +79,7 @@ impl Gateway {
 
     /// The model's signature if a ready group serves it; otherwise why not.
     pub fn ready_model(&self, name: &str) -> Result<Arc<ModelInfo>, ApiError> {
+        check_model_name(name)?;
         if let Some(info) = self.pool.model_info(name) {
             return Ok(info);
         }
@@ -151,9 +152,19 @@ impl Gateway {
         }
         .await;
         if let Err(e) = &result {
-            self.metrics.rejection(&model, e.kind());
+            self.metrics.rejection(self.model_label(&model), e.kind());
         }
         result
+    }
+
+    /// `model` as a metric label: a name some group serves or once served, else
+    /// "unknown", so that names a client makes up never become series.
+    pub(crate) fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        if self.pool.known_model_info(model).is_some() {
+            model
+        } else {
+            "unknown"
+        }
     }
 
     fn batcher(&self, model: &str) -> Batcher {
@@ -169,4 +180,22 @@ impl Gateway {
             })
             .clone()
     }
+}
+
+/// Longest model name accepted, in bytes (served names are short; Kubernetes names are at
+/// most 253). A longer one is refused before anything looks it up, logs or echoes it.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
+/// Refuses an empty or overlong model name, without repeating it.
+pub fn check_model_name(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() {
+        return Err(ApiError::InvalidInput("the model name is empty".into()));
+    }
+    if name.len() > MAX_MODEL_NAME_BYTES {
+        return Err(ApiError::InvalidInput(format!(
+            "the model name is {} bytes long; at most {MAX_MODEL_NAME_BYTES} are accepted",
+            name.len()
+        )));
+    }
+    Ok(())
 }

@@ -1,0 +1,141 @@
+//! Input an attacker controls, reproduced against the real binaries: names a client makes
+//! up never become metric series or whole log lines.
+
+use rankway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use rankway_proto::inference::{ModelInferRequest, ModelInferResponse};
+use serde_json::{Value, json};
+use tonic::Code;
+
+use crate::common::{Gateway, Worker, get_json};
+
+/// Every made-up name carries this, so /metrics and the log can be searched for it.
+const MARK: &str = "madeup";
+
+async fn metrics(gateway: &Gateway) -> String {
+    reqwest::get(gateway.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// A gRPC ModelInfer naming `model`, which must fail.
+async fn infer_refused(
+    grpc: &mut GrpcInferenceServiceClient<tonic::transport::Channel>,
+    model: &str,
+) -> tonic::Status {
+    grpc.model_infer(ModelInferRequest {
+        model_name: model.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_err()
+}
+
+/// One round of requests naming `n` models no group serves, over every front end, and
+/// calling `n` gRPC methods the gateway does not have.
+async fn unknown_names(gateway: &Gateway, round: usize, n: usize) {
+    let http = reqwest::Client::new();
+    let mut grpc = gateway.grpc_client().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", gateway.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = tonic::client::Grpc::new(channel);
+    for i in 0..n {
+        let name = format!("{MARK}-{round}-{i}");
+        let oip = http
+            .post(gateway.url(&format!("/v2/models/{name}/infer")))
+            .json(&json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": vec![0.0; 16]}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(oip.status(), 404);
+        for (path, body) in [
+            ("/v1/embeddings", json!({"model": name, "input": "x"})),
+            (
+                "/v1/chat/completions",
+                json!({"model": name, "messages": [{"role": "user", "content": "x"}]}),
+            ),
+        ] {
+            let r = http.post(gateway.url(path)).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 404, "{path}");
+        }
+        assert_eq!(infer_refused(&mut grpc, &name).await.code(), Code::NotFound);
+        raw.ready().await.unwrap();
+        let path = format!("/{MARK}.Service{round}/Method{i}").parse().unwrap();
+        let codec = tonic_prost::ProstCodec::<ModelInferRequest, ModelInferResponse>::default();
+        let err = raw
+            .unary(tonic::Request::new(ModelInferRequest::default()), path, codec)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented);
+    }
+}
+
+#[tokio::test]
+async fn made_up_names_never_become_metric_series_or_whole_log_lines() {
+    let worker = Worker::start(&["--model=mlp", "--mlp-hidden=16", "--mlp-layers=1"]);
+    let mut gateway = Gateway::start(&[&worker], &[]);
+    gateway.wait_model_ready("mlp").await;
+
+    // The same series whatever the names: a second round of new names adds none. (The
+    // first scrape adds /metrics's own series.)
+    metrics(&gateway).await;
+    unknown_names(&gateway, 0, 20).await;
+    let first = metrics(&gateway).await;
+    unknown_names(&gateway, 1, 100).await;
+    let second = metrics(&gateway).await;
+    let series = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+    assert_eq!(series(&first), series(&second), "new names added series");
+    assert!(!second.contains(MARK), "a made-up name is a label value");
+    assert!(
+        second.contains(r#"model="unknown""#),
+        "rejections of unknown models are counted"
+    );
+    assert!(
+        second.contains(r#"route="unknown""#),
+        "calls to unknown gRPC methods are counted"
+    );
+
+    // A huge name is refused before it is looked up, and never repeated.
+    let huge = format!("{MARK}-{}", "x".repeat(1 << 20));
+    let http = reqwest::Client::new();
+    let r = http
+        .post(gateway.url("/v1/embeddings"))
+        .json(&json!({"model": huge, "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("at most 256"), "{msg}");
+    let mut grpc = gateway.grpc_client().await;
+    let err = infer_refused(&mut grpc, &huge).await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().len() < 200, "{}", err.message());
+    let r = http
+        .post(gateway.url(&format!("/v2/models/{}/infer", &huge[..60_000])))
+        .json(&json!({"inputs": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("at most 256"), "{body}");
+    assert!(!metrics(&gateway).await.contains(MARK));
+    let log = gateway.proc.log_text();
+    assert!(log.contains("model name is"), "the refusals are logged");
+    assert!(
+        !log.contains(&"x".repeat(300)),
+        "a log line repeats most of a huge name"
+    );
+
+    // Still serving.
+    let ready = get_json(&http, &gateway.url("/v2/models/mlp")).await;
+    assert_eq!(ready["name"], "mlp");
+    assert!(gateway.proc.is_running());
+}
