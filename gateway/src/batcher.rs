@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::model::ValidRequest;
+use crate::model::{ValidRequest, check_reply};
 use crate::pool::{Group, Lease, Pool};
 use crate::request_id::RequestId;
 
@@ -385,7 +385,14 @@ impl Dispatch {
         match result {
             Ok((resp, worker_time)) => {
                 let sizes: Vec<usize> = self.batch.iter().map(|e| e.request.rows).collect();
-                match split_outputs(resp.outputs, &sizes) {
+                let checked = match self.pool.known_model_info(&self.model) {
+                    Some(info) => check_reply(&info, &resp.outputs, self.rows),
+                    None => Err(ApiError::BadReply(format!(
+                        "no signature is known for {:?}",
+                        self.model
+                    ))),
+                };
+                match checked.and_then(|()| split_outputs(resp.outputs, &sizes)) {
                     Ok(parts) => {
                         for (e, outputs) in self.batch.into_iter().zip(parts) {
                             let _ = e.reply.send(Ok(Served {
@@ -395,7 +402,10 @@ impl Dispatch {
                             }));
                         }
                     }
-                    Err(err) => self.fail(err),
+                    Err(err) => {
+                        tracing::warn!(model = %self.model, batch_id, error = %err, "batch failed");
+                        self.fail(err);
+                    }
                 }
             }
             Err(err) => {

@@ -23,6 +23,9 @@ pub enum ApiError {
     DeadlineExceeded(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A group's rank 0 answered something its model's signature does not allow.
+    #[error("invalid reply from a worker group: {0}")]
+    BadReply(String),
 }
 
 impl ApiError {
@@ -36,6 +39,7 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
             ApiError::Internal(_) => "internal",
+            ApiError::BadReply(_) => "bad_reply",
         }
     }
 
@@ -49,6 +53,7 @@ impl ApiError {
             ApiError::Unavailable(_) => S::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded(_) => S::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => S::INTERNAL_SERVER_ERROR,
+            ApiError::BadReply(_) => S::BAD_GATEWAY,
         }
     }
 
@@ -60,7 +65,7 @@ impl ApiError {
             ApiError::TooLarge(_) | ApiError::QueueFull { .. } => C::ResourceExhausted,
             ApiError::Unavailable(_) => C::Unavailable,
             ApiError::DeadlineExceeded(_) => C::DeadlineExceeded,
-            ApiError::Internal(_) => C::Internal,
+            ApiError::Internal(_) | ApiError::BadReply(_) => C::Internal,
         }
     }
 
@@ -121,6 +126,7 @@ mod tests {
                 tonic::Code::ResourceExhausted,
             ),
             (ApiError::Unavailable("x".into()), 503, tonic::Code::Unavailable),
+            (ApiError::BadReply("x".into()), 502, tonic::Code::Internal),
             (
                 ApiError::DeadlineExceeded("x".into()),
                 504,

@@ -67,9 +67,26 @@ pub fn validate(info: &ModelInfo, mut inputs: Vec<Tensor>) -> Result<ValidReques
 
 fn check_tensor(spec: &TensorSpec, t: &Tensor) -> Result<(), ApiError> {
     let bad = |m: String| Err(ApiError::InvalidInput(m));
+    if t.shape.first() == Some(&0) {
+        return bad(format!("input {:?} is empty: give at least one element", t.name));
+    }
+    let parts = conforms("input", spec, t).map_err(ApiError::InvalidInput)?;
+    // BYTES inputs of Rankway's models are text.
+    for (i, p) in parts.iter().flatten().enumerate() {
+        if let Err(e) = std::str::from_utf8(p) {
+            return bad(format!("input {:?} element {i} is not valid UTF-8: {e}", t.name));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `t` (an input or output, as `role` says) has the datatype and shape `spec`
+/// declares (-1: any size) and data to match; a BYTES tensor's elements, decoded. The
+/// message says what is wrong.
+fn conforms<'a>(role: &str, spec: &TensorSpec, t: &'a Tensor) -> Result<Option<Vec<&'a [u8]>>, String> {
     if t.datatype != spec.datatype {
-        return bad(format!(
-            "input {:?} must be {}, got {}",
+        return Err(format!(
+            "{role} {:?} must be {}, got {}",
             t.name,
             dtype_name(spec.datatype),
             dtype_name(t.datatype)
@@ -81,50 +98,75 @@ fn check_tensor(spec: &TensorSpec, t: &Tensor) -> Result<(), ApiError> {
             .zip(&spec.shape)
             .all(|(&got, &want)| want == -1 || got == want);
     if !fits {
-        return bad(format!(
-            "input {:?} has shape {:?}; expected {:?} where -1 is the batch size",
+        return Err(format!(
+            "{role} {:?} has shape {:?}; expected {:?} where -1 is the batch size",
             t.name, t.shape, spec.shape
         ));
     }
     if t.shape.iter().any(|&d| d < 0) {
-        return bad(format!(
-            "input {:?} has a negative dimension in {:?}",
+        return Err(format!(
+            "{role} {:?} has a negative dimension in {:?}",
             t.name, t.shape
         ));
     }
-    if t.shape.first() == Some(&0) {
-        return bad(format!("input {:?} is empty: give at least one element", t.name));
-    }
-    let elements: i64 = t.shape.iter().product();
+    let elements = t
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d as usize))
+        .ok_or_else(|| format!("{role} {:?}: shape {:?} is too large", t.name, t.shape))?;
     match spec.datatype().element_size() {
         Some(size) => {
-            let want = elements as usize * size;
-            if t.data.len() != want {
-                return bad(format!(
-                    "input {:?} of shape {:?} needs {want} bytes of data, got {}",
+            let want = elements.checked_mul(size);
+            if want != Some(t.data.len()) {
+                return Err(format!(
+                    "{role} {:?} of shape {:?} needs {} bytes of data, got {}",
                     t.name,
                     t.shape,
+                    want.map_or_else(|| "more".to_owned(), |w| w.to_string()),
                     t.data.len()
                 ));
             }
+            Ok(None)
         }
         None => {
-            let parts = decode_bytes_elements(&t.data)
-                .map_err(|e| ApiError::InvalidInput(format!("input {:?}: {e}", t.name)))?;
-            if parts.len() as i64 != elements {
-                return bad(format!(
-                    "input {:?} of shape {:?} holds {} elements, expected {elements}",
+            let parts = decode_bytes_elements(&t.data).map_err(|e| format!("{role} {:?}: {e}", t.name))?;
+            if parts.len() != elements {
+                return Err(format!(
+                    "{role} {:?} of shape {:?} holds {} elements, expected {elements}",
                     t.name,
                     t.shape,
                     parts.len()
                 ));
             }
-            // BYTES inputs of Rankway's models are text.
-            for (i, p) in parts.iter().enumerate() {
-                if let Err(e) = std::str::from_utf8(p) {
-                    return bad(format!("input {:?} element {i} is not valid UTF-8: {e}", t.name));
-                }
-            }
+            Ok(Some(parts))
+        }
+    }
+}
+
+/// Checks a group's answer to a batch of `rows` rows against the model's signature: every
+/// declared output once, of its datatype and shape, `rows` rows, data to match. A reply
+/// that fails is the group's fault (502 / INTERNAL), for that batch only.
+pub fn check_reply(info: &ModelInfo, outputs: &[Tensor], rows: usize) -> Result<(), ApiError> {
+    let bad = |m: String| Err(ApiError::BadReply(m));
+    if outputs.len() != info.outputs.len() {
+        return bad(format!(
+            "{} outputs for model {:?}, which declares {}",
+            outputs.len(),
+            info.name,
+            info.outputs.len()
+        ));
+    }
+    for spec in &info.outputs {
+        let mut named = outputs.iter().filter(|t| t.name == spec.name);
+        let (Some(t), None) = (named.next(), named.next()) else {
+            return bad(format!("output {:?} is missing or repeated", spec.name));
+        };
+        conforms("output", spec, t).map_err(ApiError::BadReply)?;
+        if t.shape.first() != Some(&(rows as i64)) {
+            return bad(format!(
+                "output {:?} has shape {:?} for a batch of {rows} rows",
+                t.name, t.shape
+            ));
         }
     }
     Ok(())
@@ -136,10 +178,11 @@ pub fn text_embedding_io(info: &ModelInfo) -> Result<(&TensorSpec, &TensorSpec),
         .inputs
         .iter()
         .find(|s| s.datatype == DataType::Bytes as i32 && s.shape == [-1]);
+    // [-1, dimension]: one vector per text, of a positive dimension.
     let output = info
         .outputs
         .iter()
-        .find(|s| s.datatype == DataType::Fp32 as i32 && s.shape.len() == 2);
+        .find(|s| s.datatype == DataType::Fp32 as i32 && s.shape.len() == 2 && s.shape[1] > 0);
     match (input, output, info.inputs.len()) {
         (Some(i), Some(o), 1) => Ok((i, o)),
         _ => Err(ApiError::InvalidInput(format!(
@@ -186,6 +229,63 @@ mod tests {
             Err(ApiError::InvalidInput(m)) => m,
             other => panic!("expected InvalidInput, got {other:?}"),
         }
+    }
+
+    fn embedding(shape: Vec<i64>, bytes: usize) -> Tensor {
+        Tensor {
+            name: "embedding".into(),
+            datatype: DataType::Fp32 as i32,
+            shape,
+            data: vec![0; bytes].into(),
+        }
+    }
+
+    fn bad_reply(r: Result<(), ApiError>) -> String {
+        match r {
+            Err(ApiError::BadReply(m)) => m,
+            other => panic!("expected BadReply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn replies_must_match_the_signature() {
+        let i = info();
+        check_reply(&i, &[embedding(vec![2, 384], 2 * 384 * 4)], 2).unwrap();
+        let cases = [
+            (
+                vec![embedding(vec![3, 384], 3 * 384 * 4)],
+                "for a batch of 2 rows",
+            ),
+            (vec![embedding(vec![2, 0], 0)], "expected [-1, 384]"),
+            (
+                vec![embedding(vec![2, 384], 100)],
+                "needs 3072 bytes of data, got 100",
+            ),
+            (vec![embedding(vec![-2, 384], 0)], "negative dimension"),
+            (vec![embedding(vec![i64::MAX, 384], 8)], "too large"),
+            (vec![], "0 outputs"),
+            (
+                vec![embedding(vec![2, 384], 3072), embedding(vec![2, 384], 3072)],
+                "2 outputs",
+            ),
+        ];
+        for (outputs, want) in cases {
+            let m = bad_reply(check_reply(&i, &outputs, 2));
+            assert!(m.contains(want), "{m:?} lacks {want:?}");
+        }
+        let mut renamed = embedding(vec![2, 384], 3072);
+        renamed.name = "other".into();
+        assert!(bad_reply(check_reply(&i, &[renamed], 2)).contains("missing or repeated"));
+        let mut wrong_type = embedding(vec![2, 384], 3072);
+        wrong_type.datatype = DataType::Fp64 as i32;
+        assert!(bad_reply(check_reply(&i, &[wrong_type], 2)).contains("must be FP32, got FP64"));
+    }
+
+    #[test]
+    fn an_embedding_of_no_dimension_is_not_a_text_embedding_model() {
+        let mut i = info();
+        i.outputs[0].shape = vec![-1, 0];
+        assert!(text_embedding_io(&i).is_err());
     }
 
     #[test]

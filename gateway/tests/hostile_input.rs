@@ -1,12 +1,14 @@
 //! Input an attacker controls, reproduced against the real binaries: names a client makes
-//! up never become metric series or whole log lines.
+//! up never become metric series or whole log lines; a rank 0 whose replies break its
+//! model's signature fails only its own batches.
 
 use rankway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use rankway_proto::inference::{ModelInferRequest, ModelInferResponse};
 use serde_json::{Value, json};
 use tonic::Code;
 
-use crate::common::{Gateway, Worker, get_json};
+use crate::common::{Gateway, Worker, fake_worker, get_json, grpc_text};
+use rankway_proto::codec::encode_bytes_elements;
 
 /// Every made-up name carries this, so /metrics and the log can be searched for it.
 const MARK: &str = "madeup";
@@ -138,4 +140,41 @@ async fn made_up_names_never_become_metric_series_or_whole_log_lines() {
     let ready = get_json(&http, &gateway.url("/v2/models/mlp")).await;
     assert_eq!(ready["name"], "mlp");
     assert!(gateway.proc.is_running());
+}
+
+#[tokio::test]
+async fn replies_that_break_the_signature_fail_their_batch_with_502() {
+    let fake = fake_worker::start().await;
+    let gateway = Gateway::start_addrs(&[fake.to_string()], &[]);
+    gateway.wait_model_ready("fake").await;
+    let http = reqwest::Client::new();
+    let mut grpc = gateway.grpc_client().await;
+    let embed = |text: &str| {
+        http.post(gateway.url("/v1/embeddings"))
+            .json(&json!({"model": "fake", "input": text}))
+            .send()
+    };
+    for text in ["zero-dim", "short", "rows"] {
+        let r = embed(text).await.unwrap();
+        assert_eq!(r.status(), 502, "{text}");
+        let body: Value = r.json().await.unwrap();
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("invalid reply from a worker group"), "{text}: {msg}");
+        let r = http
+            .post(gateway.url("/v2/models/fake/infer"))
+            .json(&json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502, "{text}");
+        let mut req = grpc_text(vec![1], "BYTES", encode_bytes_elements(&[text]));
+        req.model_name = "fake".into();
+        let err = grpc.model_infer(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal, "{text}: {err:?}");
+    }
+    // The gateway is up and the group still takes batches: a good reply goes through.
+    let r = embed("fine").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["data"][0]["embedding"], json!([0.5, 0.5, 0.5, 0.5]));
 }

@@ -2,6 +2,7 @@
 //! binaries on loopback (port 0, addresses read back from their JSON logs) and stops
 //! them when dropped.
 
+pub mod fake_worker;
 pub mod otlp;
 
 use std::io::{BufRead, BufReader};
