@@ -3,6 +3,24 @@
 
 use std::time::Duration;
 
+/// Longest piece of a client's value an error message quotes.
+const SHOWN_CHARS: usize = 64;
+
+/// A client's value as an error message may quote it: at most 64 characters, escaped
+/// (no newline or terminal escape reaches a log line), marked when cut.
+pub fn shown(value: &str) -> String {
+    let mut out: String = value
+        .chars()
+        .take(SHOWN_CHARS)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if value.chars().nth(SHOWN_CHARS).is_some() {
+        out.push('…');
+    }
+    format!("\"{out}\"")
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     #[error("unknown model {0:?}")]

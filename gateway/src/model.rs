@@ -5,7 +5,7 @@
 use rankway_proto::codec::decode_bytes_elements;
 use rankway_proto::worker::{DataType, ModelInfo, Tensor, TensorSpec};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, shown};
 
 /// A request that passed validation: inputs in the model's order, and its row count.
 #[derive(Debug, Clone)]
@@ -25,12 +25,13 @@ pub fn validate(info: &ModelInfo, mut inputs: Vec<Tensor>) -> Result<ValidReques
         if !info.inputs.iter().any(|s| s.name == t.name) {
             let names: Vec<_> = info.inputs.iter().map(|s| s.name.as_str()).collect();
             return bad(format!(
-                "model {:?} has no input {:?}; its inputs are {names:?}",
-                info.name, t.name
+                "model {:?} has no input {}; its inputs are {names:?}",
+                info.name,
+                shown(&t.name)
             ));
         }
         if inputs.iter().filter(|o| o.name == t.name).count() > 1 {
-            return bad(format!("input {:?} is given more than once", t.name));
+            return bad(format!("input {} is given more than once", shown(&t.name)));
         }
     }
     let mut ordered = Vec::with_capacity(info.inputs.len());

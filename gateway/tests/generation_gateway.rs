@@ -251,12 +251,12 @@ async fn bad_generation_requests_get_a_400_naming_the_problem() {
         (
             "/v2/models/smollm2/generate",
             json!({"text_input": "hi", "parameters": {"beam": 2}}),
-            "unknown field `beam`",
+            "unknown field \"beam\"",
         ),
         (
             "/v2/models/smollm2/generate",
             json!({"text_input": "hi", "max_tokens": 2}),
-            "unknown input 'max_tokens'",
+            "unknown input \"max_tokens\"",
         ),
         (
             "/v2/models/smollm2/generate",

@@ -178,3 +178,73 @@ async fn replies_that_break_the_signature_fail_their_batch_with_502() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["data"][0]["embedding"], json!([0.5, 0.5, 0.5, 0.5]));
 }
+
+#[tokio::test]
+async fn request_values_stay_out_of_answers_and_logs_and_ids_cannot_forge_lines() {
+    const SECRET: &str = "SSN 123-45-6789";
+    let worker = Worker::start_rank(
+        &[("RUST_LOG", "info,rankway_worker=debug".into())],
+        &["--model=mlp", "--mlp-hidden=16", "--mlp-layers=1"],
+    );
+    let gateway = Gateway::start(&[&worker], &[]);
+    gateway.wait_model_ready("mlp").await;
+    let http = reqwest::Client::new();
+    // Wrong types where serde_json would quote the value it found.
+    for (path, body) in [
+        (
+            "/v1/embeddings",
+            json!({"model": "mlp", "input": "x", "dimensions": SECRET}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "mlp", "messages": [], "max_tokens": SECRET}),
+        ),
+        (
+            "/v2/models/mlp/infer",
+            json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [SECRET]}]}),
+        ),
+        (
+            "/v2/models/mlp/infer",
+            json!({"inputs": [{"name": "input", "shape": SECRET, "datatype": "FP32", "data": []}]}),
+        ),
+    ] {
+        let r = http.post(gateway.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{path} {body}");
+        let text = r.text().await.unwrap();
+        assert!(
+            !text.contains("123-45"),
+            "{path}: the answer repeats the value: {text}"
+        );
+    }
+    assert!(gateway.proc.log_text().contains("request failed"));
+    assert!(
+        !gateway.proc.log_text().contains("123-45"),
+        "the gateway logged the value"
+    );
+
+    // Straight at rank 0, ids the gateway would have replaced.
+    let mut client = worker.client().await;
+    let values: Vec<f32> = vec![0.5; 16];
+    let req = rankway_proto::worker::InferRequest {
+        batch_id: 7,
+        model: "mlp".into(),
+        inputs: vec![rankway_proto::worker::Tensor {
+            name: "input".into(),
+            datatype: rankway_proto::worker::DataType::Fp32 as i32,
+            shape: vec![1, 16],
+            data: values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        }],
+        request_ids: vec!["ok-1".into(), "evil\nFORGED level=ERROR \u{1b}[31m".into()],
+    };
+    client.infer(req).await.unwrap();
+    let log = worker.proc.log_text();
+    assert!(
+        log.contains(r#""request_ids":"ok-1,-""#),
+        "the batch's line names its ids"
+    );
+    assert!(!log.contains("FORGED"), "an id wrote into the worker log");
+}

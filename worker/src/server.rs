@@ -96,6 +96,33 @@ fn wrong_kind(stats: &EngineStats, want: &str) -> Status {
     Status::invalid_argument(format!("{name} does not serve {want}"))
 }
 
+/// A request id as it may go into a log line: the gateway's (1..=128 visible ASCII
+/// characters), else "-". Rank 0 checks again what the gateway checked: a client that
+/// reaches the worker port directly must not write a newline or a terminal escape into
+/// the log.
+fn loggable_id(id: &str) -> &str {
+    if (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()) {
+        id
+    } else {
+        "-"
+    }
+}
+
+/// A batch's request ids for its log lines: each through [`loggable_id`], at most
+/// [`LOGGED_IDS`] of them.
+fn loggable_ids(ids: &[String]) -> String {
+    let mut out: Vec<&str> = ids.iter().take(LOGGED_IDS).map(|id| loggable_id(id)).collect();
+    let more = ids.len().saturating_sub(LOGGED_IDS);
+    let more = format!("+{more} more");
+    if ids.len() > LOGGED_IDS {
+        out.push(&more);
+    }
+    out.join(",")
+}
+
+/// Request ids one log line names at most (a batch holds up to `--max-batch-size` rows).
+const LOGGED_IDS: usize = 64;
+
 #[tonic::async_trait]
 impl Worker for WorkerService {
     type GenerateStream = GenerateStream;
@@ -109,13 +136,7 @@ impl Worker for WorkerService {
         };
         let deadline = rankway_proto::grpc_timeout(request.metadata()).map_err(Status::invalid_argument)?;
         let (metadata, _, req) = request.into_parts();
-        // The gateway's id, if it is one (1..=128 visible ASCII): it goes into log lines.
-        let id = &req.request_id;
-        let request_id = if (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()) {
-            id.as_str()
-        } else {
-            "-"
-        };
+        let request_id = loggable_id(&req.request_id);
         let span = tracing::info_span!("rank0.Generate", otel.kind = "server", group = %self.group, rank = 0, request_id);
         telemetry::set_parent(&span, telemetry::extract(&metadata.into_headers()));
         if let Some(name) = self.engine.stats().signature().map(|s| &s.name)
@@ -139,7 +160,7 @@ impl Worker for WorkerService {
         };
         let (metadata, _, req) = request.into_parts();
         // The gateway's request ids: every log line of the batch names its requests.
-        let request_ids = req.request_ids.join(",");
+        let request_ids = loggable_ids(&req.request_ids);
         // A child of the gateway's call, through `traceparent` in the metadata.
         let span = tracing::info_span!(
             "rank0.Infer",
@@ -249,5 +270,24 @@ pub async fn track_health(
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             _ = stop.changed() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_cannot_forge_log_lines() {
+        assert_eq!(loggable_id("abc-123"), "abc-123");
+        for bad in ["", "a\nFAKE LINE", "\u{1b}[31mred", "spa ce", &"x".repeat(129)] {
+            assert_eq!(loggable_id(bad), "-", "{bad:?}");
+        }
+        let ids: Vec<String> = (0..100)
+            .map(|i| if i == 1 { "x\ny".into() } else { format!("r{i}") })
+            .collect();
+        let shown = loggable_ids(&ids);
+        assert!(shown.starts_with("r0,-,r2,"), "{shown}");
+        assert!(shown.ends_with(",r63,+36 more"), "{shown}");
     }
 }

@@ -496,7 +496,7 @@ mod tests {
             .unwrap()
             .clone();
         let err = Common::take(&mut body).unwrap_err().to_string();
-        assert!(err.starts_with("'max_tokens': invalid type"), "{err}");
+        assert!(err.starts_with("'max_tokens': wrong type, expected u32"), "{err}");
         let Prompt::Chat(m) = parse(json!([
             {"role": "developer", "content": "be brief"},
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}

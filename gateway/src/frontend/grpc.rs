@@ -22,7 +22,7 @@ use rankway_proto::worker::{DataType, Tensor, TensorSpec};
 use tonic::{Request, Response, Status};
 
 use super::grpc_generate;
-use crate::error::ApiError;
+use crate::error::{ApiError, shown};
 use crate::request_id::{RequestId, WorkerTime};
 use crate::state::{Gateway, InferCall};
 
@@ -86,7 +86,11 @@ fn to_tensors(inputs: Vec<InferInputTensor>, raw: Vec<bytes::Bytes>) -> Result<V
         .into_iter()
         .map(|i| {
             let dtype = DataType::from_oip_name(&i.datatype).ok_or_else(|| {
-                ApiError::InvalidInput(format!("input {:?}: unknown datatype {:?}", i.name, i.datatype))
+                ApiError::InvalidInput(format!(
+                    "input {}: unknown datatype {}",
+                    shown(&i.name),
+                    shown(&i.datatype)
+                ))
             })?;
             let data = match (raw.next(), i.contents) {
                 (Some(_), Some(_)) => {

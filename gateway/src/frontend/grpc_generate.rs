@@ -176,8 +176,8 @@ pub fn text_input(req: &ModelInferRequest) -> Result<Vec<u8>, ApiError> {
     }
     if req.inputs[i].datatype != "BYTES" {
         return Err(invalid(format!(
-            "'{TEXT_INPUT}' must be BYTES, got {:?}",
-            req.inputs[i].datatype
+            "'{TEXT_INPUT}' must be BYTES, got {}",
+            crate::error::shown(&req.inputs[i].datatype)
         )));
     }
     if let Some(raw) = req.raw_input_contents.get(i) {

@@ -12,7 +12,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, shown};
 use crate::request_id::RequestId;
 use crate::state::Gateway;
 
@@ -48,7 +48,49 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
             ApiError::InvalidInput(rej.body_text())
         }
     })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidInput(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidInput(format!("invalid JSON body: {}", json_error(&e))))
+}
+
+/// What is wrong with a JSON body, without the values it holds: serde_json quotes the
+/// offending value ("invalid type: string \"...\", expected f32"), which would send a
+/// client's data back in the answer and into the log. An unknown field's name is quoted
+/// through [`shown`]; the schema's own words (expected types, missing fields) are kept.
+pub fn json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    // Parsed from a `Value` there is no position.
+    let at = match e.line() {
+        0 => String::new(),
+        line => format!(" at line {line} column {}", e.column()),
+    };
+    match e.classify() {
+        Category::Syntax => format!("malformed JSON{at}"),
+        Category::Eof => format!("the JSON ends early{at}"),
+        Category::Io => format!("unreadable body{at}"),
+        Category::Data => {
+            let text = e.to_string();
+            let text = text.strip_suffix(at.as_str()).unwrap_or(&text);
+            let expected = text.split_once(", expected ").map(|(_, x)| x);
+            let named = |prefix: &str| {
+                let rest = text.strip_prefix(prefix)?.strip_prefix('`')?;
+                Some(rest.split_once('`')?.0.to_owned())
+            };
+            let what = if text.starts_with("invalid type: ") {
+                format!("wrong type, expected {}", expected.unwrap_or("another type"))
+            } else if text.starts_with("invalid value: ") {
+                format!("wrong value, expected {}", expected.unwrap_or("another value"))
+            } else if let Some(name) = named("unknown field ") {
+                format!("unknown field {}", shown(&name))
+            } else if text.starts_with("unknown variant ") {
+                format!("unknown value, expected {}", expected.unwrap_or("another"))
+            } else if text.starts_with("missing field ") || text.starts_with("invalid length ") {
+                text.to_owned()
+            } else {
+                "a value does not fit the request's schema".to_owned()
+            };
+            format!("{what}{at}")
+        }
+    }
 }
 
 /// What every JSON route takes: the body as `T` (within `--max-request-bytes`), the
@@ -101,7 +143,7 @@ pub fn field<T: serde::de::DeserializeOwned>(
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(v) => serde_json::from_value(v)
             .map(Some)
-            .map_err(|e| ApiError::InvalidInput(format!("'{name}': {e}"))),
+            .map_err(|e| ApiError::InvalidInput(format!("'{name}': {}", json_error(&e)))),
     }
 }
 
@@ -128,7 +170,8 @@ pub fn rest_timeout(headers: &http::HeaderMap) -> Result<Option<Duration>, ApiEr
         .filter(|s| s.is_finite() && *s > 0.0)
         .ok_or_else(|| {
             ApiError::InvalidInput(format!(
-                "Request-Timeout must be a positive number of seconds, got {v:?}"
+                "Request-Timeout must be a positive number of seconds, got {}",
+                shown(&String::from_utf8_lossy(v.as_bytes()))
             ))
         })?;
     Ok(Some(Duration::from_secs_f64(secs.min(1e9))))
@@ -137,6 +180,57 @@ pub fn rest_timeout(headers: &http::HeaderMap) -> Result<Option<Duration>, ApiEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        model: String,
+        dims: Vec<f32>,
+        mode: Option<Mode>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    enum Mode {
+        Fast,
+    }
+
+    fn error_of(json: &str) -> String {
+        json_error(&serde_json::from_str::<Body>(json).unwrap_err())
+    }
+
+    #[test]
+    fn json_errors_say_what_is_wrong_without_the_values() {
+        let secret = "SSN 123-45-6789";
+        let cases = [
+            (
+                format!(r#"{{"model": "m", "dims": ["{secret}"]}}"#),
+                "wrong type, expected f32 at line 1 column",
+            ),
+            (
+                format!(r#"{{"model": 5, "dims": [], "x": "{secret}"}}"#),
+                "wrong type, expected a string",
+            ),
+            (
+                format!(r#"{{"model": "m", "dims": [], "mode": "{secret}"}}"#),
+                "unknown value, expected `Fast`",
+            ),
+            (
+                r#"{"model": "m", "dims": [], "extra\n\u001b[31m": 1}"#.to_owned(),
+                r#"unknown field "extra\n\u{1b}[31m""#,
+            ),
+            (r#"{"dims": []}"#.to_owned(), "missing field `model`"),
+            (format!(r#"{{"model": "{secret}""#), "the JSON ends early"),
+            (format!(r#"{{"model": "{secret}" x"#), "malformed JSON at line 1"),
+        ];
+        for (json, want) in cases {
+            let got = error_of(&json);
+            assert!(got.contains(want), "{json}: {got:?} lacks {want:?}");
+            assert!(!got.contains("123-45"), "{json}: {got:?} repeats the value");
+        }
+        let long = format!(r#"{{"model": "m", "dims": [], "{}": 1}}"#, "k".repeat(10_000));
+        assert!(error_of(&long).len() < 120, "{}", error_of(&long));
+    }
 
     #[test]
     fn request_timeout_parses() {

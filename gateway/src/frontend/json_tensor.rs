@@ -5,7 +5,7 @@ use rankway_proto::worker::{DataType, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, shown};
 
 /// One input of an OIP JSON request; `parameters` are accepted and ignored.
 #[derive(Debug, Deserialize)]
@@ -46,8 +46,13 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
 pub fn input_to_tensor(input: JsonInput) -> Result<Tensor, ApiError> {
     let bad = |m: String| ApiError::InvalidInput(m);
     let name = input.name;
-    let dtype = DataType::from_oip_name(&input.datatype)
-        .ok_or_else(|| bad(format!("input {name:?}: unknown datatype {:?}", input.datatype)))?;
+    let dtype = DataType::from_oip_name(&input.datatype).ok_or_else(|| {
+        bad(format!(
+            "input {}: unknown datatype {}",
+            shown(&name),
+            shown(&input.datatype)
+        ))
+    })?;
     let mut values = Vec::new();
     flatten(&input.data, &mut values);
     let expected: i64 = input.shape.iter().product();

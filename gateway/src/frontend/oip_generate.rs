@@ -17,9 +17,9 @@ use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::http::{AppState, JsonRequest, field, required};
+use super::http::{AppState, JsonRequest, field, json_error, required};
 use super::rest::OipError;
-use crate::error::ApiError;
+use crate::error::{ApiError, shown};
 use crate::request_id::RequestId;
 use crate::state::generate::{GenerateCall, Generation, Prompt};
 
@@ -54,15 +54,15 @@ fn call(
     let text_input: String = required(&mut body, "text_input")?;
     let parameters: Option<Map<String, Value>> = field(&mut body, "parameters")?;
     if let Some(name) = body.keys().find(|k| k.as_str() != "id") {
-        let shown: String = name.chars().take(64).collect();
         return Err(ApiError::InvalidInput(format!(
-            "unknown input '{shown}': this model takes text_input (sampling goes in 'parameters')"
+            "unknown input {}: this model takes text_input (sampling goes in 'parameters')",
+            shown(name)
         )));
     }
     let params: Parameters = match parameters {
         None => Parameters::default(),
         Some(map) => serde_json::from_value(Value::Object(map))
-            .map_err(|e| ApiError::InvalidInput(format!("'parameters': {e}")))?,
+            .map_err(|e| ApiError::InvalidInput(format!("'parameters': {}", json_error(&e))))?,
     };
     if params.stream == Some(!streamed) {
         return Err(ApiError::InvalidInput(format!(

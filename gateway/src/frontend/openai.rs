@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::http::{AppState, JsonRequest, finish_error};
-use crate::error::ApiError;
+use crate::error::{ApiError, shown};
 use crate::model::text_embedding_io;
 use crate::request_id::WorkerTime;
 use crate::state::InferCall;
@@ -117,7 +117,8 @@ pub async fn embeddings(
         Some("base64") => true,
         Some(other) => {
             return Err(ApiError::InvalidInput(format!(
-                "'encoding_format' must be \"float\" or \"base64\", got {other:?}"
+                "'encoding_format' must be \"float\" or \"base64\", got {}",
+                shown(other)
             ))
             .into());
         }
