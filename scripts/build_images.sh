@@ -8,7 +8,8 @@
 #   3. podman build of deploy/docker/{gateway,worker}.Dockerfile.
 #   4. Smoke run: a MiniLM worker, a SmolLM2 worker (the GGUF path deploy/groups/chat
 #      gives) and the gateway containers (read-only root, non-root user, host network on
-#      loopback) answer one embedding and one chat completion; all stop cleanly on SIGTERM.
+#      loopback) answer one embedding and one chat completion, log JSON lines, and all
+#      stop cleanly on SIGTERM.
 # Needs: the release binaries (make build) and scripts/setup.sh done. Installs podman,
 # runc and debootstrap with apt when missing.
 set -euo pipefail
@@ -94,6 +95,11 @@ text = r["choices"][0]["message"]["content"]
 assert r["usage"]["completion_tokens"] > 0 and text, r
 print(f"build_images: chat completion from the containers: {text!r}", file=sys.stderr)
 ' || { podman logs rankway-smoke-chat | tail -20 >&2; log "FAILED: no chat completion"; exit 1; }
+# The images log JSON by default: every line of each container's log is an object.
+for c in "${SMOKE[@]}"; do
+  podman logs "$c" 2>&1 | .venv/bin/python -c 'import json, sys; [json.loads(l) for l in sys.stdin if l.strip()]' ||
+    { log "FAILED: $c does not log JSON lines"; exit 1; }
+done
 for c in "${SMOKE[@]}"; do
   podman stop -t 30 "$c" >/dev/null
   code=$(podman inspect -f '{{.State.ExitCode}}' "$c")

@@ -4,6 +4,8 @@
 ARG BASE=docker.io/library/debian:bookworm-slim
 FROM ${BASE}
 COPY bin/rankway-gateway /usr/local/bin/rankway-gateway
+# Containers log JSON, one object per line (`-e RANKWAY_LOG_FORMAT=text` for people).
+ENV RANKWAY_LOG_FORMAT=json
 USER 65532:65532
 EXPOSE 8000 8001
 ENTRYPOINT ["/usr/local/bin/rankway-gateway"]

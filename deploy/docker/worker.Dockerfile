@@ -8,8 +8,10 @@ FROM ${BASE}
 COPY lib/ /opt/rankway/lib/
 COPY models/ /opt/rankway/models/
 COPY bin/rankway-worker /usr/local/bin/rankway-worker
+# Containers log JSON, one object per line (`-e RANKWAY_LOG_FORMAT=text` for people).
 ENV LD_LIBRARY_PATH=/opt/rankway/lib \
-    RANKWAY_MODEL_DIR=/opt/rankway/models/minilm
+    RANKWAY_MODEL_DIR=/opt/rankway/models/minilm \
+    RANKWAY_LOG_FORMAT=json
 USER 65532:65532
 EXPOSE 9000 29500
 ENTRYPOINT ["/usr/local/bin/rankway-worker"]
