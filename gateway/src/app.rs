@@ -99,7 +99,8 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(
         Gateway::new(pool.clone(), metrics.clone(), cfg.batch(), cfg.request_timeout)
-            .with_max_waiting_generations(cfg.max_waiting_generations as usize),
+            .with_max_waiting_generations(cfg.max_waiting_generations as usize)
+            .with_max_text_bytes(cfg.max_text_bytes),
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

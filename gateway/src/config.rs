@@ -66,6 +66,12 @@ pub struct Config {
     /// Largest request body (REST) or message (gRPC), in bytes (413 / RESOURCE_EXHAUSTED).
     #[arg(long, env = "RANKWAY_MAX_REQUEST_BYTES", default_value_t = 8 << 20)]
     pub max_request_bytes: usize,
+    /// Longest text of an embedding request, in bytes (413 / RESOURCE_EXHAUSTED), checked
+    /// before it is queued. MiniLM reads a text's first 256 tokens (about 1 KiB of
+    /// English): the default leaves room for any such text and bounds what a rank
+    /// tokenizes. Rank 0 has the same limit (`rankway-worker serve --max-text-bytes`).
+    #[arg(long, env = "RANKWAY_MAX_TEXT_BYTES", default_value_t = rankway_proto::DEFAULT_MAX_TEXT_BYTES)]
+    pub max_text_bytes: usize,
     /// Deadline of a request that does not set one.
     #[arg(long, env = "RANKWAY_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub request_timeout: Duration,

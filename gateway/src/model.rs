@@ -19,7 +19,11 @@ fn dtype_name(code: i32) -> &'static str {
 }
 
 /// Checks `inputs` against the model's signature and orders them as the model lists them.
-pub fn validate(info: &ModelInfo, mut inputs: Vec<Tensor>) -> Result<ValidRequest, ApiError> {
+pub fn validate(
+    info: &ModelInfo,
+    mut inputs: Vec<Tensor>,
+    max_text_bytes: usize,
+) -> Result<ValidRequest, ApiError> {
     let bad = |m: String| Err(ApiError::InvalidInput(m));
     for t in &inputs {
         if !info.inputs.iter().any(|s| s.name == t.name) {
@@ -41,7 +45,7 @@ pub fn validate(info: &ModelInfo, mut inputs: Vec<Tensor>) -> Result<ValidReques
             return bad(format!("missing input {:?} of model {:?}", spec.name, info.name));
         };
         let t = inputs.swap_remove(pos);
-        check_tensor(spec, &t)?;
+        check_tensor(spec, &t, max_text_bytes)?;
         match rows {
             Some(r) if r != t.shape[0] => {
                 return bad(format!(
@@ -66,14 +70,21 @@ pub fn validate(info: &ModelInfo, mut inputs: Vec<Tensor>) -> Result<ValidReques
     })
 }
 
-fn check_tensor(spec: &TensorSpec, t: &Tensor) -> Result<(), ApiError> {
+fn check_tensor(spec: &TensorSpec, t: &Tensor, max_text_bytes: usize) -> Result<(), ApiError> {
     let bad = |m: String| Err(ApiError::InvalidInput(m));
     if t.shape.first() == Some(&0) {
         return bad(format!("input {:?} is empty: give at least one element", t.name));
     }
     let parts = conforms("input", spec, t).map_err(ApiError::InvalidInput)?;
-    // BYTES inputs of Rankway's models are text.
+    // BYTES inputs of Rankway's models are text, of a bounded length.
     for (i, p) in parts.iter().flatten().enumerate() {
+        if p.len() > max_text_bytes {
+            return Err(ApiError::TooLarge(format!(
+                "input {:?} element {i} is {} bytes; texts of at most {max_text_bytes} bytes are accepted",
+                t.name,
+                p.len()
+            )));
+        }
         if let Err(e) = std::str::from_utf8(p) {
             return bad(format!("input {:?} element {i} is not valid UTF-8: {e}", t.name));
         }
@@ -198,6 +209,11 @@ mod tests {
     use super::*;
     use rankway_proto::codec::encode_bytes_elements;
 
+    /// [`validate`] with texts of at most 1 KiB.
+    fn check(info: &ModelInfo, inputs: Vec<Tensor>) -> Result<ValidRequest, ApiError> {
+        validate(info, inputs, 1024)
+    }
+
     fn info() -> ModelInfo {
         ModelInfo {
             name: "minilm".into(),
@@ -290,42 +306,47 @@ mod tests {
     }
 
     #[test]
+    fn texts_over_the_limit_are_too_large() {
+        let long = "é".repeat(513);
+        match check(
+            &info(),
+            vec![text(vec![2], encode_bytes_elements(&["a", long.as_str()]))],
+        ) {
+            Err(ApiError::TooLarge(m)) => assert!(m.contains("element 1 is 1026 bytes"), "{m}"),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn accepts_a_good_request() {
-        let v = validate(&info(), vec![text(vec![2], encode_bytes_elements(&["a", "b"]))]).unwrap();
+        let v = check(&info(), vec![text(vec![2], encode_bytes_elements(&["a", "b"]))]).unwrap();
         assert_eq!(v.rows, 2);
     }
 
     #[test]
     fn rejects_each_kind_of_bad_input() {
         let i = info();
-        assert!(err(validate(&i, vec![])).contains("missing input \"text\""));
+        assert!(err(check(&i, vec![])).contains("missing input \"text\""));
         let mut wrong_type = text(vec![1], vec![0; 4]);
         wrong_type.datatype = DataType::Fp32 as i32;
-        assert!(err(validate(&i, vec![wrong_type])).contains("must be BYTES, got FP32"));
+        assert!(err(check(&i, vec![wrong_type])).contains("must be BYTES, got FP32"));
+        assert!(err(check(&i, vec![text(vec![1, 1], encode_bytes_elements(&["a"]))])).contains("shape"));
+        assert!(err(check(&i, vec![text(vec![0], vec![])])).contains("empty"));
         assert!(
-            err(validate(
-                &i,
-                vec![text(vec![1, 1], encode_bytes_elements(&["a"]))]
-            ))
-            .contains("shape")
-        );
-        assert!(err(validate(&i, vec![text(vec![0], vec![])])).contains("empty"));
-        assert!(
-            err(validate(&i, vec![text(vec![2], encode_bytes_elements(&["a"]))]))
-                .contains("holds 1 elements")
+            err(check(&i, vec![text(vec![2], encode_bytes_elements(&["a"]))])).contains("holds 1 elements")
         );
         assert!(
-            err(validate(
+            err(check(
                 &i,
                 vec![text(vec![1], encode_bytes_elements(&[&[0xff, 0xfe][..]]))]
             ))
             .contains("UTF-8")
         );
         let five = encode_bytes_elements(&["a"; 5]);
-        assert!(err(validate(&i, vec![text(vec![5], five)])).contains("at most 4"));
+        assert!(err(check(&i, vec![text(vec![5], five)])).contains("at most 4"));
         let mut unknown = text(vec![1], encode_bytes_elements(&["a"]));
         unknown.name = "txt".into();
-        assert!(err(validate(&i, vec![unknown])).contains("no input \"txt\""));
+        assert!(err(check(&i, vec![unknown])).contains("no input \"txt\""));
     }
 
     #[test]

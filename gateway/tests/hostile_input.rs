@@ -9,9 +9,39 @@ use tonic::Code;
 
 use crate::common::{Gateway, Worker, fake_worker, get_json, grpc_text};
 use rankway_proto::codec::encode_bytes_elements;
+use rankway_proto::worker::{DataType, InferRequest, Tensor};
 
 /// Every made-up name carries this, so /metrics and the log can be searched for it.
 const MARK: &str = "madeup";
+
+async fn post(gateway: &Gateway, path: &str, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(gateway.url(path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A batch of one input as the gateway would send it to rank 0.
+fn batch(
+    model: &str,
+    (name, datatype, shape): (&str, DataType, Vec<i64>),
+    data: Vec<u8>,
+    request_ids: Vec<String>,
+) -> InferRequest {
+    InferRequest {
+        batch_id: 1,
+        model: model.into(),
+        inputs: vec![Tensor {
+            name: name.into(),
+            datatype: datatype as i32,
+            shape,
+            data: data.into(),
+        }],
+        request_ids,
+    }
+}
 
 async fn metrics(gateway: &Gateway) -> String {
     reqwest::get(gateway.url("/metrics"))
@@ -38,7 +68,6 @@ async fn infer_refused(
 /// One round of requests naming `n` models no group serves, over every front end, and
 /// calling `n` gRPC methods the gateway does not have.
 async fn unknown_names(gateway: &Gateway, round: usize, n: usize) {
-    let http = reqwest::Client::new();
     let mut grpc = gateway.grpc_client().await;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", gateway.grpc))
         .unwrap()
@@ -48,12 +77,12 @@ async fn unknown_names(gateway: &Gateway, round: usize, n: usize) {
     let mut raw = tonic::client::Grpc::new(channel);
     for i in 0..n {
         let name = format!("{MARK}-{round}-{i}");
-        let oip = http
-            .post(gateway.url(&format!("/v2/models/{name}/infer")))
-            .json(&json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": vec![0.0; 16]}]}))
-            .send()
-            .await
-            .unwrap();
+        let oip = post(
+            gateway,
+            &format!("/v2/models/{name}/infer"),
+            json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": vec![0.0; 16]}]}),
+        )
+        .await;
         assert_eq!(oip.status(), 404);
         for (path, body) in [
             ("/v1/embeddings", json!({"model": name, "input": "x"})),
@@ -62,7 +91,7 @@ async fn unknown_names(gateway: &Gateway, round: usize, n: usize) {
                 json!({"model": name, "messages": [{"role": "user", "content": "x"}]}),
             ),
         ] {
-            let r = http.post(gateway.url(path)).json(&body).send().await.unwrap();
+            let r = post(gateway, path, body).await;
             assert_eq!(r.status(), 404, "{path}");
         }
         assert_eq!(infer_refused(&mut grpc, &name).await.code(), Code::NotFound);
@@ -105,12 +134,7 @@ async fn made_up_names_never_become_metric_series_or_whole_log_lines() {
     // A huge name is refused before it is looked up, and never repeated.
     let huge = format!("{MARK}-{}", "x".repeat(1 << 20));
     let http = reqwest::Client::new();
-    let r = http
-        .post(gateway.url("/v1/embeddings"))
-        .json(&json!({"model": huge, "input": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gateway, "/v1/embeddings", json!({"model": huge, "input": "x"})).await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     let msg = body["error"]["message"].as_str().unwrap();
@@ -119,12 +143,12 @@ async fn made_up_names_never_become_metric_series_or_whole_log_lines() {
     let err = infer_refused(&mut grpc, &huge).await;
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().len() < 200, "{}", err.message());
-    let r = http
-        .post(gateway.url(&format!("/v2/models/{}/infer", &huge[..60_000])))
-        .json(&json!({"inputs": []}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &gateway,
+        &format!("/v2/models/{}/infer", &huge[..60_000]),
+        json!({"inputs": []}),
+    )
+    .await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("at most 256"), "{body}");
@@ -147,25 +171,22 @@ async fn replies_that_break_the_signature_fail_their_batch_with_502() {
     let fake = fake_worker::start().await;
     let gateway = Gateway::start_addrs(&[fake.to_string()], &[]);
     gateway.wait_model_ready("fake").await;
-    let http = reqwest::Client::new();
     let mut grpc = gateway.grpc_client().await;
     let embed = |text: &str| {
-        http.post(gateway.url("/v1/embeddings"))
-            .json(&json!({"model": "fake", "input": text}))
-            .send()
+        post(
+            &gateway,
+            "/v1/embeddings",
+            json!({"model": "fake", "input": text}),
+        )
     };
     for text in ["zero-dim", "short", "rows"] {
-        let r = embed(text).await.unwrap();
+        let r = embed(text).await;
         assert_eq!(r.status(), 502, "{text}");
         let body: Value = r.json().await.unwrap();
         let msg = body["error"]["message"].as_str().unwrap();
         assert!(msg.contains("invalid reply from a worker group"), "{text}: {msg}");
-        let r = http
-            .post(gateway.url("/v2/models/fake/infer"))
-            .json(&json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}))
-            .send()
-            .await
-            .unwrap();
+        let inputs = json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]});
+        let r = post(&gateway, "/v2/models/fake/infer", inputs).await;
         assert_eq!(r.status(), 502, "{text}");
         let mut req = grpc_text(vec![1], "BYTES", encode_bytes_elements(&[text]));
         req.model_name = "fake".into();
@@ -173,7 +194,7 @@ async fn replies_that_break_the_signature_fail_their_batch_with_502() {
         assert_eq!(err.code(), Code::Internal, "{text}: {err:?}");
     }
     // The gateway is up and the group still takes batches: a good reply goes through.
-    let r = embed("fine").await.unwrap();
+    let r = embed("fine").await;
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["data"][0]["embedding"], json!([0.5, 0.5, 0.5, 0.5]));
@@ -188,7 +209,6 @@ async fn request_values_stay_out_of_answers_and_logs_and_ids_cannot_forge_lines(
     );
     let gateway = Gateway::start(&[&worker], &[]);
     gateway.wait_model_ready("mlp").await;
-    let http = reqwest::Client::new();
     // Wrong types where serde_json would quote the value it found.
     for (path, body) in [
         (
@@ -208,7 +228,7 @@ async fn request_values_stay_out_of_answers_and_logs_and_ids_cannot_forge_lines(
             json!({"inputs": [{"name": "input", "shape": SECRET, "datatype": "FP32", "data": []}]}),
         ),
     ] {
-        let r = http.post(gateway.url(path)).json(&body).send().await.unwrap();
+        let r = post(&gateway, path, body.clone()).await;
         assert_eq!(r.status(), 400, "{path} {body}");
         let text = r.text().await.unwrap();
         assert!(
@@ -225,21 +245,9 @@ async fn request_values_stay_out_of_answers_and_logs_and_ids_cannot_forge_lines(
     // Straight at rank 0, ids the gateway would have replaced.
     let mut client = worker.client().await;
     let values: Vec<f32> = vec![0.5; 16];
-    let req = rankway_proto::worker::InferRequest {
-        batch_id: 7,
-        model: "mlp".into(),
-        inputs: vec![rankway_proto::worker::Tensor {
-            name: "input".into(),
-            datatype: rankway_proto::worker::DataType::Fp32 as i32,
-            shape: vec![1, 16],
-            data: values
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        }],
-        request_ids: vec!["ok-1".into(), "evil\nFORGED level=ERROR \u{1b}[31m".into()],
-    };
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let ids = vec!["ok-1".into(), "evil\nFORGED level=ERROR \u{1b}[31m".into()];
+    let req = batch("mlp", ("input", DataType::Fp32, vec![1, 16]), data, ids);
     client.infer(req).await.unwrap();
     let log = worker.proc.log_text();
     assert!(
@@ -247,4 +255,50 @@ async fn request_values_stay_out_of_answers_and_logs_and_ids_cannot_forge_lines(
         "the batch's line names its ids"
     );
     assert!(!log.contains("FORGED"), "an id wrote into the worker log");
+}
+
+#[tokio::test]
+async fn a_huge_text_is_refused_before_anything_tokenizes_it() {
+    let worker = Worker::start(&[]);
+    let gateway = Gateway::start(&[&worker], &[]);
+    gateway.wait_model_ready("minilm").await;
+    let huge = "word ".repeat(1 << 20); // 5 MiB: it once held the model thread for seconds
+    let r = post(
+        &gateway,
+        "/v1/embeddings",
+        json!({"model": "minilm", "input": ["short", huge]}),
+    )
+    .await;
+    assert_eq!(r.status(), 413);
+    let body: Value = r.json().await.unwrap();
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("element 1 is 5242880 bytes"), "{msg}");
+    assert!(msg.contains("at most 16384 bytes"), "{msg}");
+
+    // Rank 0 checks it too, for a client that reaches the worker port.
+    let text = encode_bytes_elements(&[huge.as_str()]);
+    let req = batch("minilm", ("text", DataType::Bytes, vec![1]), text, vec![]);
+    let mut rank0 = rankway_proto::worker::worker_client::WorkerClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", worker.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+    .max_encoding_message_size(16 << 20);
+    let err = rank0.infer(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("text 0 is 5242880 bytes"),
+        "{}",
+        err.message()
+    );
+    // And still serves.
+    let ok = post(
+        &gateway,
+        "/v1/embeddings",
+        json!({"model": "minilm", "input": "still here"}),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
 }

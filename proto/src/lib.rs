@@ -40,6 +40,10 @@ pub mod codec;
 
 use std::time::Duration;
 
+/// Default of the gateway's and the worker's `--max-text-bytes`: the longest text an
+/// embedding request may carry, checked before anything tokenizes it.
+pub const DEFAULT_MAX_TEXT_BYTES: usize = 16 * 1024;
+
 /// A caller's deadline from gRPC's `grpc-timeout` (e.g. `250m` = 250 ms), if set; the
 /// error names the malformed value.
 pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, String> {

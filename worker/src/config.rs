@@ -126,6 +126,11 @@ pub struct ModelArgs {
     /// Largest batch (rows) accepted in one call.
     #[arg(long, env = "RANKWAY_MAX_BATCH_SIZE", default_value_t = 256)]
     pub max_batch_size: u32,
+    /// Longest text MiniLM takes, in bytes; a longer one is refused (INVALID_ARGUMENT)
+    /// before it is tokenized, so a batch's tokenizing time and memory are bounded. The
+    /// gateway refuses longer texts first (its `--max-text-bytes`, same default).
+    #[arg(long, env = "RANKWAY_MAX_TEXT_BYTES", default_value_t = rankway_proto::DEFAULT_MAX_TEXT_BYTES)]
+    pub max_text_bytes: usize,
     /// Where the weights and the group's tensors live: cpu, cuda (GPU 0, a pod's one
     /// GPU) or cuda:N. CUDA needs the worker's `cuda` build and a visible GPU.
     #[arg(long, env = "RANKWAY_DEVICE", default_value = "cpu", value_parser = parse_device)]
@@ -202,6 +207,7 @@ impl ModelArgs {
             name: self.served_name(),
             version: self.model_version.clone(),
             max_batch_size: self.max_batch_size,
+            max_text_bytes: self.max_text_bytes,
             device: self.device,
         }
     }

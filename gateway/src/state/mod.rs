@@ -44,6 +44,8 @@ pub struct Gateway {
     max_waiting_generations: usize,
     /// Other groups a generation may go to when one refused it before starting it.
     retry_budget: usize,
+    /// Longest text of an embedding request, in bytes.
+    max_text_bytes: usize,
 }
 
 impl Gateway {
@@ -57,11 +59,17 @@ impl Gateway {
             draining: AtomicBool::new(false),
             admission: generate::Admission::default(),
             max_waiting_generations: 256,
+            max_text_bytes: rankway_proto::DEFAULT_MAX_TEXT_BYTES,
             retry_budget: batch.retry_budget,
         }
     }
 
     /// Bounds generations admitted and not yet streaming, per model.
+    pub fn with_max_text_bytes(mut self, n: usize) -> Self {
+        self.max_text_bytes = n;
+        self
+    }
+
     pub fn with_max_waiting_generations(mut self, n: usize) -> Self {
         self.max_waiting_generations = n;
         self
@@ -143,7 +151,7 @@ impl Gateway {
                 .map_or(self.request_timeout, |t| t.min(self.request_timeout));
             let deadline = Instant::now() + timeout;
             let info = self.ready_model(&call.model)?;
-            let request = validate(&info, call.inputs)?;
+            let request = validate(&info, call.inputs, self.max_text_bytes)?;
             let served = self
                 .batcher(&call.model)
                 .submit(request, deadline, call.request_id)

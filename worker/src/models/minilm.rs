@@ -58,6 +58,7 @@ pub struct MiniLm {
     signature: Signature,
     tokenizer: Tokenizer,
     max_seq_length: usize,
+    max_text_bytes: usize,
     hidden: i64,
     local_heads: i64,
     head_dim: i64,
@@ -173,6 +174,7 @@ impl MiniLm {
             signature,
             tokenizer,
             max_seq_length,
+            max_text_bytes: served.max_text_bytes,
             hidden: cfg.hidden_size,
             local_heads,
             head_dim,
@@ -233,6 +235,17 @@ impl Model for MiniLm {
                 "input {INPUT:?} has shape {:?} but holds {} elements",
                 input.shape,
                 elements.len()
+            )));
+        }
+        if let Some((i, e)) = elements
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.len() > self.max_text_bytes)
+        {
+            return Err(ModelError::InvalidInput(format!(
+                "text {i} is {} bytes; texts of at most {} bytes are accepted (--max-text-bytes)",
+                e.len(),
+                self.max_text_bytes
             )));
         }
         let texts = elements

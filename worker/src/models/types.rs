@@ -159,6 +159,8 @@ pub struct ModelConfig {
     pub name: String,
     pub version: String,
     pub max_batch_size: u32,
+    /// Longest text a text model takes, in bytes, checked before tokenizing.
+    pub max_text_bytes: usize,
     /// Where the weights and the group's tensors live.
     pub device: tch::Device,
 }
