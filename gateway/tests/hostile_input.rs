@@ -302,3 +302,50 @@ async fn a_huge_text_is_refused_before_anything_tokenizes_it() {
     .await;
     assert_eq!(ok.status(), 200);
 }
+
+/// Peak resident memory of process `pid` so far, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_of_numbers_costs_a_small_multiple_of_its_size() {
+    let worker = Worker::start(&["--model=mlp", "--mlp-hidden=16", "--mlp-layers=1"]);
+    let gateway = Gateway::start(&[&worker], &[]);
+    gateway.wait_model_ready("mlp").await;
+    // Just under the 8 MiB body limit: about 4 million zeros.
+    let rows = 260_000;
+    let zeros = vec!["0"; rows * 16].join(",");
+    let body = format!(
+        r#"{{"inputs": [{{"name": "input", "shape": [{rows}, 16], "datatype": "FP32", "data": [{zeros}]}}]}}"#
+    );
+    assert!(body.len() < 8 << 20);
+    let before = peak_rss(gateway.proc.child.id());
+    let r = reqwest::Client::new()
+        .post(gateway.url("/v2/models/mlp/infer"))
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    // Parsed whole, then refused: more rows than a request may have.
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("at most"));
+    let grown = peak_rss(gateway.proc.child.id()).saturating_sub(before);
+    let per_body = grown as f64 / body.len() as f64;
+    eprintln!(
+        "peak grew {} MiB for a body of {} MiB: {per_body:.1}x",
+        grown >> 20,
+        body.len() >> 20
+    );
+    // serde_json::Value took over 10x; the bytes themselves are 2x (4-byte floats for
+    // 2-byte "0,") besides the body and its raw `data` text.
+    assert!(per_body < 6.0, "{per_body:.1}x the body");
+}
