@@ -21,6 +21,16 @@ pub fn shown(value: &str) -> String {
     format!("\"{out}\"")
 }
 
+/// A client's shape as an error message may quote it: whole up to 8 dimensions, else
+/// only their count.
+pub fn shown_shape(shape: &[i64]) -> String {
+    if shape.len() <= 8 {
+        format!("{shape:?}")
+    } else {
+        format!("[{} dimensions]", shape.len())
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     #[error("unknown model {0:?}")]
@@ -119,6 +129,16 @@ pub fn from_worker_status(group: &str, status: &tonic::Status) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_values_are_quoted_escaped_and_bounded() {
+        assert_eq!(shown("plain"), "\"plain\"");
+        assert_eq!(shown("a\nb\u{1b}[31m"), "\"a\\nb\\u{1b}[31m\"");
+        let long = shown(&"z".repeat(10_000));
+        assert_eq!(long.len(), 64 + "\"\"…".len(), "{long}");
+        assert_eq!(shown_shape(&[2, 16]), "[2, 16]");
+        assert_eq!(shown_shape(&vec![1; 100_000]), "[100000 dimensions]");
+    }
 
     #[test]
     fn codes_match_statuses() {

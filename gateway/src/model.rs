@@ -5,7 +5,7 @@
 use rankway_proto::codec::decode_bytes_elements;
 use rankway_proto::worker::{DataType, ModelInfo, Tensor, TensorSpec};
 
-use crate::error::{ApiError, shown};
+use crate::error::{ApiError, shown, shown_shape};
 
 /// A request that passed validation: inputs in the model's order, and its row count.
 #[derive(Debug, Clone)]
@@ -111,8 +111,10 @@ fn conforms<'a>(role: &str, spec: &TensorSpec, t: &'a Tensor) -> Result<Option<V
             .all(|(&got, &want)| want == -1 || got == want);
     if !fits {
         return Err(format!(
-            "{role} {:?} has shape {:?}; expected {:?} where -1 is the batch size",
-            t.name, t.shape, spec.shape
+            "{role} {:?} has shape {}; expected {:?} where -1 is the batch size",
+            t.name,
+            shown_shape(&t.shape),
+            spec.shape
         ));
     }
     if t.shape.iter().any(|&d| d < 0) {

@@ -6,7 +6,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::error::{ApiError, shown};
+use crate::error::{ApiError, shown, shown_shape};
 
 /// One input of an OIP JSON request; `parameters` are accepted and ignored. `data` is
 /// kept as the request's own text until the datatype is known, then read element by
@@ -170,9 +170,9 @@ pub fn input_to_tensor(input: JsonInput) -> Result<Tensor, ApiError> {
         })
         .ok_or_else(|| {
             bad(format!(
-                "input {}: shape {:?} is not a valid shape",
+                "input {}: shape {} is not a valid shape",
                 shown(&name),
-                input.shape
+                shown_shape(&input.shape)
             ))
         })?;
     let mut elements = Elements {
@@ -192,9 +192,9 @@ pub fn input_to_tensor(input: JsonInput) -> Result<Tensor, ApiError> {
     })?;
     if elements.count != expected {
         return Err(bad(format!(
-            "input {}: shape {:?} needs {expected} elements, data has {}",
+            "input {}: shape {} needs {expected} elements, data has {}",
             shown(&name),
-            input.shape,
+            shown_shape(&input.shape),
             elements.count
         )));
     }
