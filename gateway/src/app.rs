@@ -96,6 +96,13 @@ pub async fn run(
         None => StdRng::from_os_rng(),
     };
     let pool = Pool::new(groups, settings, rng);
+    let api_keys = match &cfg.api_key_file {
+        Some(path) => Some(crate::auth::ApiKeys::load(path).map_err(|e| AppError::Config(e.to_string()))?),
+        None => None,
+    };
+    let key_reloader = api_keys
+        .as_ref()
+        .map(|k| k.spawn_reloader(cfg.api_key_reload_interval));
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(
         Gateway::new(pool.clone(), metrics.clone(), cfg.batch(), cfg.request_timeout)
@@ -163,10 +170,13 @@ pub async fn run(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let rest = axum::serve(http, router::router(state.clone(), limits, metrics.clone()))
-        .with_graceful_shutdown(async move {
-            let _ = stop_rest.wait_for(|s| *s).await;
-        });
+    let rest = axum::serve(
+        http,
+        router::router(state.clone(), limits, metrics.clone(), api_keys.clone()),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop_rest.wait_for(|s| *s).await;
+    });
     let rest = tokio::spawn(async move { rest.await.map_err(AppError::Rest) });
 
     let mut stop_grpc = stop_rx.clone();
@@ -175,6 +185,7 @@ pub async fn run(
         .layer(tower::util::MapResponseLayer::new(
             over_limit_is_resource_exhausted(cfg.max_request_bytes),
         ))
+        .layer(crate::auth::GrpcAuthLayer(api_keys))
         .add_service(health_service)
         .add_service(grpc::service(state.clone(), cfg.max_request_bytes))
         .serve_with_incoming_shutdown(
@@ -200,6 +211,9 @@ pub async fn run(
         d.abort();
     }
     health_task.abort();
+    if let Some(r) = key_reloader {
+        r.abort();
+    }
     match drained {
         Ok((r, g)) => {
             r.map_err(|e| AppError::Rest(std::io::Error::other(e)))??;

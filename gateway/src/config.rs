@@ -86,6 +86,14 @@ pub struct Config {
     /// threads save cross-thread wake-ups on every request.
     #[arg(long, env = "RANKWAY_IO_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub io_threads: Option<u16>,
+    /// File of API keys, one per line: every request but the health probes must then
+    /// carry one as `Authorization: Bearer KEY` (REST) or `authorization` metadata
+    /// (gRPC). Read again when it changes (see --api-key-reload-interval).
+    #[arg(long, env = "RANKWAY_API_KEY_FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// How often the API key file is checked for changes.
+    #[arg(long, env = "RANKWAY_API_KEY_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub api_key_reload_interval: Duration,
     /// How long a graceful shutdown waits for accepted requests to finish.
     #[arg(long, env = "RANKWAY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,

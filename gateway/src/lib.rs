@@ -4,11 +4,12 @@
 //! Layout: [`config`] (flags), [`frontend`] (REST, gRPC, OpenAI), [`state`] (the core
 //! every front end calls), [`model`] (request validation), [`batcher`] (per-model
 //! dynamic batching), [`pool`] (groups, health, capacity), [`metrics`], [`error`],
-//! [`app`] (assembly and shutdown).
+//! [`app`] (assembly and shutdown), [`auth`] (API keys).
 
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod discovery;

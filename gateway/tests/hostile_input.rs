@@ -1,15 +1,18 @@
 //! Input an attacker controls, reproduced against the real binaries: names a client makes
 //! up never become metric series or whole log lines; a rank 0 whose replies break its
-//! model's signature fails only its own batches.
+//! model's signature fails only its own batches; a huge text or body is refused or read
+//! at a bounded cost; API keys guard everything but the probes.
 
+use std::time::Duration;
+
+use rankway_proto::codec::encode_bytes_elements;
 use rankway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use rankway_proto::inference::{ModelInferRequest, ModelInferResponse};
+use rankway_proto::worker::{DataType, InferRequest, Tensor};
 use serde_json::{Value, json};
 use tonic::Code;
 
 use crate::common::{Gateway, Worker, fake_worker, get_json, grpc_text};
-use rankway_proto::codec::encode_bytes_elements;
-use rankway_proto::worker::{DataType, InferRequest, Tensor};
 
 /// Every made-up name carries this, so /metrics and the log can be searched for it.
 const MARK: &str = "madeup";
@@ -348,4 +351,68 @@ async fn a_body_of_numbers_costs_a_small_multiple_of_its_size() {
     // serde_json::Value took over 10x; the bytes themselves are 2x (4-byte floats for
     // 2-byte "0,") besides the body and its raw `data` text.
     assert!(per_body < 6.0, "{per_body:.1}x the body");
+}
+
+#[tokio::test]
+async fn with_api_keys_only_probes_pass_without_one_and_keys_reload() {
+    let dir = std::env::temp_dir().join(format!("rankway-api-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys");
+    std::fs::write(&file, "# two keys\nkey-one\nkey-two\n").unwrap();
+    let worker = Worker::start(&["--model=mlp", "--mlp-hidden=16", "--mlp-layers=1"]);
+    let flag = format!("--api-key-file={}", file.display());
+    let gateway = Gateway::start(&[&worker], &[&flag, "--api-key-reload-interval=100ms"]);
+    let http = reqwest::Client::new();
+    let get = |path: &str, key: Option<&str>| {
+        let mut r = http.get(gateway.url(path));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    // Probes are open; everything else needs a key, in each front end's error shape.
+    for path in ["/v2/health/live", "/v2/health/ready"] {
+        assert_ne!(get(path, None).await.unwrap().status(), 401, "{path}");
+    }
+    for (path, key) in [
+        ("/v2", None),
+        ("/metrics", None),
+        ("/v1/models", Some("key-three")),
+        ("/admin/groups", Some("")),
+    ] {
+        let r = get(path, key).await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let body: Value = r.json().await.unwrap();
+        let msg = if path.starts_with("/v1/") {
+            &body["error"]["message"]
+        } else {
+            &body["error"]
+        };
+        assert!(msg.as_str().unwrap().contains("API key"), "{path}: {body}");
+    }
+    for key in ["key-one", "key-two"] {
+        assert_eq!(get("/metrics", Some(key)).await.unwrap().status(), 200);
+    }
+    let mut grpc = gateway.grpc_client().await;
+    let err = infer_refused(&mut grpc, "mlp").await;
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut live = tonic::Request::new(rankway_proto::inference::ServerLiveRequest {});
+    assert!(grpc.server_live(live).await.is_ok(), "ServerLive is a probe");
+    let mut meta = tonic::Request::new(rankway_proto::inference::ServerMetadataRequest {});
+    meta.metadata_mut()
+        .insert("authorization", "Bearer key-two".parse().unwrap());
+    assert!(grpc.server_metadata(meta).await.is_ok());
+
+    // Revoke key-one, add key-three: taken without a restart.
+    std::fs::write(&file, "key-two\nkey-three\n").unwrap(); // a new modification time
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get("/metrics", Some("key-three")).await.unwrap().status() != 200 {
+        assert!(std::time::Instant::now() < deadline, "key-three never accepted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get("/metrics", Some("key-one")).await.unwrap().status(), 401);
+    live = tonic::Request::new(rankway_proto::inference::ServerLiveRequest {});
+    assert!(grpc.server_live(live).await.is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -12,10 +12,16 @@ use serde_json::json;
 
 use super::http::{AppState, RestLimits};
 use super::{admin, completions, oip_generate, openai, rest};
+use crate::auth::ApiKeys;
 use crate::metrics::Metrics;
 use crate::request_id::RequestIdLayer;
 
-pub fn router(state: AppState, limits: RestLimits, metrics: Arc<Metrics>) -> axum::Router {
+pub fn router(
+    state: AppState,
+    limits: RestLimits,
+    metrics: Arc<Metrics>,
+    api_keys: Option<Arc<ApiKeys>>,
+) -> axum::Router {
     axum::Router::new()
         .route("/v2/health/live", get(rest::live))
         .route("/v2/health/ready", get(rest::ready))
@@ -35,6 +41,7 @@ pub fn router(state: AppState, limits: RestLimits, metrics: Arc<Metrics>) -> axu
         .route("/metrics", get(admin::metrics))
         .route("/admin/groups", get(admin::groups))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(api_keys, crate::auth::rest))
         .layer(axum::Extension(limits))
         .layer(DefaultBodyLimit::max(limits.max_request_bytes))
         .layer(RequestIdLayer::rest(metrics))
