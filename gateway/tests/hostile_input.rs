@@ -156,8 +156,14 @@ async fn made_up_names_never_become_metric_series_or_whole_log_lines() {
     let body: Value = r.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("at most 256"), "{body}");
     assert!(!metrics(&gateway).await.contains(MARK));
-    let log = gateway.proc.log_text();
-    assert!(log.contains("model name is"), "the refusals are logged");
+    // The three refusals are logged (each says how long the name is)...
+    let log = gateway
+        .proc
+        .log_when("three refusals of the huge name", |l| {
+            l.matches("model name is").count() >= 3
+        })
+        .await;
+    // ...and no line repeats the name.
     assert!(
         !log.contains(&"x".repeat(300)),
         "a log line repeats most of a huge name"
@@ -239,11 +245,11 @@ async fn request_values_stay_out_of_answers_and_logs_and_ids_cannot_forge_lines(
             "{path}: the answer repeats the value: {text}"
         );
     }
-    assert!(gateway.proc.log_text().contains("request failed"));
-    assert!(
-        !gateway.proc.log_text().contains("123-45"),
-        "the gateway logged the value"
-    );
+    let log = gateway
+        .proc
+        .log_when("the four refusals", |l| l.matches("request failed").count() >= 4)
+        .await;
+    assert!(!log.contains("123-45"), "the gateway logged the value");
 
     // Straight at rank 0, ids the gateway would have replaced.
     let mut client = worker.client().await;
@@ -252,11 +258,11 @@ async fn request_values_stay_out_of_answers_and_logs_and_ids_cannot_forge_lines(
     let ids = vec!["ok-1".into(), "evil\nFORGED level=ERROR \u{1b}[31m".into()];
     let req = batch("mlp", ("input", DataType::Fp32, vec![1, 16]), data, ids);
     client.infer(req).await.unwrap();
-    let log = worker.proc.log_text();
-    assert!(
-        log.contains(r#""request_ids":"ok-1,-""#),
-        "the batch's line names its ids"
-    );
+    // The batch's line names its ids, the forged one as "-".
+    let log = worker
+        .proc
+        .log_when("the batch's ids", |l| l.contains(r#""request_ids":"ok-1,-""#))
+        .await;
     assert!(!log.contains("FORGED"), "an id wrote into the worker log");
 }
 

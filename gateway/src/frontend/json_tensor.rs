@@ -61,7 +61,8 @@ impl<'de> DeserializeSeed<'de> for Flatten<'_> {
 }
 
 impl Flatten<'_> {
-    fn push<E: de::Error>(&mut self, want: &str, bytes: Option<&[u8]>) -> Result<(), E> {
+    /// Appends an element's bytes; `None`: the element is not of the datatype.
+    fn push<E: de::Error>(&mut self, bytes: Option<&[u8]>) -> Result<(), E> {
         let e = &mut *self.0;
         let problem = if e.count >= e.limit {
             format!("data has more elements than the shape's {}", e.limit)
@@ -70,6 +71,13 @@ impl Flatten<'_> {
             e.count += 1;
             return Ok(());
         } else {
+            let want = match e.dtype {
+                DataType::Int64 => "a 64-bit integer",
+                DataType::Int32 => "a 32-bit integer",
+                DataType::Bool => "a boolean",
+                DataType::Bytes => "a string",
+                _ => "a number",
+            };
             format!("element {} is not {want}", e.count)
         };
         let err = E::custom(&problem);
@@ -87,14 +95,7 @@ impl Flatten<'_> {
                 .map(|x| x.to_le_bytes().to_vec()),
             _ => None,
         };
-        let want = match self.0.dtype {
-            DataType::Int64 => "a 64-bit integer",
-            DataType::Int32 => "a 32-bit integer",
-            DataType::Bool => "a boolean",
-            DataType::Bytes => "a string",
-            _ => "a number",
-        };
-        self.push(want, bytes.as_deref())
+        self.push(bytes.as_deref())
     }
 }
 
@@ -124,16 +125,16 @@ impl<'de> Visitor<'de> for Flatten<'_> {
 
     fn visit_bool<E: de::Error>(mut self, v: bool) -> Result<(), E> {
         let ok = self.0.dtype == DataType::Bool;
-        self.push("a number", ok.then_some(&[u8::from(v)][..]))
+        self.push(ok.then_some(&[u8::from(v)][..]))
     }
 
     fn visit_str<E: de::Error>(mut self, v: &str) -> Result<(), E> {
         if self.0.dtype != DataType::Bytes {
-            return self.push("a number", None);
+            return self.push(None);
         }
         let mut element = Vec::with_capacity(4 + v.len());
         push_bytes_element(&mut element, v.as_bytes());
-        self.push("a string", Some(&element))
+        self.push(Some(&element))
     }
 }
 
@@ -267,6 +268,28 @@ mod tests {
         assert!(e.to_string().contains("needs 2 elements, data has 1"), "{e}");
         let e = input(json!({"name": "t", "shape": [1], "datatype": "BYTES", "data": [5]})).unwrap_err();
         assert!(e.to_string().contains("not a string"), "{e}");
+        for (datatype, data, want) in [
+            ("BYTES", json!([true]), "element 0 is not a string"),
+            ("BOOL", json!(["yes"]), "element 0 is not a boolean"),
+            ("INT64", json!([1.5]), "element 0 is not a 64-bit integer"),
+            (
+                "INT32",
+                json!([1, 3_000_000_000u64]),
+                "element 1 is not a 32-bit integer",
+            ),
+            ("FP32", json!([[1], ["x"]]), "element 1 is not a number"),
+        ] {
+            let shape = if datatype == "INT32" || datatype == "FP32" {
+                2
+            } else {
+                1
+            };
+            let e = input(json!({"name": "t", "shape": [shape], "datatype": datatype, "data": data}))
+                .unwrap_err();
+            assert!(e.to_string().contains(want), "{datatype}: {e}");
+        }
+        let e = input(json!({"name": "t", "shape": [1], "datatype": "FP32", "data": [1, 2]})).unwrap_err();
+        assert!(e.to_string().contains("more elements than the shape's 1"), "{e}");
         let e = input(json!({"name": "t", "shape": [1], "datatype": "STRING", "data": ["a"]})).unwrap_err();
         assert!(e.to_string().contains("unknown datatype"), "{e}");
     }
