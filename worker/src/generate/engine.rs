@@ -287,6 +287,9 @@ fn lead(
         stats
             .generated_tokens
             .fetch_add(emitted.len() as u64, Ordering::Relaxed);
+        // The load first, then the tokens: a client that has a stream's token finds the
+        // step that made it in GroupStatus.
+        publish(sched, stats);
         for e in emitted {
             let Some(tx) = streams.get(&e.id) else { continue };
             let _ = tx.send(Event::Token(e.token));
@@ -295,7 +298,6 @@ fn lead(
                 streams.remove(&e.id);
             }
         }
-        publish(sched, stats);
     }
 }
 
