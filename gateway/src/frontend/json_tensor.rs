@@ -50,6 +50,12 @@ struct Elements {
     error: Option<String>,
 }
 
+/// Copies `bytes` to the front of `buf`; their length.
+fn write(buf: &mut [u8; 8], bytes: &[u8]) -> usize {
+    buf[..bytes.len()].copy_from_slice(bytes);
+    bytes.len()
+}
+
 /// Reads one JSON value of `data`: an array (nested arrays flatten) or an element.
 struct Flatten<'a>(&'a mut Elements);
 
@@ -86,16 +92,18 @@ impl Flatten<'_> {
     }
 
     fn number<E: de::Error>(mut self, int: Option<i64>, float: f64) -> Result<(), E> {
-        let bytes: Option<Vec<u8>> = match self.0.dtype {
-            DataType::Fp32 => Some((float as f32).to_le_bytes().to_vec()),
-            DataType::Fp64 => Some(float.to_le_bytes().to_vec()),
-            DataType::Int64 => int.map(|x| x.to_le_bytes().to_vec()),
+        // Encoded on the stack: no allocation per element.
+        let mut buf = [0u8; 8];
+        let len = match self.0.dtype {
+            DataType::Fp32 => Some(write(&mut buf, &(float as f32).to_le_bytes())),
+            DataType::Fp64 => Some(write(&mut buf, &float.to_le_bytes())),
+            DataType::Int64 => int.map(|x| write(&mut buf, &x.to_le_bytes())),
             DataType::Int32 => int
                 .and_then(|x| i32::try_from(x).ok())
-                .map(|x| x.to_le_bytes().to_vec()),
+                .map(|x| write(&mut buf, &x.to_le_bytes())),
             _ => None,
         };
-        self.push(bytes.as_deref())
+        self.push(len.map(|n| &buf[..n]))
     }
 }
 
