@@ -119,12 +119,9 @@ impl ApiKeys {
     }
 }
 
-/// Requests that pass without a key: probes.
+/// Requests that pass without a key: the health probes.
 fn open(path: &str) -> bool {
-    path.starts_with("/v2/health/")
-        || path.starts_with("/grpc.health.v1.Health/")
-        || path == "/inference.GRPCInferenceService/ServerLive"
-        || path == "/inference.GRPCInferenceService/ServerReady"
+    crate::request_id::is_health_probe(path)
 }
 
 const REFUSED: &str = "a valid API key is required: send `Authorization: Bearer KEY`";

@@ -205,12 +205,22 @@ where
 }
 
 /// Health, readiness and liveness checks and the metrics scrape, over REST or gRPC.
+/// The server's health probes, which a kubelet or a load balancer sends without
+/// credentials: they pass `crate::auth` without a key.
+pub fn is_health_probe(path: &str) -> bool {
+    path.starts_with("/v2/health/")
+        || path.starts_with("/grpc.health.v1.Health/")
+        || path == "/inference.GRPCInferenceService/ServerLive"
+        || path == "/inference.GRPCInferenceService/ServerReady"
+}
+
+/// Requests logged at debug whatever they answer: the health probes, model readiness and
+/// the metrics scrape.
 fn is_probe(path: &str) -> bool {
     const GRPC_PROBES: [&str; 3] = ["/ServerLive", "/ServerReady", "/ModelReady"];
-    path.starts_with("/v2/health/")
+    is_health_probe(path)
         || (path.starts_with("/v2/models/") && path.ends_with("/ready"))
         || path == "/metrics"
-        || path.starts_with("/grpc.health.v1.Health/")
         || (path.starts_with("/inference.GRPCInferenceService/")
             && GRPC_PROBES.iter().any(|p| path.ends_with(p)))
 }
