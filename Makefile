@@ -46,8 +46,9 @@ manifests: setup
 images: build
 	scripts/build_images.sh
 
-## Direct model throughput vs through the gateway (k6, 32 VUs).
+## Direct model throughput vs through the gateway (k6 and the lean load generator, 32 clients).
 bench: build
+	$(CARGO) build --release -j$(JOBS) -p rankway-gateway --example loadgen
 	scripts/bench.sh
 
 ## The gateway's own cost: a no-op model behind it, a lean load generator at 1, 8 and 64

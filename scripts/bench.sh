@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # `make bench`: the model's in-process throughput (rankway-worker bench) against the
-# same model behind the gateway, loaded by k6 at $VUS virtual users over REST (OpenAI
-# embeddings) and gRPC (OIP ModelInfer), one text per request. Prints one table.
+# same model behind the gateway, one text per request, loaded two ways: by k6 at $VUS
+# virtual users over REST (OpenAI embeddings) and gRPC (OIP ModelInfer), as users load it;
+# and by the lean one-thread load generator (gateway/examples/loadgen.rs) at $VUS
+# connections over OIP REST and gRPC, which measures the gateway's path: on 2 cores k6's
+# JavaScript takes CPU the model would use, so its rows understate what the gateway
+# passes through. The lean rows send the longest of the direct bench's sentences, so
+# every batch pads to the same length as the direct batches. Prints one table.
 # Everything binds to loopback; each k6 run is bounded by ITERATIONS and MAX_DURATION.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +14,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 BIN=${BIN:-target/release}
 K6=.venv/bin/k6
+LOADGEN=${LOADGEN:-target/release/examples/loadgen}
 export VUS=${VUS:-32} ITERATIONS=${ITERATIONS:-3000} MAX_DURATION=${MAX_DURATION:-90s}
 HTTP=127.0.0.1:${BENCH_HTTP_PORT:-18000}
 GRPC=127.0.0.1:${BENCH_GRPC_PORT:-18001}
@@ -28,6 +34,13 @@ wait_ready "$HTTP" || { cat "$OUT"/*.log >&2; exit 1; }
 echo "bench: k6 at $VUS VUs, $ITERATIONS requests per protocol" >&2
 (cd loadtest && BASE_URL="http://$HTTP" ../$K6 run --no-usage-report -q --summary-export "$OUT/rest.json" rest_embeddings.js >/dev/null)
 (cd loadtest && GRPC_ADDR="$GRPC" ../$K6 run --no-usage-report -q --summary-export "$OUT/grpc.json" grpc_infer.js >/dev/null)
+echo "bench: lean load generator at $VUS connections, ${LEAN_DURATION:-10s} per protocol" >&2
+for proto in rest grpc; do
+  addr=$HTTP; [ "$proto" = grpc ] && addr=$GRPC
+  $LOADGEN --protocol "$proto" --addr "$addr" --connections "$VUS" --duration "${LEAN_DURATION:-10s}" \
+    --model minilm --input text --text "Rankway batches requests from many clients before they reach the model." \
+    >"$OUT/lean-$proto.json"
+done
 curl -fsS "http://$HTTP/metrics" > "$OUT/metrics.txt"
 
 python3 - "$OUT" <<'PY'
@@ -44,6 +57,11 @@ for name, trend in (("rest", "http_req_duration"), ("grpc", "grpc_req_duration")
     d = m[trend]
     label = "gateway REST /v1/embeddings" if name == "rest" else "gateway gRPC ModelInfer"
     print(f"{label:<34} {rate:>9.1f} {d['med']:>8.1f} {d['p(99)']:>8.1f} {rate / best['rows_per_sec']:>10.2f}")
+for name, label in (("rest", "gateway REST OIP infer, lean"), ("grpc", "gateway gRPC ModelInfer, lean")):
+    r = json.load(open(f"{out}/lean-{name}.json"))
+    if r["errors"]:
+        sys.exit(f"{label}: {r['errors']} errors, first: {r['first_error']}")
+    print(f"{label:<34} {r['rps']:>9.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['rps'] / best['rows_per_sec']:>10.2f}")
 metrics = open(f"{out}/metrics.txt").read()
 def total(name):
     return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", metrics, re.M))

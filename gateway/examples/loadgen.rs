@@ -1,8 +1,9 @@
-//! A lean closed-loop (or paced) load generator for `make bench-overhead`: one thread,
-//! `--connections` connections, each with one request outstanding at a time; OIP v2
-//! inference of one FP32 row over REST (`POST /v2/models/{m}/infer`, HTTP/1.1 keep-alive)
-//! or gRPC (`ModelInfer`, one HTTP/2 connection per client). Prints one JSON line:
-//! requests, errors, req/s, p50/p99/max latency in ms.
+//! A lean closed-loop (or paced) load generator for `make bench-overhead` and `make
+//! bench`: one thread, `--connections` connections, each with one request outstanding at
+//! a time; OIP v2 inference of one FP32 row (or, with `--text`, one BYTES text) over REST
+//! (`POST /v2/models/{m}/infer`, HTTP/1.1 keep-alive) or gRPC (`ModelInfer`, one HTTP/2
+//! connection per client). Prints one JSON line: requests, errors, req/s, p50/p99/max
+//! latency in ms.
 //!
 //! It exists because k6's JavaScript costs more CPU than the gateway on 2 cores; like
 //! wrk it runs on one thread. With `--rate` each connection is paced to its share of the
@@ -44,6 +45,10 @@ struct Args {
     input: String,
     #[arg(long, default_value_t = 16)]
     hidden: usize,
+    /// Send this text as a BYTES input of shape [1] instead of an FP32 row (MiniLM's
+    /// `text` input).
+    #[arg(long)]
+    text: Option<String>,
     /// Concurrent connections, one request outstanding on each.
     #[arg(long, default_value_t = 1)]
     connections: usize,
@@ -77,9 +82,25 @@ enum Client {
     ),
 }
 
+/// The one input tensor every request carries: (datatype, shape, JSON data, raw bytes).
+fn input(args: &Args) -> (&'static str, Vec<i64>, serde_json::Value, Vec<u8>) {
+    match &args.text {
+        Some(text) => {
+            let mut raw = (text.len() as u32).to_le_bytes().to_vec();
+            raw.extend_from_slice(text.as_bytes());
+            ("BYTES", vec![1], serde_json::json!([text]), raw)
+        }
+        None => {
+            let row: Vec<f32> = (0..args.hidden).map(|i| i as f32 / args.hidden as f32).collect();
+            let raw = row.iter().flat_map(|v| v.to_le_bytes()).collect();
+            ("FP32", vec![1, args.hidden as i64], serde_json::json!(row), raw)
+        }
+    }
+}
+
 impl Client {
     async fn connect(args: &Args) -> Result<Self, String> {
-        let row: Vec<f32> = (0..args.hidden).map(|i| i as f32 / args.hidden as f32).collect();
+        let (datatype, shape, data, raw) = input(args);
         match args.protocol {
             Protocol::Rest => {
                 let tcp = TcpStream::connect(args.addr).await.map_err(|e| e.to_string())?;
@@ -89,7 +110,7 @@ impl Client {
                     .map_err(|e| e.to_string())?;
                 tokio::spawn(conn);
                 let body = serde_json::json!({"inputs": [{
-                    "name": args.input, "shape": [1, args.hidden], "datatype": "FP32", "data": row}]});
+                    "name": args.input, "shape": shape, "datatype": datatype, "data": data}]});
                 let path = format!("/v2/models/{}/infer", args.model);
                 Ok(Client::Rest(send, Bytes::from(body.to_string()), path))
             }
@@ -100,13 +121,12 @@ impl Client {
                     .connect()
                     .await
                     .map_err(|e| e.to_string())?;
-                let raw: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
                 let req = ModelInferRequest {
                     model_name: args.model.clone(),
                     inputs: vec![InferInputTensor {
                         name: args.input.clone(),
-                        datatype: "FP32".into(),
-                        shape: vec![1, args.hidden as i64],
+                        datatype: datatype.into(),
+                        shape,
                         ..Default::default()
                     }],
                     raw_input_contents: vec![raw.into()],
