@@ -3,12 +3,11 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use rankway_proto::inference::grpc_inference_service_server::SERVICE_NAME as OIP_SERVICE;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::auth::ApiKeys;
 use crate::config::Config;
 use crate::discovery::LeadersDns;
 use crate::frontend::http::RestLimits;
@@ -18,6 +17,7 @@ use crate::pool::{Group, GroupSettings, Pool};
 use crate::state::Gateway;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rankway_runtime::listen::Listener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -79,7 +79,25 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
+    if cfg.connections.idle_timeout <= cfg.request_timeout {
+        // A request waiting on its batch moves no bytes; it must not be cut off as idle.
+        return Err(AppError::Config(format!(
+            "--idle-timeout ({:?}) must be longer than --request-timeout ({:?})",
+            cfg.connections.idle_timeout, cfg.request_timeout
+        )));
+    }
+    let load_keys = |path: &Option<std::path::PathBuf>| match path {
+        Some(path) => ApiKeys::load(path)
+            .map(Some)
+            .map_err(|e| AppError::Config(e.to_string())),
+        None => Ok(None),
+    };
+    let worker_token = load_keys(&cfg.worker_token_file)?;
+    let token_reloader = worker_token
+        .as_ref()
+        .map(|k| k.spawn_reloader(cfg.api_key_reload_interval));
     let settings = GroupSettings {
+        token: worker_token,
         max_in_flight: cfg.max_in_flight as usize,
         connect_timeout: cfg.health_timeout,
         breaker_failures: cfg.breaker_failures,
@@ -88,7 +106,7 @@ pub async fn run(
     let groups = cfg
         .groups
         .iter()
-        .map(|g| Group::new(g.name.clone(), g.address.clone(), settings))
+        .map(|g| Group::new(g.name.clone(), g.address.clone(), settings.clone()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(AppError::Config)?;
     let rng = match cfg.p2c_seed {
@@ -96,14 +114,13 @@ pub async fn run(
         None => StdRng::from_os_rng(),
     };
     let pool = Pool::new(groups, settings, rng);
-    let api_keys = match &cfg.api_key_file {
-        Some(path) => Some(crate::auth::ApiKeys::load(path).map_err(|e| AppError::Config(e.to_string()))?),
-        None => None,
-    };
+    let api_keys = load_keys(&cfg.api_key_file)?;
     let key_reloader = api_keys
         .as_ref()
         .map(|k| k.spawn_reloader(cfg.api_key_reload_interval));
     let metrics = Arc::new(Metrics::new());
+    let http_listener = Listener::new(listeners.http, "rest", &cfg.connections, metrics.connections());
+    let grpc_listener = Listener::new(listeners.grpc, "grpc", &cfg.connections, metrics.connections());
     let state = Arc::new(
         Gateway::new(pool.clone(), metrics.clone(), cfg.batch(), cfg.request_timeout)
             .with_max_waiting_generations(cfg.max_waiting_generations as usize)
@@ -150,50 +167,41 @@ pub async fn run(
         }
     });
 
-    let http_addr = listeners.http.local_addr().map_err(|source| AppError::Bind {
+    let http_addr = http_listener.local_addr().map_err(|source| AppError::Bind {
         addr: cfg.http_listen,
         source,
     })?;
-    let grpc_addr = listeners.grpc.local_addr().map_err(|source| AppError::Bind {
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| AppError::Bind {
         addr: cfg.grpc_listen,
         source,
     })?;
     let mut stop_rest = stop_rx.clone();
     let limits = RestLimits {
         max_request_bytes: cfg.max_request_bytes,
+        body_timeout: cfg.body_timeout,
     };
-    // TCP_NODELAY on every accepted socket (REST here, gRPC below, the channels to the
-    // groups in the pool): a small answer must not wait for the delayed ACK of the one
-    // before it (Nagle's algorithm meeting delayed ACKs costs up to 40 ms on Linux).
-    let http = listeners.http.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let rest = axum::serve(
-        http,
+    let rest = http_listener.serve_http(
         router::router(state.clone(), limits, metrics.clone(), api_keys.clone()),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = stop_rest.wait_for(|s| *s).await;
-    });
-    let rest = tokio::spawn(async move { rest.await.map_err(AppError::Rest) });
+        async move {
+            let _ = stop_rest.wait_for(|s| *s).await;
+        },
+    );
+    let rest = tokio::spawn(rest);
 
     let mut stop_grpc = stop_rx.clone();
-    let grpc_server = tonic::transport::Server::builder()
+    let grpc_server = cfg
+        .connections
+        .grpc_server()
         .layer(crate::request_id::RequestIdLayer::grpc(metrics.clone()))
         .layer(tower::util::MapResponseLayer::new(
             over_limit_is_resource_exhausted(cfg.max_request_bytes),
         ))
-        .layer(crate::auth::GrpcAuthLayer(api_keys))
+        .layer(crate::auth::grpc_layer(api_keys))
         .add_service(health_service)
         .add_service(grpc::service(state.clone(), cfg.max_request_bytes))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
-            async move {
-                let _ = stop_grpc.wait_for(|s| *s).await;
-            },
-        );
+        .serve_with_incoming_shutdown(grpc_listener.into_incoming(), async move {
+            let _ = stop_grpc.wait_for(|s| *s).await;
+        });
     let grpc_server = tokio::spawn(async move { grpc_server.await.map_err(AppError::Grpc) });
     tracing::info!(%http_addr, %grpc_addr, groups = cfg.groups.len(), "gateway listening");
 
@@ -211,12 +219,12 @@ pub async fn run(
         d.abort();
     }
     health_task.abort();
-    if let Some(r) = key_reloader {
+    for r in [key_reloader, token_reloader].into_iter().flatten() {
         r.abort();
     }
     match drained {
         Ok((r, g)) => {
-            r.map_err(|e| AppError::Rest(std::io::Error::other(e)))??;
+            r.map_err(|e| AppError::Rest(std::io::Error::other(e)))?;
             g.map_err(|e| AppError::Rest(std::io::Error::other(e)))??;
         }
         Err(_) => tracing::warn!("drain timed out; exiting with requests in flight"),

@@ -4,16 +4,10 @@
 //! sends without credentials: `/v2/health/*`, gRPC `ServerLive`, `ServerReady` and
 //! `grpc.health.v1.Health`. `/metrics` and `/admin/*` need a key like everything else.
 //!
-//! The file holds one key per line (blank lines and `#` comments skipped). It is read
-//! again when its modification time changes, every `--api-key-reload-interval`, so keys
-//! are added and revoked without a restart (a Kubernetes Secret mounted as a file is
-//! updated in place). A file that cannot be read keeps the keys already loaded. Keys are
-//! compared in time that does not depend on where they differ.
+//! The file is a key file (`rankway_runtime::keys`: one key per line), checked for
+//! changes every `--api-key-reload-interval`.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
 
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -21,103 +15,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-/// The keys of `--api-key-file`, reloaded when the file changes.
-pub struct ApiKeys {
-    path: PathBuf,
-    keys: RwLock<Arc<Vec<Vec<u8>>>>,
-    modified: Mutex<Option<SystemTime>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum KeyFileError {
-    #[error("cannot read the API key file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("the API key file {0} holds no key (one per line; # starts a comment)")]
-    Empty(PathBuf),
-}
-
-fn read_keys(path: &Path) -> Result<(Vec<Vec<u8>>, Option<SystemTime>), KeyFileError> {
-    let read = |source| KeyFileError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let text = std::fs::read_to_string(path).map_err(read)?;
-    let keys = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| l.as_bytes().to_vec())
-        .collect();
-    Ok((keys, modified))
-}
-
-/// Equal in time independent of where `a` and `b` differ (their lengths may show).
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-impl ApiKeys {
-    /// Reads the file; one that cannot be read or holds no key stops the gateway.
-    pub fn load(path: &Path) -> Result<Arc<Self>, KeyFileError> {
-        let (keys, modified) = read_keys(path)?;
-        if keys.is_empty() {
-            return Err(KeyFileError::Empty(path.to_owned()));
-        }
-        tracing::info!(path = %path.display(), keys = keys.len(), "API keys loaded");
-        Ok(Arc::new(Self {
-            path: path.to_owned(),
-            keys: RwLock::new(Arc::new(keys)),
-            modified: Mutex::new(modified),
-        }))
-    }
-
-    /// Reads the file again if its modification time changed.
-    pub fn reload_if_changed(&self) {
-        let now = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        if now == *self.modified.lock().expect("key file time lock") {
-            return;
-        }
-        match read_keys(&self.path) {
-            Ok((keys, modified)) => {
-                if keys.is_empty() {
-                    tracing::warn!(path = %self.path.display(), "the API key file holds no key: every request is refused");
-                } else {
-                    tracing::info!(path = %self.path.display(), keys = keys.len(), "API keys reloaded");
-                }
-                *self.keys.write().expect("keys lock") = Arc::new(keys);
-                *self.modified.lock().expect("key file time lock") = modified;
-            }
-            Err(e) => tracing::warn!(error = %e, "keeping the API keys already loaded"),
-        }
-    }
-
-    /// Reloads every `every` until the gateway stops.
-    pub fn spawn_reloader(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let keys = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                keys.reload_if_changed();
-            }
-        })
-    }
-
-    /// Whether `authorization` is `Bearer KEY` with one of the keys.
-    pub fn allows(&self, authorization: Option<&HeaderValue>) -> bool {
-        let Some(token) = authorization
-            .map(HeaderValue::as_bytes)
-            .and_then(|v| v.strip_prefix(b"Bearer ").or_else(|| v.strip_prefix(b"bearer ")))
-        else {
-            return false;
-        };
-        let keys = self.keys.read().expect("keys lock").clone();
-        // Every key is compared, so the time does not tell which one matched.
-        keys.iter().fold(false, |found, k| found | same(k, token))
-    }
-}
+use rankway_runtime::keys::GrpcAuthLayer;
+pub use rankway_runtime::keys::KeyFile as ApiKeys;
 
 /// Requests that pass without a key: the health probes.
 fn open(path: &str) -> bool {
@@ -145,98 +44,16 @@ pub async fn rest(keys: axum::extract::State<Option<Arc<ApiKeys>>>, req: Request
     }
 }
 
-/// The gRPC layer: UNAUTHENTICATED without a key.
-#[derive(Clone)]
-pub struct GrpcAuthLayer(pub Option<Arc<ApiKeys>>);
-
-impl<S> tower::Layer<S> for GrpcAuthLayer {
-    type Service = GrpcAuth<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        GrpcAuth {
-            inner,
-            keys: self.0.clone(),
-        }
-    }
+/// The gRPC layer: UNAUTHENTICATED without a key, the probes open.
+pub fn grpc_layer(keys: Option<Arc<ApiKeys>>) -> GrpcAuthLayer {
+    GrpcAuthLayer::new(keys, open, GRPC_REFUSED)
 }
 
-#[derive(Clone)]
-pub struct GrpcAuth<S> {
-    inner: S,
-    keys: Option<Arc<ApiKeys>>,
-}
-
-impl<S, B, RB> tower::Service<http::Request<B>> for GrpcAuth<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
-    S::Future: Send + 'static,
-    RB: Default + Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<RB>;
-    type Error = S::Error;
-    type Future =
-        futures_util::future::Either<S::Future, std::future::Ready<Result<http::Response<RB>, S::Error>>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        match &self.keys {
-            Some(keys)
-                if !open(req.uri().path()) && !keys.allows(req.headers().get(header::AUTHORIZATION)) =>
-            {
-                let status =
-                    tonic::Status::unauthenticated(REFUSED.replace("`Authorization", "`authorization"));
-                futures_util::future::Either::Right(std::future::ready(Ok(status.into_http())))
-            }
-            _ => futures_util::future::Either::Left(self.inner.call(req)),
-        }
-    }
-}
+const GRPC_REFUSED: &str = "a valid API key is required: send `authorization: Bearer KEY`";
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_are_read_compared_and_reloaded() {
-        let dir = std::env::temp_dir().join(format!("rankway-keys-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("keys");
-        std::fs::write(&file, "# ops\nalpha\n\n  beta  \n").unwrap();
-        let keys = ApiKeys::load(&file).unwrap();
-        let bearer = |k: &str| HeaderValue::from_str(&format!("Bearer {k}")).unwrap();
-        assert!(keys.allows(Some(&bearer("alpha"))));
-        assert!(keys.allows(Some(&bearer("beta"))));
-        for bad in ["alph", "alphaa", "# ops", ""] {
-            assert!(!keys.allows(Some(&bearer(bad))), "{bad:?}");
-        }
-        assert!(!keys.allows(Some(&HeaderValue::from_static("alpha"))));
-        assert!(!keys.allows(None));
-
-        // A new modification time: read again.
-        std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(&file, "gamma\n").unwrap();
-        let later = SystemTime::now() + Duration::from_secs(1);
-        std::fs::File::options()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
-        keys.reload_if_changed();
-        assert!(!keys.allows(Some(&bearer("alpha"))));
-        assert!(keys.allows(Some(&bearer("gamma"))));
-        // Gone: the keys stay.
-        std::fs::remove_file(&file).unwrap();
-        keys.reload_if_changed();
-        assert!(keys.allows(Some(&bearer("gamma"))));
-
-        std::fs::write(&file, "# nothing\n").unwrap();
-        assert!(matches!(ApiKeys::load(&file), Err(KeyFileError::Empty(_))));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn probes_are_open() {

@@ -72,6 +72,10 @@ pub struct Config {
     /// tokenizes. Rank 0 has the same limit (`rankway-worker serve --max-text-bytes`).
     #[arg(long, env = "RANKWAY_MAX_TEXT_BYTES", default_value_t = rankway_proto::DEFAULT_MAX_TEXT_BYTES)]
     pub max_text_bytes: usize,
+    /// How long a REST client may take to send a request's body once its head has come;
+    /// a slower one gets 408. (The request's deadline starts once the body is read.)
+    #[arg(long, env = "RANKWAY_BODY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub body_timeout: Duration,
     /// Deadline of a request that does not set one.
     #[arg(long, env = "RANKWAY_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub request_timeout: Duration,
@@ -91,12 +95,19 @@ pub struct Config {
     /// (gRPC). Read again when it changes (see --api-key-reload-interval).
     #[arg(long, env = "RANKWAY_API_KEY_FILE")]
     pub api_key_file: Option<std::path::PathBuf>,
-    /// How often the API key file is checked for changes.
+    /// File whose first line is the token sent to every group's rank 0 as
+    /// `authorization: Bearer TOKEN` (the ranks' `--token-file`); read again when it
+    /// changes, like --api-key-file.
+    #[arg(long, env = "RANKWAY_WORKER_TOKEN_FILE")]
+    pub worker_token_file: Option<std::path::PathBuf>,
+    /// How often the API key file and the worker token file are checked for changes.
     #[arg(long, env = "RANKWAY_API_KEY_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub api_key_reload_interval: Duration,
     /// How long a graceful shutdown waits for accepted requests to finish.
     #[arg(long, env = "RANKWAY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub connections: rankway_runtime::listen::ConnectionArgs,
     #[command(flatten)]
     pub telemetry: rankway_runtime::telemetry::TelemetryArgs,
 }

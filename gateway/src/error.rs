@@ -49,6 +49,9 @@ pub enum ApiError {
     Unavailable(String),
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
+    /// The client was too slow sending its request (REST `--body-timeout`).
+    #[error("{0}")]
+    BodyTimeout(String),
     #[error("internal error: {0}")]
     Internal(String),
     /// A group's rank 0 answered something its model's signature does not allow.
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
+            ApiError::BodyTimeout(_) => "body_timeout",
             ApiError::Internal(_) => "internal",
             ApiError::BadReply(_) => "bad_reply",
         }
@@ -80,6 +84,7 @@ impl ApiError {
             ApiError::QueueFull { .. } => S::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => S::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded(_) => S::GATEWAY_TIMEOUT,
+            ApiError::BodyTimeout(_) => S::REQUEST_TIMEOUT,
             ApiError::Internal(_) => S::INTERNAL_SERVER_ERROR,
             ApiError::BadReply(_) => S::BAD_GATEWAY,
         }
@@ -92,7 +97,7 @@ impl ApiError {
             ApiError::InvalidInput(_) => C::InvalidArgument,
             ApiError::TooLarge(_) | ApiError::QueueFull { .. } => C::ResourceExhausted,
             ApiError::Unavailable(_) => C::Unavailable,
-            ApiError::DeadlineExceeded(_) => C::DeadlineExceeded,
+            ApiError::DeadlineExceeded(_) | ApiError::BodyTimeout(_) => C::DeadlineExceeded,
             ApiError::Internal(_) | ApiError::BadReply(_) => C::Internal,
         }
     }

@@ -91,6 +91,7 @@ pub struct Metrics {
     group_sequences: IntGaugeVec,
     group_kv_free: IntGaugeVec,
     group_kv_total: IntGaugeVec,
+    connections: rankway_runtime::listen::ConnectionMetrics,
 }
 
 impl Default for Metrics {
@@ -103,6 +104,7 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new_custom(Some("rankway".into()), None).expect("valid prefix");
         Self {
+            connections: rankway_runtime::listen::ConnectionMetrics::new(&r, &[]),
             requests: counter(
                 &r,
                 "requests_total",
@@ -311,6 +313,11 @@ impl Metrics {
 
     /// Renders the registry, after refreshing the per-group gauges from `groups` (groups
     /// that left the pool leave the output too).
+    /// Connection counts of the REST and gRPC listeners.
+    pub fn connections(&self) -> &rankway_runtime::listen::ConnectionMetrics {
+        &self.connections
+    }
+
     pub fn render(&self, groups: &[GroupView]) -> String {
         for family in [
             &self.group_ready,

@@ -1,7 +1,8 @@
 //! Input an attacker controls, reproduced against the real binaries: names a client makes
 //! up never become metric series or whole log lines; a rank 0 whose replies break its
 //! model's signature fails only its own batches; a huge text or body is refused or read
-//! at a bounded cost; API keys guard everything but the probes.
+//! at a bounded cost; API keys guard everything but the probes; a rank 0 with a token
+//! answers only callers that carry it.
 
 use std::time::Duration;
 
@@ -359,12 +360,18 @@ async fn a_body_of_numbers_costs_a_small_multiple_of_its_size() {
     assert!(per_body < 6.0, "{per_body:.1}x the body");
 }
 
-#[tokio::test]
-async fn with_api_keys_only_probes_pass_without_one_and_keys_reload() {
-    let dir = std::env::temp_dir().join(format!("rankway-api-keys-{}", std::process::id()));
+/// A key file holding `text` in a fresh directory of its own: (directory, file).
+fn key_file(tag: &str, text: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("rankway-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("keys");
-    std::fs::write(&file, "# two keys\nkey-one\nkey-two\n").unwrap();
+    std::fs::write(&file, text).unwrap();
+    (dir, file)
+}
+
+#[tokio::test]
+async fn with_api_keys_only_probes_pass_without_one_and_keys_reload() {
+    let (dir, file) = key_file("api-keys", "# two keys\nkey-one\nkey-two\n");
     let worker = Worker::start(&["--model=mlp", "--mlp-hidden=16", "--mlp-layers=1"]);
     let flag = format!("--api-key-file={}", file.display());
     let gateway = Gateway::start(&[&worker], &[&flag, "--api-key-reload-interval=100ms"]);
@@ -420,5 +427,63 @@ async fn with_api_keys_only_probes_pass_without_one_and_keys_reload() {
     assert_eq!(get("/metrics", Some("key-one")).await.unwrap().status(), 401);
     live = tonic::Request::new(rankway_proto::inference::ServerLiveRequest {});
     assert!(grpc.server_live(live).await.is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_rank_0_with_a_token_answers_only_callers_that_carry_it() {
+    let (dir, file) = key_file("worker-token", "group-secret\n");
+    let token_flag = format!("--token-file={}", file.display());
+    let worker = Worker::start(&["--model=mlp", "--mlp-hidden=16", "--mlp-layers=1", &token_flag]);
+    // Health stays open for the kubelet: this waits on grpc.health.v1.
+    worker.wait_serving(Duration::from_secs(30)).await;
+
+    let gateway_flag = format!("--worker-token-file={}", file.display());
+    let gateway = Gateway::start(&[&worker], &[&gateway_flag]);
+    gateway.wait_model_ready("mlp").await;
+    let ok = post(
+        &gateway,
+        "/v2/models/mlp/infer",
+        json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": vec![0.5; 16]}]}),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
+
+    // Straight to the worker port: no token, a wrong one.
+    let req = batch("mlp", ("input", DataType::Fp32, vec![1, 16]), vec![0; 64], vec![]);
+    for token in [None, Some("Bearer group-secreT"), Some("group-secret")] {
+        let mut call = tonic::Request::new(req.clone());
+        if let Some(t) = token {
+            call.metadata_mut().insert("authorization", t.parse().unwrap());
+        }
+        let err = worker.client().await.infer(call).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}: {err:?}");
+        assert!(
+            err.message().contains("a valid token is required"),
+            "{}",
+            err.message()
+        );
+        let mut status = tonic::Request::new(rankway_proto::worker::GroupStatusRequest {});
+        if let Some(t) = token {
+            status.metadata_mut().insert("authorization", t.parse().unwrap());
+        }
+        let err = worker.client().await.group_status(status).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}");
+    }
+
+    // A gateway without the token never routes to the group, and says why.
+    let stranger = Gateway::start(&[&worker], &[]);
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let groups = crate::common::admin_groups(&http, &stranger.url("")).await;
+        let text = serde_json::to_string(&groups).unwrap();
+        if text.contains("a valid token is required") {
+            assert_eq!(groups[0]["ready"], false, "{text}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -19,4 +19,5 @@ mod observability;
 mod pool_failover;
 mod request_ids;
 mod served_version;
+mod slow_clients;
 mod tp_equivalence;

@@ -2,9 +2,13 @@
 //!
 //! - [`telemetry`]: logs and OpenTelemetry traces, and how trace context travels over
 //!   HTTP headers, gRPC metadata and the group's step header;
+//! - [`keys`]: key files (API keys, the gateway-to-rank-0 token), reloaded on change;
+//! - [`listen`]: how every listener accepts connections, within a cap and timeouts;
 //! - [`shutdown`]: the signal both binaries drain on.
 
 #![forbid(unsafe_code)]
 
+pub mod keys;
+pub mod listen;
 pub mod shutdown;
 pub mod telemetry;

@@ -248,6 +248,17 @@ pub struct ServeArgs {
     /// How long a graceful shutdown waits for in-flight batches.
     #[arg(long, env = "RANKWAY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
+    /// File of tokens (one per line) of which every call to rankway.worker.v1.Worker
+    /// must carry one as `authorization: Bearer TOKEN` metadata (the gateway's
+    /// --worker-token-file); grpc.health.v1 stays open for probes. Read again when it
+    /// changes. Without it, anyone who reaches the port may call it.
+    #[arg(long, env = "RANKWAY_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// How often --token-file is checked for changes.
+    #[arg(long, env = "RANKWAY_TOKEN_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub token_reload_interval: Duration,
+    #[command(flatten)]
+    pub connections: rankway_runtime::listen::ConnectionArgs,
 }
 
 #[derive(Debug, Clone, Args)]

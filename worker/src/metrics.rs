@@ -11,6 +11,8 @@ use prometheus::{
     TextEncoder, exponential_buckets,
 };
 
+use rankway_runtime::listen::{ConnectionMetrics, Listener};
+
 use crate::stats::{EngineStats, GenStats};
 
 /// 50 µs .. ~26 s.
@@ -27,6 +29,8 @@ fn registered<M: prometheus::core::Collector + Clone + 'static>(registry: &Regis
 
 pub struct WorkerMetrics {
     registry: Registry,
+    /// Connection counts of the gRPC and metrics listeners.
+    pub connections: ConnectionMetrics,
     /// This rank's `group` and `rank` label values, first on every series.
     labels: [String; 2],
     forward: Histogram,
@@ -100,6 +104,7 @@ impl WorkerMetrics {
             ),
             queue_depth: gauge("queue_depth", "Batches waiting for rank 0's model thread."),
             generation: std::sync::OnceLock::new(),
+            connections: ConnectionMetrics::new(&r, &[(LABELS[0], values[0]), (LABELS[1], values[1])]),
             labels,
             registry: r,
         }
@@ -183,13 +188,8 @@ impl WorkerMetrics {
 }
 
 /// Serves `GET /metrics` on `listener` (for as long as the process runs, drain included).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<WorkerMetrics>,
-    stats: Arc<EngineStats>,
-) -> std::io::Result<()> {
+pub async fn serve(listener: Listener, metrics: Arc<WorkerMetrics>, stats: Arc<EngineStats>) {
     use axum::routing::get;
-    use axum::serve::ListenerExt;
     let app = axum::Router::new().route(
         "/metrics",
         get(move || async move {
@@ -202,10 +202,7 @@ pub async fn serve(
             )
         }),
     );
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app).await
+    listener.serve_http(app, std::future::pending()).await
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
+use rankway_runtime::keys::{GrpcAuthLayer, KeyFile};
+use rankway_runtime::listen::Listener;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
 use crate::collective::c10d::ProcessGroup;
 use crate::collective::observed::Observed;
@@ -46,6 +47,14 @@ pub enum ServeError {
     Panicked,
     #[error("gRPC server")]
     Transport(#[from] tonic::transport::Error),
+}
+
+const TOKEN_REFUSED: &str =
+    "a valid token is required: send `authorization: Bearer TOKEN` (the gateway's --worker-token-file)";
+
+/// Calls open without the token: the kubelet's and the gateway's health probes.
+fn is_health_check(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
@@ -157,6 +166,10 @@ pub async fn serve_on(
         source,
     })?;
     let shard = args.rendezvous.shard().map_err(ServeError::Config)?;
+    let token = match &args.token_file {
+        Some(path) => Some(KeyFile::load(path).map_err(|e| ServeError::Config(e.to_string()))?),
+        None => None,
+    };
     let threads = args
         .model
         .torch_threads(args.rendezvous.local_world_size as usize);
@@ -196,6 +209,13 @@ pub async fn serve_on(
         .await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let health_task = tokio::spawn(track_health(reporter, stats.clone(), stop_rx.clone()));
+    let metrics_listener = Listener::new(
+        metrics_listener,
+        "metrics",
+        &args.connections,
+        &metrics.connections,
+    );
+    let grpc_listener = Listener::new(listener, "grpc", &args.connections, &metrics.connections);
     let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, metrics, stats.clone()));
     tracing::info!(%addr, %metrics_addr, group = %args.group, rank = shard.rank, world_size = shard.world, model = %args.model.served_name(), torch_threads = threads, "worker listening");
 
@@ -207,12 +227,16 @@ pub async fn serve_on(
     });
 
     let mut stop_server = stop_rx.clone();
-    let server = tonic::transport::Server::builder()
+    let token_reloader = token
+        .as_ref()
+        .map(|t| t.spawn_reloader(args.token_reload_interval));
+    let server = args
+        .connections
+        .grpc_server()
+        .layer(GrpcAuthLayer::new(token, is_health_check, TOKEN_REFUSED))
         .add_service(health)
         .add_optional_service(worker)
-        // TCP_NODELAY: the gateway waits on every answer; Nagle would hold its last
-        // segment for the gateway's delayed ACK.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
+        .serve_with_incoming_shutdown(grpc_listener.into_incoming(), async move {
             let _ = stop_server.wait_for(|stop| *stop).await;
         });
     let server = tokio::spawn(server);
@@ -237,6 +261,9 @@ pub async fn serve_on(
     }
     health_task.abort();
     metrics_task.abort();
+    if let Some(r) = token_reloader {
+        r.abort();
+    }
     finish(model_ended, watcher, &stats)
 }
 

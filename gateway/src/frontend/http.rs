@@ -22,6 +22,8 @@ pub type AppState = Arc<Gateway>;
 #[derive(Debug, Clone, Copy)]
 pub struct RestLimits {
     pub max_request_bytes: usize,
+    /// How long the body may take to arrive (`--body-timeout`).
+    pub body_timeout: Duration,
 }
 
 /// Finishes an error answer: `Retry-After` when the error has one, and the error itself
@@ -123,7 +125,15 @@ where
             .cloned()
             .ok_or_else(|| missing("request id"))?;
         let timeout = rest_timeout(req.headers())?;
-        let body = parse_json(Bytes::from_request(req, state).await, limits.max_request_bytes)?;
+        let body = tokio::time::timeout(limits.body_timeout, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| {
+                ApiError::BodyTimeout(format!(
+                    "the request body did not arrive within {:?}",
+                    limits.body_timeout
+                ))
+            })?;
+        let body = parse_json(body, limits.max_request_bytes)?;
         Ok(Self {
             body,
             timeout,

@@ -21,6 +21,7 @@ use rankway_proto::worker::{
     GenerateRequest, GenerateResponse, GroupStatusRequest, InferRequest, InferResponse, MAX_MESSAGE_BYTES,
     ModelInfo, ModelKind, NOT_STARTED_KEY, RankPhase,
 };
+use rankway_runtime::keys::KeyFile;
 use serde::Serialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tonic::transport::{Channel, Endpoint};
@@ -72,8 +73,10 @@ impl GroupView {
 }
 
 /// How the gateway treats each group.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GroupSettings {
+    /// The token every call to a rank 0 carries (`--worker-token-file`).
+    pub token: Option<Arc<KeyFile>>,
     /// Batches in flight at most (one running, one staged).
     pub max_in_flight: usize,
     pub connect_timeout: Duration,
@@ -88,6 +91,7 @@ pub struct Group {
     name: String,
     address: String,
     client: WorkerClient<Channel>,
+    token: Option<Arc<KeyFile>>,
     slots: Arc<Semaphore>,
     max_in_flight: usize,
     view: RwLock<GroupView>,
@@ -124,6 +128,7 @@ impl Group {
             name,
             address,
             client,
+            token: settings.token,
             slots: Arc::new(Semaphore::new(settings.max_in_flight)),
             max_in_flight: settings.max_in_flight,
             view: RwLock::new(view),
@@ -204,7 +209,7 @@ impl Group {
     ) -> Result<(tonic::Streaming<GenerateResponse>, StreamGuard), DispatchError> {
         let guard = StreamGuard::new(self.clone());
         let mut client = self.client.clone();
-        let req = call_request(request, deadline, trace);
+        let req = call_request(request, deadline, trace, self.token.as_deref());
         match client.generate(req).await {
             Ok(resp) => {
                 self.breaker.lock().expect("breaker lock").on_success();
@@ -252,6 +257,7 @@ impl Group {
         let mut client = self.client.clone();
         let mut req = tonic::Request::new(GroupStatusRequest {});
         req.set_timeout(timeout);
+        authorize(&mut req, self.token.as_deref());
         let result = tokio::time::timeout(timeout, client.group_status(req)).await;
         let mut v = self.view.write().expect("group view lock");
         let was_ready = v.ready;
@@ -328,7 +334,23 @@ impl Ewma {
 }
 
 /// A call to rank 0: the trace context as `traceparent`, the deadline as `grpc-timeout`.
-fn call_request<T>(message: T, deadline: Instant, trace: &tracing::Span) -> tonic::Request<T> {
+/// Adds the worker token (if the gateway has one) to a call to rank 0.
+fn authorize<T>(req: &mut tonic::Request<T>, token: Option<&KeyFile>) {
+    if let Some(bearer) = token.and_then(KeyFile::bearer) {
+        req.metadata_mut().insert(
+            "authorization",
+            tonic::metadata::AsciiMetadataValue::try_from(bearer.as_bytes())
+                .expect("a header value is ASCII"),
+        );
+    }
+}
+
+fn call_request<T>(
+    message: T,
+    deadline: Instant,
+    trace: &tracing::Span,
+    token: Option<&KeyFile>,
+) -> tonic::Request<T> {
     let mut headers = http::HeaderMap::new();
     rankway_runtime::telemetry::inject(trace, &mut headers);
     let mut req = tonic::Request::from_parts(
@@ -337,6 +359,7 @@ fn call_request<T>(message: T, deadline: Instant, trace: &tracing::Span) -> toni
         message,
     );
     req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    authorize(&mut req, token);
     req
 }
 
@@ -385,7 +408,7 @@ impl Lease {
     ) -> Result<(InferResponse, Duration), DispatchError> {
         self.group.batches.fetch_add(1, Ordering::Relaxed);
         let mut client = self.group.client.clone();
-        let req = call_request(request, deadline, trace);
+        let req = call_request(request, deadline, trace, self.group.token.as_deref());
         let started = Instant::now();
         let result = client.infer(req).await;
         match result {
@@ -656,7 +679,7 @@ impl Pool {
             if groups.iter().any(|g| g.address == addr) {
                 continue;
             }
-            match Group::new(addr.clone(), addr.clone(), self.inner.settings) {
+            match Group::new(addr.clone(), addr.clone(), self.inner.settings.clone()) {
                 Ok(mut g) => {
                     g.discovered = true;
                     tracing::info!(group = %addr, "group found in DNS");
@@ -709,6 +732,7 @@ pub(crate) mod tests {
 
     pub(crate) fn settings() -> GroupSettings {
         GroupSettings {
+            token: None,
             max_in_flight: 2,
             connect_timeout: Duration::from_secs(1),
             breaker_failures: 3,

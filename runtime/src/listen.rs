@@ -1,0 +1,374 @@
+//! How every listener of both binaries accepts connections (gateway REST and gRPC, worker
+//! gRPC, worker metrics), so a slow, silent or numerous client costs a bounded amount:
+//!
+//! - at most `--max-connections` open connections per listener; one more is closed at
+//!   once and counted, rather than left waiting in the kernel's backlog;
+//! - a new connection must send its first bytes within `--header-timeout`, and HTTP/1.1
+//!   must finish each request head within it (hyper's header timer, which also runs while
+//!   a keep-alive connection waits for its next request);
+//! - a connection that moves no bytes either way for `--idle-timeout` while the server
+//!   waits to read from it is closed (a response being computed is not idle: the timer
+//!   is only looked at while a read is pending);
+//! - HTTP/2 advertises `--http2-max-streams` concurrent streams and pings every
+//!   `--http2-keepalive-interval`, dropping a peer that does not answer within
+//!   `--http2-keepalive-timeout`.
+//!
+//! Every accepted socket gets TCP_NODELAY: a small answer must not wait for the delayed
+//! ACK of the one before it (Nagle's algorithm meeting delayed ACKs costs up to 40 ms).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// Connection limits of every listener, flattened into each binary's command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionArgs {
+    /// Open connections per listener at most; a connection over the cap is closed at
+    /// once (counted in the connections_refused_total metric).
+    #[arg(long, env = "RANKWAY_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// How long a new connection may take to send its first bytes, and an HTTP/1.1
+    /// client to send a request's head (also the longest an HTTP/1.1 keep-alive
+    /// connection waits for its next request).
+    #[arg(long, env = "RANKWAY_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub header_timeout: Duration,
+    /// A connection that moves no bytes either way for this long while the server
+    /// waits to read from it is closed.
+    #[arg(long, env = "RANKWAY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams a client may have open at once on one connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "RANKWAY_HTTP2_MAX_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http2_max_streams: u32,
+    /// How often an HTTP/2 connection is pinged.
+    #[arg(long, env = "RANKWAY_HTTP2_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub http2_keepalive_interval: Duration,
+    /// How long a ping may go unanswered before its connection is closed.
+    #[arg(long, env = "RANKWAY_HTTP2_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "20s")]
+    pub http2_keepalive_timeout: Duration,
+}
+
+impl ConnectionArgs {
+    /// A tonic server with this listener's HTTP/2 limits.
+    pub fn grpc_server(&self) -> tonic::transport::Server {
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(self.http2_max_streams)
+            .http2_keepalive_interval(Some(self.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(self.http2_keepalive_timeout))
+    }
+}
+
+/// Connection counts of every listener, by its name (a fixed set: `rest`, `grpc`,
+/// `metrics`), registered once per process in its registry (whose prefix names them:
+/// `rankway_connections_open`, `rankway_worker_connections_open`, ...), with the
+/// registry's constant labels (a rank's `group` and `rank`).
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    open: IntGaugeVec,
+    refused: IntCounterVec,
+    timed_out: IntCounterVec,
+}
+
+impl ConnectionMetrics {
+    pub fn new(registry: &Registry, const_labels: &[(&str, &str)]) -> Self {
+        let opts = |name: &str, help: &str| {
+            let labels = const_labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Opts::new(name, help).const_labels(labels)
+        };
+        let open = IntGaugeVec::new(
+            opts("connections_open", "Connections open, per listener."),
+            &["listener"],
+        )
+        .expect("valid gauge");
+        let refused = IntCounterVec::new(
+            opts(
+                "connections_refused_total",
+                "Connections closed on accept because the listener had --max-connections open.",
+            ),
+            &["listener"],
+        )
+        .expect("valid counter");
+        let timed_out = IntCounterVec::new(
+            opts(
+                "connections_timed_out_total",
+                "Connections closed for sending nothing within --header-timeout (first bytes) or --idle-timeout.",
+            ),
+            &["listener"],
+        )
+        .expect("valid counter");
+        for m in [
+            Box::new(open.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(refused.clone()),
+            Box::new(timed_out.clone()),
+        ] {
+            registry.register(m).expect("metric names are unique");
+        }
+        Self {
+            open,
+            refused,
+            timed_out,
+        }
+    }
+}
+
+/// A bound listener with its limits; [`Listener::accept`] hands out [`Guarded`] sockets.
+pub struct Listener {
+    tcp: TcpListener,
+    name: &'static str,
+    limits: ConnectionArgs,
+    slots: Arc<Semaphore>,
+    metrics: ConnectionMetrics,
+}
+
+impl Listener {
+    pub fn new(
+        tcp: TcpListener,
+        name: &'static str,
+        limits: &ConnectionArgs,
+        metrics: &ConnectionMetrics,
+    ) -> Self {
+        Self {
+            tcp,
+            name,
+            limits: limits.clone(),
+            slots: Arc::new(Semaphore::new(limits.max_connections as usize)),
+            metrics: metrics.clone(),
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// The next connection within the cap. Connections over the cap are closed and
+    /// counted; accept errors (out of file descriptors) are logged and retried after a
+    /// pause, so neither ends the server.
+    pub async fn accept(&self) -> Guarded {
+        loop {
+            let tcp = match self.tcp.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(listener = self.name, error = %e, "accept failed; pausing");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                self.metrics.refused.with_label_values(&[self.name]).inc();
+                tracing::debug!(
+                    listener = self.name,
+                    max_connections = self.limits.max_connections,
+                    "connection refused: at the cap"
+                );
+                continue;
+            };
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+            return Guarded::new(tcp, permit, self);
+        }
+    }
+
+    /// The accepted connections as the stream tonic serves.
+    pub fn into_incoming(self) -> impl futures_core::Stream<Item = io::Result<Guarded>> + Send + 'static {
+        futures_util::stream::unfold(self, |listener| async move {
+            let conn = listener.accept().await;
+            Some((Ok(conn), listener))
+        })
+    }
+
+    /// Serves HTTP/1.1 and HTTP/2 with `router` until `shutdown` resolves, then waits for
+    /// the open connections to finish their requests (the caller bounds that wait).
+    pub async fn serve_http(self, router: axum::Router, shutdown: impl Future<Output = ()>) {
+        use tower::ServiceExt;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.limits.http2_max_streams)
+            .keep_alive_interval(self.limits.http2_keepalive_interval)
+            .keep_alive_timeout(self.limits.http2_keepalive_timeout);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let io = tokio::select! {
+                io = self.accept() => io,
+                () = &mut shutdown => break,
+            };
+            let service = router
+                .clone()
+                .map_request(|req: http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new));
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
+            let conn = graceful.watch(conn);
+            let timed_out = self.metrics.timed_out.with_label_values(&[self.name]);
+            tokio::spawn(async move {
+                // A connection's end (closed by the client, a timeout, a malformed
+                // request) is that connection's business; hyper has answered what it could.
+                if let Err(e) = conn.await {
+                    if e.downcast_ref::<hyper::Error>()
+                        .is_some_and(hyper::Error::is_timeout)
+                    {
+                        // hyper's own header timer (the IO's timers count themselves).
+                        timed_out.inc();
+                    }
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(self);
+        graceful.shutdown().await;
+    }
+}
+
+/// An accepted socket holding its listener slot: reads fail with `TimedOut` once it has
+/// sent nothing within the header timeout, or moved nothing for the idle timeout.
+pub struct Guarded {
+    tcp: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    open: prometheus::IntGauge,
+    timed_out: prometheus::IntCounter,
+    /// When the timer fires: first the header deadline, then the idle deadline.
+    timer: Pin<Box<Sleep>>,
+    idle_timeout: Duration,
+    /// The last time bytes moved; `None` until the first read.
+    last_activity: Option<Instant>,
+}
+
+impl Guarded {
+    fn new(tcp: TcpStream, slot: OwnedSemaphorePermit, listener: &Listener) -> Self {
+        let open = listener.metrics.open.with_label_values(&[listener.name]);
+        open.inc();
+        Self {
+            tcp,
+            _slot: slot,
+            open,
+            timed_out: listener.metrics.timed_out.with_label_values(&[listener.name]),
+            timer: Box::pin(tokio::time::sleep(listener.limits.header_timeout)),
+            idle_timeout: listener.limits.idle_timeout,
+            last_activity: None,
+        }
+    }
+
+    /// Called with a read pending: `Err(TimedOut)` once the connection's deadline has
+    /// passed. Activity only moves the deadline when the timer fires, so moving bytes
+    /// costs a clock read, not a timer update.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let Some(last) = self.last_activity else {
+                return Err(self.time_out("sent nothing within the header timeout"));
+            };
+            let deadline = last + self.idle_timeout;
+            if deadline <= Instant::now() {
+                return Err(self.time_out("idle for the idle timeout"));
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+        Ok(())
+    }
+
+    fn time_out(&self, why: &'static str) -> io::Error {
+        self.timed_out.inc();
+        io::Error::new(io::ErrorKind::TimedOut, why)
+    }
+
+    fn moved(&mut self, first: bool) {
+        let now = Instant::now();
+        if first && self.last_activity.is_none() {
+            // The header deadline has done its job; from now on the idle one counts.
+            self.timer.as_mut().reset(now + self.idle_timeout);
+        }
+        if first || self.last_activity.is_some() {
+            self.last_activity = Some(now);
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.tcp).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.moved(true);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                self.poll_deadline(cx)?;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, buf))?;
+        if n > 0 {
+            self.moved(false);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs))?;
+        if n > 0 {
+            self.moved(false);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Guarded {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tcp.connect_info()
+    }
+}
