@@ -8,7 +8,7 @@ JOBS ?= 2
 export LIBTORCH = $(shell ls -d $(CURDIR)/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -n1)
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: all setup build run test structure manifests images example-agent bench bench-overhead bench-generate bench-groups bench-pool bench-tracing lint clean
+.PHONY: all setup build run test structure manifests images example-agent bench bench-overhead bench-generate bench-groups bench-pool bench-tracing fuzz lint clean
 
 all: build
 
@@ -26,6 +26,13 @@ run: build
 ## real binaries (deploy_manifests.rs runs the rendered Kubernetes manifests).
 test: build structure manifests
 	$(CARGO) test --release -j$(JOBS) --workspace -- --test-threads=1
+
+## The fuzz targets (`fuzz_*` property tests: REST JSON tensors, OpenAI bodies, OIP gRPC
+## validation, raw BYTES, grpc-timeout and Request-Timeout, the step header, safetensors
+## headers) at a million cases each; `make test` runs them at 2,000.
+FUZZ_CASES ?= 1000000
+fuzz: build
+	RANKWAY_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release -j$(JOBS) --workspace --lib fuzz_ -- --test-threads=1 --nocapture
 
 ## The layout's rules, checked: no import cycle between files of a crate; models free of
 ## wire types; front ends never touch the pool (README, "Layout").

@@ -37,6 +37,8 @@ pub mod worker {
 }
 
 pub mod codec;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 
 use std::time::Duration;
 
@@ -67,6 +69,52 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Du
         "n" => Duration::from_nanos(n),
         _ => return Err(bad()),
     }))
+}
+
+#[cfg(test)]
+mod fuzz_targets {
+    use proptest::prelude::*;
+
+    use crate::codec::{decode_bytes_elements, encode_bytes_elements};
+    use crate::fuzz::{cases, run};
+
+    #[test]
+    fn fuzz_raw_bytes_codec() {
+        // Any bytes: decoded or refused, never a panic.
+        run(
+            "raw BYTES decoder",
+            proptest::collection::vec(any::<u8>(), 0..96),
+            |raw| {
+                let _ = decode_bytes_elements(&raw);
+            },
+        );
+        // Whatever is encoded decodes to itself.
+        let elements = proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..24), 0..8);
+        run("raw BYTES round trip", elements, |elements| {
+            let raw = encode_bytes_elements(&elements);
+            let back = decode_bytes_elements(&raw).expect("an encoding decodes");
+            assert_eq!(back, elements.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        });
+        assert!(cases() > 0);
+    }
+
+    #[test]
+    fn fuzz_grpc_timeout_parser() {
+        let value = prop_oneof![
+            "[0-9]{0,12}[HMSmunx]?",
+            "[ -~]{0,16}",
+            any::<u64>().prop_map(|n| format!("{n}S")),
+        ];
+        run("grpc-timeout parser", value, |v| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            let Ok(v) = v.parse() else { return };
+            m.insert("grpc-timeout", v);
+            if let Ok(Some(d)) = crate::grpc_timeout(&m) {
+                // Within what 8 digits of hours allow.
+                assert!(d <= std::time::Duration::from_secs(99_999_999 * 3600));
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -80,6 +80,10 @@ impl Header {
     /// and at TRACE_AT: trace id high and low words, span id, flags (1 = traced, 2 =
     /// sampled). Each value is an i64 bit pattern: the all-reduce adds only zeros to it.
     pub fn encode(&self) -> Result<Tensor, ModelError> {
+        Ok(Tensor::from_slice(&self.encode_words()?))
+    }
+
+    fn encode_words(&self) -> Result<Vec<i64>, ModelError> {
         if self.tensors.len() > MAX_TENSORS {
             return Err(ModelError::InvalidInput(format!(
                 "at most {MAX_TENSORS} tensors per step"
@@ -106,7 +110,7 @@ impl Header {
             v[TRACE_AT + 2] = t.span_id as i64;
             v[TRACE_AT + 3] = 1 | if t.sampled { 2 } else { 0 };
         }
-        Ok(Tensor::from_slice(&v))
+        Ok(v)
     }
 
     pub fn decode(t: &Tensor) -> Result<Self, CollectiveError> {
@@ -115,29 +119,35 @@ impl Header {
             message: m,
         };
         let v = Vec::<i64>::try_from(t.to_device(tch::Device::Cpu)).map_err(|e| bad(e.to_string()))?;
+        Self::decode_words(&v).map_err(bad)
+    }
+
+    /// [`Header::decode`] of the header's words: any words are refused or decoded.
+    fn decode_words(v: &[i64]) -> Result<Self, String> {
+        if v.len() != HEADER_LEN {
+            return Err(format!("header of {} words, not {HEADER_LEN}", v.len()));
+        }
         let op = match v.first() {
             Some(1) => Op::Batch,
             Some(2) => Op::Heartbeat,
             Some(3) => Op::Shutdown,
             Some(4) => Op::Step,
             other => {
-                return Err(bad(format!(
-                    "unknown op {other:?}: ranks disagree on the protocol"
-                )));
+                return Err(format!("unknown op {other:?}: ranks disagree on the protocol"));
             }
         };
         let n = v[2] as usize;
         if n > MAX_TENSORS {
-            return Err(bad(format!("header announces {n} tensors")));
+            return Err(format!("header announces {n} tensors"));
         }
         let tensors = (0..n)
             .map(|i| {
                 let at = 3 + i * (2 + MAX_DIMS);
-                let kind = code_kind(v[at]).ok_or_else(|| bad(format!("unknown tensor kind {}", v[at])))?;
+                let kind = code_kind(v[at]).ok_or_else(|| format!("unknown tensor kind {}", v[at]))?;
                 let ndim = (v[at + 1] as usize).min(MAX_DIMS);
                 Ok((kind, v[at + 2..at + 2 + ndim].to_vec()))
             })
-            .collect::<Result<_, CollectiveError>>()?;
+            .collect::<Result<_, String>>()?;
         let flags = v[TRACE_AT + 3];
         let trace = (flags & 1 == 1).then(|| TraceParent {
             trace_id: (u128::from(v[TRACE_AT] as u64) << 64) | u128::from(v[TRACE_AT + 1] as u64),
@@ -301,6 +311,48 @@ pub fn follow_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fuzz_step_header_decoder() {
+        use proptest::prelude::*;
+        let word = prop_oneof![-2i64..8, any::<i64>()];
+        let words = prop_oneof![
+            proptest::collection::vec(word.clone(), HEADER_LEN..=HEADER_LEN),
+            proptest::collection::vec(word, 0..HEADER_LEN + 3),
+        ];
+        rankway_proto::fuzz::run("step header decoder", words, |v| {
+            let _ = Header::decode_words(&v);
+        });
+        // Every header rank 0 can encode decodes to itself on the other ranks.
+        let op = prop::sample::select(vec![Op::Batch, Op::Heartbeat, Op::Shutdown, Op::Step]);
+        let tensor = (
+            prop::sample::select(vec![Kind::Int64, Kind::Float]),
+            proptest::collection::vec(any::<i64>(), 0..=MAX_DIMS),
+        );
+        let trace = (any::<u128>(), any::<u64>(), any::<bool>()).prop_map(|(trace_id, span_id, sampled)| {
+            TraceParent {
+                trace_id,
+                span_id,
+                sampled,
+            }
+        });
+        let header = (
+            op,
+            any::<u64>(),
+            proptest::collection::vec(tensor, 0..=MAX_TENSORS),
+            proptest::option::of(trace),
+        )
+            .prop_map(|(op, batch_id, tensors, trace)| Header {
+                op,
+                batch_id,
+                tensors,
+                trace,
+            });
+        rankway_proto::fuzz::run("step header round trip", header, |h| {
+            let words = h.encode_words().expect("within the limits");
+            assert_eq!(Header::decode_words(&words).unwrap(), h);
+        });
+    }
 
     #[test]
     fn header_round_trips() {

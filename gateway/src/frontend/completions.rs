@@ -231,7 +231,7 @@ fn usage_json(u: Usage) -> Value {
 
 /// Which of the two APIs an answer is shaped for.
 #[derive(Clone, Copy)]
-enum Api {
+pub(crate) enum Api {
     Chat,
     Completion,
 }
@@ -386,61 +386,75 @@ async fn respond(
 }
 
 /// The body of a generation request, its fields taken out one by one (see [`field`]).
-type Body = Map<String, Value>;
+pub(crate) type Body = Map<String, Value>;
 
-pub async fn chat_completions(
-    State(state): State<AppState>,
+/// A chat or completions body, checked: the generation to run, and how to answer.
+pub(crate) struct Parsed {
+    pub call: GenerateCall,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Reads a chat (`messages`) or completions (`prompt`) body; every field is checked
+/// before anything is queued.
+pub(crate) fn parse(
+    api: Api,
+    mut body: Body,
+    timeout: Option<std::time::Duration>,
+    request_id: RequestId,
+) -> Result<Parsed, ApiError> {
+    let prompt = match api {
+        Api::Chat => messages(required(&mut body, "messages")?)?,
+        Api::Completion => match required(&mut body, "prompt")? {
+            CompletionPrompt::One(p) => Prompt::Text(p),
+            CompletionPrompt::Many(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
+            CompletionPrompt::Many(v) => {
+                return Err(invalid(format!(
+                    "'prompt' must be one string, got a list of {}",
+                    v.len()
+                )));
+            }
+        },
+    };
+    let common = Common::take(&mut body)?;
+    check_rest(&body)?;
+    let (stream, include_usage) = (
+        common.stream,
+        common.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    );
+    Ok(Parsed {
+        call: common.call(prompt, timeout, request_id)?,
+        stream,
+        include_usage,
+    })
+}
+
+async fn handle(
+    api: Api,
+    state: AppState,
     JsonRequest {
-        mut body,
+        body,
         timeout,
         request_id,
         ..
     }: JsonRequest<Body, OpenAiError>,
 ) -> Result<Response, OpenAiError> {
-    let chat: Vec<InMessage> = required(&mut body, "messages")?;
-    let common = Common::take(&mut body)?;
-    check_rest(&body)?;
-    let (stream_it, include_usage) = (
-        common.stream,
-        common.stream_options.as_ref().is_some_and(|o| o.include_usage),
-    );
-    let call = common.call(messages(chat)?, timeout, request_id.clone())?;
-    respond(state, Api::Chat, call, stream_it, include_usage, &request_id).await
+    let p = parse(api, body, timeout, request_id.clone())?;
+    respond(state, api, p.call, p.stream, p.include_usage, &request_id).await
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    req: JsonRequest<Body, OpenAiError>,
+) -> Result<Response, OpenAiError> {
+    handle(Api::Chat, state, req).await
 }
 
 pub async fn completions(
     State(state): State<AppState>,
-    JsonRequest {
-        mut body,
-        timeout,
-        request_id,
-        ..
-    }: JsonRequest<Body, OpenAiError>,
+    req: JsonRequest<Body, OpenAiError>,
 ) -> Result<Response, OpenAiError> {
-    let prompt: CompletionPrompt = required(&mut body, "prompt")?;
-    let common = Common::take(&mut body)?;
-    check_rest(&body)?;
-    let prompt = match prompt {
-        CompletionPrompt::One(p) => p,
-        CompletionPrompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        CompletionPrompt::Many(v) => {
-            return Err(invalid(format!("'prompt' must be one string, got a list of {}", v.len())).into());
-        }
-    };
-    let (stream_it, include_usage) = (
-        common.stream,
-        common.stream_options.as_ref().is_some_and(|o| o.include_usage),
-    );
-    let call = common.call(Prompt::Text(prompt), timeout, request_id.clone())?;
-    respond(
-        state,
-        Api::Completion,
-        call,
-        stream_it,
-        include_usage,
-        &request_id,
-    )
-    .await
+    handle(Api::Completion, state, req).await
 }
 
 /// `GET /v1/models`: every model a ready group serves, embedding and generative.

@@ -66,14 +66,18 @@ fn contents_to_raw(name: &str, dtype: DataType, c: InferTensorContents) -> Resul
         }
         other => {
             return Err(ApiError::InvalidInput(format!(
-                "input {name:?}: datatype {} must be sent in raw_input_contents",
+                "input {}: datatype {} must be sent in raw_input_contents",
+                shown(name),
                 other.oip_name()
             )));
         }
     })
 }
 
-fn to_tensors(inputs: Vec<InferInputTensor>, raw: Vec<bytes::Bytes>) -> Result<Vec<Tensor>, ApiError> {
+pub(crate) fn to_tensors(
+    inputs: Vec<InferInputTensor>,
+    raw: Vec<bytes::Bytes>,
+) -> Result<Vec<Tensor>, ApiError> {
     if !raw.is_empty() && raw.len() != inputs.len() {
         return Err(ApiError::InvalidInput(format!(
             "raw_input_contents has {} entries for {} inputs; give one per input or none",
@@ -95,8 +99,8 @@ fn to_tensors(inputs: Vec<InferInputTensor>, raw: Vec<bytes::Bytes>) -> Result<V
             let data = match (raw.next(), i.contents) {
                 (Some(_), Some(_)) => {
                     return Err(ApiError::InvalidInput(format!(
-                        "input {:?} has both contents and raw_input_contents",
-                        i.name
+                        "input {} has both contents and raw_input_contents",
+                        shown(&i.name)
                     )));
                 }
                 (Some(r), None) => r,

@@ -5,6 +5,8 @@
 
 pub mod admin;
 pub mod completions;
+#[cfg(test)]
+mod fuzz;
 pub mod grpc;
 pub mod grpc_generate;
 pub mod http;

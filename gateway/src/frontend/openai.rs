@@ -45,12 +45,12 @@ impl IntoResponse for OpenAiError {
 
 #[derive(Debug, Deserialize)]
 pub struct EmbeddingsRequest {
-    input: Value,
-    model: String,
+    pub(crate) input: Value,
+    pub(crate) model: String,
     #[serde(default)]
-    encoding_format: Option<String>,
+    pub(crate) encoding_format: Option<String>,
     #[serde(default)]
-    dimensions: Option<u64>,
+    pub(crate) dimensions: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -79,6 +79,24 @@ struct EmbeddingsResponse {
     data: Vec<EmbeddingData>,
     model: String,
     usage: Usage,
+}
+
+/// Whether the answer is base64 (`encoding_format`), and the texts of `input`.
+pub(crate) fn base64_and_texts(
+    encoding_format: Option<&str>,
+    input: Value,
+) -> Result<(bool, Vec<String>), ApiError> {
+    let base64 = match encoding_format {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::InvalidInput(format!(
+                "'encoding_format' must be \"float\" or \"base64\", got {}",
+                shown(other)
+            )));
+        }
+    };
+    Ok((base64, texts(input)?))
 }
 
 /// `input` as OpenAI allows it for text: one string or a list of strings.
@@ -112,18 +130,7 @@ pub async fn embeddings(
         ..
     }: JsonRequest<EmbeddingsRequest, OpenAiError>,
 ) -> Result<Response, OpenAiError> {
-    let base64 = match req.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(other) => {
-            return Err(ApiError::InvalidInput(format!(
-                "'encoding_format' must be \"float\" or \"base64\", got {}",
-                shown(other)
-            ))
-            .into());
-        }
-    };
-    let texts = texts(req.input)?;
+    let (base64, texts) = base64_and_texts(req.encoding_format.as_deref(), req.input)?;
     let info = state.ready_model(&req.model)?;
     let (input_spec, output_spec) = text_embedding_io(&info)?;
     let dim = output_spec.shape[1];

@@ -34,7 +34,7 @@ impl IntoResponse for OipError {
 pub struct InferRequestJson {
     #[serde(default)]
     id: Option<String>,
-    inputs: Vec<JsonInput>,
+    pub(crate) inputs: Vec<JsonInput>,
     #[serde(default)]
     outputs: Vec<RequestedOutput>,
 }

@@ -21,6 +21,30 @@ struct Entry {
     dtype: String,
     shape: Vec<i64>,
     data_offsets: [u64; 2],
+    /// The product of `shape`, checked when the header is read.
+    #[serde(skip)]
+    elements: u64,
+}
+
+/// The tensors a safetensors header (its JSON, after the length) lists, each checked:
+/// dimensions are not negative and their product fits in 64 bits with room for the
+/// element size, so no later size computation can overflow.
+fn parse_header(header: &[u8]) -> Result<HashMap<String, Entry>, String> {
+    let raw: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("header JSON: {e}"))?;
+    raw.into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| {
+            let mut e: Entry = serde_json::from_value(v).map_err(|e| format!("header entry: {e}"))?;
+            e.elements = e
+                .shape
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?))
+                .filter(|&n| n <= (i64::MAX as u64) / 8)
+                .ok_or_else(|| format!("tensor {k:?} has an impossible shape {:?}", e.shape))?;
+            Ok((k, e))
+        })
+        .collect()
 }
 
 /// An open safetensors file and its header.
@@ -45,14 +69,7 @@ impl ShardReader {
         let mut header = vec![0u8; len as usize];
         file.read_exact_at(&mut header, 8)
             .map_err(|e| err(format!("header: {e}")))?;
-        let raw: HashMap<String, serde_json::Value> =
-            serde_json::from_slice(&header).map_err(|e| err(format!("header JSON: {e}")))?;
-        let entries = raw
-            .into_iter()
-            .filter(|(k, _)| k != "__metadata__")
-            .map(|(k, v)| serde_json::from_value(v).map(|e| (k, e)))
-            .collect::<Result<_, _>>()
-            .map_err(|e| err(format!("header entry: {e}")))?;
+        let entries = parse_header(&header).map_err(err)?;
         Ok(Self {
             path: path.to_owned(),
             file,
@@ -72,8 +89,7 @@ impl ShardReader {
                 e.dtype
             )));
         }
-        let expected = e.shape.iter().product::<i64>() as u64 * 4;
-        if e.data_offsets[1].checked_sub(e.data_offsets[0]) != Some(expected) {
+        if e.data_offsets[1].checked_sub(e.data_offsets[0]) != Some(e.elements * 4) {
             return Err(ModelError::Load(format!(
                 "tensor {name:?}: offsets do not match its shape"
             )));
@@ -148,5 +164,48 @@ mod tests {
         assert!(r.slice("m", 1, (5, 3)).is_err());
         assert!(r.full("missing").is_err());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn fuzz_safetensors_header_reader() {
+        use proptest::prelude::*;
+        let dim = prop_oneof![0i64..8, any::<i64>()];
+        let entry = (
+            prop_oneof![Just("F32".to_owned()), "[A-Z0-9]{0,4}"],
+            proptest::collection::vec(dim, 0..4),
+            any::<[u64; 2]>(),
+            0u64..64,
+        )
+            .prop_map(|(dtype, shape, offsets, start)| {
+                // Half of them with offsets that match an F32 shape, if it has one.
+                let bytes = shape
+                    .iter()
+                    .try_fold(4u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?));
+                let offsets = match bytes {
+                    Some(b) if offsets[0] % 2 == 0 => [start, start.saturating_add(b)],
+                    _ => offsets,
+                };
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": offsets})
+            });
+        let header = prop_oneof![
+            proptest::collection::btree_map("[a-z]{1,3}", entry, 0..4)
+                .prop_map(|m| serde_json::to_vec(&m).unwrap()),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ];
+        rankway_proto::fuzz::run("safetensors header reader", header, |header| {
+            let Ok(entries) = parse_header(&header) else {
+                return;
+            };
+            let reader = ShardReader {
+                path: PathBuf::from("fuzz"),
+                file: File::open("/dev/null").unwrap(),
+                data_start: 8,
+                entries,
+            };
+            let names: Vec<String> = reader.entries.keys().cloned().collect();
+            for name in names {
+                let _ = reader.entry(&name);
+            }
+        });
     }
 }
