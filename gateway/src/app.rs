@@ -119,8 +119,19 @@ pub async fn run(
         .as_ref()
         .map(|k| k.spawn_reloader(cfg.api_key_reload_interval));
     let metrics = Arc::new(Metrics::new());
-    let http_listener = Listener::new(listeners.http, "rest", &cfg.connections, metrics.connections());
-    let grpc_listener = Listener::new(listeners.grpc, "grpc", &cfg.connections, metrics.connections());
+    let tls_files = cfg.tls.files().map_err(|e| AppError::Config(e.to_string()))?;
+    let tls = |alpn: &[&[u8]]| {
+        tls_files
+            .as_ref()
+            .map(|f| cfg.tls.config(f.clone(), alpn))
+            .transpose()
+            .map_err(|e| AppError::Config(e.to_string()))
+    };
+    let http_listener = Listener::new(listeners.http, "rest", &cfg.connections, metrics.connections())
+        .with_tls(tls(&[b"h2", b"http/1.1"])?);
+    let grpc_listener = Listener::new(listeners.grpc, "grpc", &cfg.connections, metrics.connections())
+        .with_tls(tls(&[b"h2"])?);
+    let tls_reloader = tls_files.map(|f| f.spawn_reloader(cfg.tls.tls_reload_interval));
     let state = Arc::new(
         Gateway::new(pool.clone(), metrics.clone(), cfg.batch(), cfg.request_timeout)
             .with_max_waiting_generations(cfg.max_waiting_generations as usize)
@@ -203,7 +214,8 @@ pub async fn run(
             let _ = stop_grpc.wait_for(|s| *s).await;
         });
     let grpc_server = tokio::spawn(async move { grpc_server.await.map_err(AppError::Grpc) });
-    tracing::info!(%http_addr, %grpc_addr, groups = cfg.groups.len(), "gateway listening");
+    let tls_on = cfg.tls.tls_cert.is_some();
+    tracing::info!(%http_addr, %grpc_addr, tls = tls_on, groups = cfg.groups.len(), "gateway listening");
 
     shutdown.await;
     state.start_draining();
@@ -219,7 +231,7 @@ pub async fn run(
         d.abort();
     }
     health_task.abort();
-    for r in [key_reloader, token_reloader].into_iter().flatten() {
+    for r in [key_reloader, token_reloader, tls_reloader].into_iter().flatten() {
         r.abort();
     }
     match drained {

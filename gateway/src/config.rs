@@ -109,6 +109,8 @@ pub struct Config {
     #[command(flatten)]
     pub connections: rankway_runtime::listen::ConnectionArgs,
     #[command(flatten)]
+    pub tls: rankway_runtime::tls::TlsArgs,
+    #[command(flatten)]
     pub telemetry: rankway_runtime::telemetry::TelemetryArgs,
 }
 

@@ -20,4 +20,5 @@ mod pool_failover;
 mod request_ids;
 mod served_version;
 mod slow_clients;
+mod tls;
 mod tp_equivalence;

@@ -17,6 +17,19 @@ pub struct KeyFile {
     modified: Mutex<Option<SystemTime>>,
 }
 
+/// Runs `check` every `every` on a task of its own (until the task is aborted): how key
+/// and certificate files are watched for changes.
+pub(crate) fn spawn_every(every: Duration, check: impl Fn() + Send + 'static) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            check();
+        }
+    })
+}
+
 impl std::fmt::Debug for KeyFile {
     /// The path only: never the keys.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,14 +107,7 @@ impl KeyFile {
     /// Reloads every `every` (until the task is aborted).
     pub fn spawn_reloader(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let keys = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                keys.reload_if_changed();
-            }
-        })
+        spawn_every(every, move || keys.reload_if_changed())
     }
 
     /// Whether `authorization` is `Bearer KEY` with one of the keys.

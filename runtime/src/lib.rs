@@ -4,6 +4,7 @@
 //!   HTTP headers, gRPC metadata and the group's step header;
 //! - [`keys`]: key files (API keys, the gateway-to-rank-0 token), reloaded on change;
 //! - [`listen`]: how every listener accepts connections, within a cap and timeouts;
+//! - [`tls`]: TLS of the gateway's front ends, its certificate reloaded on change;
 //! - [`shutdown`]: the signal both binaries drain on.
 
 #![forbid(unsafe_code)]
@@ -12,3 +13,4 @@ pub mod keys;
 pub mod listen;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;

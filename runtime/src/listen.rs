@@ -13,6 +13,9 @@
 //!   `--http2-keepalive-interval`, dropping a peer that does not answer within
 //!   `--http2-keepalive-timeout`.
 //!
+//! With TLS (the gateway's `--tls-cert`), the handshake runs on its own task within
+//! `--header-timeout`, over the guarded socket, so its bytes count as the first bytes.
+//!
 //! Every accepted socket gets TCP_NODELAY: a small answer must not wait for the delayed
 //! ACK of the one before it (Nagle's algorithm meeting delayed ACKs costs up to 40 ms).
 
@@ -132,6 +135,7 @@ pub struct Listener {
     limits: ConnectionArgs,
     slots: Arc<Semaphore>,
     metrics: ConnectionMetrics,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Listener {
@@ -147,6 +151,22 @@ impl Listener {
             limits: limits.clone(),
             slots: Arc::new(Semaphore::new(limits.max_connections as usize)),
             metrics: metrics.clone(),
+            tls: None,
+        }
+    }
+
+    /// Serves TLS only, with `config`.
+    pub fn with_tls(mut self, config: Option<Arc<rustls::ServerConfig>>) -> Self {
+        self.tls = config.map(tokio_rustls::TlsAcceptor::from);
+        self
+    }
+
+    /// The next connection, its TLS handshake (if any) left to [`Pending::establish`].
+    async fn next(&self) -> Pending {
+        Pending {
+            socket: self.accept().await,
+            tls: self.tls.clone(),
+            within: self.limits.header_timeout,
         }
     }
 
@@ -157,7 +177,7 @@ impl Listener {
     /// The next connection within the cap. Connections over the cap are closed and
     /// counted; accept errors (out of file descriptors) are logged and retried after a
     /// pause, so neither ends the server.
-    pub async fn accept(&self) -> Guarded {
+    async fn accept(&self) -> Guarded {
         loop {
             let tcp = match self.tcp.accept().await {
                 Ok((tcp, _)) => tcp,
@@ -183,11 +203,28 @@ impl Listener {
         }
     }
 
-    /// The accepted connections as the stream tonic serves.
-    pub fn into_incoming(self) -> impl futures_core::Stream<Item = io::Result<Guarded>> + Send + 'static {
-        futures_util::stream::unfold(self, |listener| async move {
-            let conn = listener.accept().await;
-            Some((Ok(conn), listener))
+    /// The established connections as the stream tonic serves. Handshakes run on their
+    /// own tasks, so a slow one holds up no other; the listener closes once tonic drops
+    /// the stream.
+    pub fn into_incoming(self) -> impl futures_core::Stream<Item = io::Result<Conn>> + Send + 'static {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Conn>(64);
+        tokio::spawn(async move {
+            loop {
+                let pending = tokio::select! {
+                    p = self.next() => p,
+                    () = tx.closed() => return,
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if let Some(conn) = pending.establish().await {
+                        let _ = tx.send(conn).await;
+                    }
+                });
+            }
+        });
+        futures_util::stream::unfold(rx, |mut rx| async move {
+            let conn = rx.recv().await?;
+            Some((Ok(conn), rx))
         })
     }
 
@@ -208,19 +245,23 @@ impl Listener {
             .keep_alive_timeout(self.limits.http2_keepalive_timeout);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
+        let builder = Arc::new(builder);
         loop {
-            let io = tokio::select! {
-                io = self.accept() => io,
+            let pending = tokio::select! {
+                p = self.next() => p,
                 () = &mut shutdown => break,
             };
             let service = router
                 .clone()
                 .map_request(|req: http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new));
             let service = hyper_util::service::TowerToHyperService::new(service);
-            let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
-            let conn = graceful.watch(conn);
+            let (builder, watcher) = (builder.clone(), graceful.watcher());
             let timed_out = self.metrics.timed_out.with_label_values(&[self.name]);
             tokio::spawn(async move {
+                let Some(io) = pending.establish().await else {
+                    return;
+                };
+                let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service).into_owned());
                 // A connection's end (closed by the client, a timeout, a malformed
                 // request) is that connection's business; hyper has answered what it could.
                 if let Err(e) = conn.await {
@@ -236,6 +277,102 @@ impl Listener {
         }
         drop(self);
         graceful.shutdown().await;
+    }
+}
+
+/// An accepted socket whose TLS handshake (if the listener has TLS) is still to come.
+struct Pending {
+    socket: Guarded,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    within: Duration,
+}
+
+impl Pending {
+    /// The connection, once its handshake is done; `None` if it failed or took longer
+    /// than the header timeout (then the socket is closed).
+    async fn establish(self) -> Option<Conn> {
+        let Some(acceptor) = self.tls else {
+            return Some(Conn::Plain(self.socket));
+        };
+        let timed_out = self.socket.timed_out.clone();
+        match tokio::time::timeout(self.within, acceptor.accept(self.socket)).await {
+            Ok(Ok(tls)) => Some(Conn::Tls(Box::new(tls))),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                timed_out.inc();
+                None
+            }
+        }
+    }
+}
+
+/// A served connection: the guarded socket, or TLS over it.
+pub enum Conn {
+    Plain(Guarded),
+    Tls(Box<tokio_rustls::server::TlsStream<Guarded>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(g) => Pin::new(g).poll_read(cx, buf),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(g) => Pin::new(g).poll_write(cx, buf),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(g) => Pin::new(g).poll_write_vectored(cx, bufs),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(g) => g.is_write_vectored(),
+            Conn::Tls(t) => t.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(g) => Pin::new(g).poll_flush(cx),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(g) => Pin::new(g).poll_shutdown(cx),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Conn::Plain(g) => g.tcp.connect_info(),
+            Conn::Tls(t) => t.get_ref().0.tcp.connect_info(),
+        }
     }
 }
 
@@ -362,13 +499,5 @@ impl AsyncWrite for Guarded {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
-}
-
-impl tonic::transport::server::Connected for Guarded {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.tcp.connect_info()
     }
 }
