@@ -518,13 +518,64 @@ fn kubelet_env(c: &Value, pod: &Pod, ip: Ipv4Addr, hosts: &[Host]) -> Vec<(Strin
         .collect()
 }
 
+/// The Secret volumes of container `c` of pod `spec`, as the kubelet would mount them:
+/// (mount path, a folder under `root` holding each of the Secret's keys as a file).
+fn mount_secrets(
+    docs: &[Value],
+    spec: &Value,
+    c: &Value,
+    root: &std::path::Path,
+) -> Vec<(String, std::path::PathBuf)> {
+    use base64::Engine;
+    c["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            let volume = spec["volumes"]
+                .as_array()?
+                .iter()
+                .find(|v| v["name"] == m["name"])?;
+            let secret_name = volume["secret"]["secretName"].as_str()?;
+            let secret = of_kind(docs, "Secret")
+                .find(|s| name(s) == secret_name)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "volume {} mounts Secret {secret_name}, which the render lacks",
+                        m["name"]
+                    )
+                });
+            let dir = root.join(secret_name);
+            std::fs::create_dir_all(&dir).unwrap();
+            for (key, value) in secret["data"].as_object().unwrap() {
+                let text: String = value.as_str().unwrap().split_whitespace().collect();
+                let bytes = base64::engine::general_purpose::STANDARD.decode(text).unwrap();
+                std::fs::write(dir.join(key), bytes).unwrap();
+            }
+            Some((m["mountPath"].as_str().unwrap().to_owned(), dir))
+        })
+        .collect()
+}
+
+/// `env` with every path under a mounted Secret pointed at its local copy.
+fn with_mounts(env: &mut [(String, String)], mounts: &[(String, std::path::PathBuf)]) {
+    for (_, value) in env.iter_mut() {
+        for (path, dir) in mounts {
+            if let Some(rest) = value.strip_prefix(path.as_str()) {
+                *value = format!("{}{rest}", dir.display());
+            }
+        }
+    }
+}
+
 /// The rendered CPU overlay, run. Substitutions, and only these: each pod gets its own
 /// loopback address (127.0.0.10 and up) for the pod IP, its DNS names and its 0.0.0.0
 /// listen addresses (gRPC, metrics); the TCPStore port is a free one per group (the store
 /// listens on every address, so groups on one host cannot share it); the image's models
 /// folder is the checkout's; the cluster's DNS is a loopback server answering the leaders
-/// name with the pods the rankway-leaders Service selects; workers use one torch thread
-/// and float32 matrices (the greedy answer compared is the float32 reference's).
+/// name with the pods the rankway-leaders Service selects; a Secret volume is a folder
+/// holding the rendered Secret's keys; workers use one torch thread and float32 matrices
+/// (the greedy answer compared is the float32 reference's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() {
     let docs = render("overlays/cpu");
@@ -549,6 +600,7 @@ async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() 
         })
         .collect();
     let store_ports: BTreeMap<&str, u16> = pods.iter().map(|p| (p.owner.as_str(), free_port())).collect();
+    let secrets = std::env::temp_dir().join(format!("rankway-deploy-secrets-{}", std::process::id()));
 
     let mut workers = Vec::new();
     let mut rank_addrs = Vec::new();
@@ -557,6 +609,7 @@ async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() 
             continue;
         };
         let mut env = kubelet_env(c, p, h.ip, &hosts);
+        with_mounts(&mut env, &mount_secrets(&docs, &p.spec, c, &secrets));
         for (var, value) in env.iter_mut() {
             match var.as_str() {
                 "MASTER_PORT" => *value = store_ports[p.owner.as_str()].to_string(),
@@ -605,6 +658,7 @@ async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() 
         .expect("a gateway pod");
     let c = container(&gp.spec, "rankway-gateway").unwrap();
     let mut env = kubelet_env(c, gp, gh.ip, &hosts);
+    with_mounts(&mut env, &mount_secrets(&docs, &gp.spec, c, &secrets));
     let http = format!("{}:{}", gh.ip, port_of(c, "http"));
     env.push(("RANKWAY_HTTP_LISTEN".into(), http.clone()));
     env.push((
@@ -680,8 +734,20 @@ async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() 
     assert_eq!(text, answer);
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
 
+    // The gateway reached every group with the Secret's token; nobody else is answered.
+    let mut rank0 =
+        rankway_proto::worker::worker_client::WorkerClient::connect(format!("http://{}", rank_addrs[0]))
+            .await
+            .unwrap();
+    let err = rank0
+        .group_status(rankway_proto::worker::GroupStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
     assert!(gateway.is_running());
     for w in &mut workers {
         assert!(w.is_running(), "a rank exited:\n{}", w.log_text());
     }
+    std::fs::remove_dir_all(&secrets).unwrap();
 }
