@@ -53,7 +53,8 @@ pub struct RendezvousArgs {
     /// Network interface Gloo uses (as torch's GLOO_SOCKET_IFNAME).
     #[arg(long, env = "GLOO_SOCKET_IFNAME", default_value = "")]
     pub gloo_iface: String,
-    /// Address Gloo binds when no interface is named (default: this host's name).
+    /// Address Gloo binds when no interface is named (default: this host's name); rank 0
+    /// also serves the TCPStore on it alone (default: on every interface).
     #[arg(long, env = "RANKWAY_DIST_HOST", default_value = "")]
     pub dist_host: String,
     /// How long rendezvous waits for every rank to join.

@@ -21,6 +21,7 @@ unsafe extern "C" {
         collective_timeout_ms: i64,
         iface: *const c_char,
         host: *const c_char,
+        listen_fd: c_int,
         err: *mut *mut c_char,
     ) -> *mut c_void;
     fn rw_group_all_reduce_sum(
@@ -101,6 +102,23 @@ pub struct ProcessGroup {
 // group); moving it between threads is fine, as torch's own Python bindings do.
 unsafe impl Send for ProcessGroup {}
 
+/// Rank 0's store socket: bound to this rank's own address (RANKWAY_DIST_HOST, the pod
+/// IP in Kubernetes) when it has one, so the store is not reachable on every interface;
+/// -1 (c10d binds every interface) otherwise, and on the other ranks. The store owns the
+/// descriptor from then on.
+fn store_socket(opts: &JoinOptions) -> Result<c_int, CollectiveError> {
+    use std::os::fd::IntoRawFd;
+    if opts.shard.rank != 0 || opts.host.is_empty() {
+        return Ok(-1);
+    }
+    let listener =
+        std::net::TcpListener::bind((opts.host.as_str(), opts.master_port)).map_err(|e| CollectiveError {
+            op: "init",
+            message: format!("cannot bind the store on {}:{}: {e}", opts.host, opts.master_port),
+        })?;
+    Ok(listener.into_raw_fd())
+}
+
 impl ProcessGroup {
     /// Rendezvous: blocks until every rank has joined or the store times out.
     pub fn join(opts: &JoinOptions) -> Result<Self, CollectiveError> {
@@ -118,6 +136,7 @@ impl ProcessGroup {
             })
         };
         let (addr, iface, host) = (cstr(&opts.master_addr)?, cstr(&opts.iface)?, cstr(&opts.host)?);
+        let listen_fd = store_socket(opts)?;
         let mut err: *mut c_char = std::ptr::null_mut();
         // SAFETY: all strings are valid NUL-terminated C strings that outlive the call;
         // `err` is a valid out-pointer.
@@ -135,6 +154,7 @@ impl ProcessGroup {
                 opts.collective_timeout.as_millis() as i64,
                 iface.as_ptr(),
                 host.as_ptr(),
+                listen_fd,
                 &mut err,
             )
         };
@@ -269,6 +289,15 @@ pub(crate) mod tests {
             pg.broadcast(&mut b, 0).unwrap();
             let mut mine = Tensor::full([2], rank as f64, opts);
             let gathered = pg.all_gather(&mut mine).unwrap();
+            if rank == 0 {
+                // The store listens on this rank's own address (RANKWAY_DIST_HOST) only.
+                let at = |ip: &str| std::net::TcpStream::connect((ip, port));
+                assert!(at("127.0.0.1").is_ok(), "the store listens on its host");
+                let elsewhere = at("127.0.0.2")
+                    .err()
+                    .expect("the store must not listen on every address");
+                assert_eq!(elsewhere.kind(), std::io::ErrorKind::ConnectionRefused);
+            }
             pg.barrier().unwrap();
             (
                 Vec::<f32>::try_from(sum).unwrap(),

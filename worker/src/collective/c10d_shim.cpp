@@ -63,13 +63,18 @@ extern "C" {
 // Joins the group: rank 0 hosts the TCPStore on master_port and waits for world_size
 // ranks; the others connect to it. backend: 0 = Gloo, 1 = NCCL. `iface` names the
 // network interface Gloo binds (empty: `host`, or this machine's hostname).
+// `listen_fd`, on rank 0: a socket already bound and listening, which the store serves on
+// (and owns) instead of binding every interface; -1 for none.
 void* rw_group_init(const char* master_addr, uint16_t master_port, int rank, int world_size,
                     int backend, int64_t store_timeout_ms, int64_t collective_timeout_ms,
-                    const char* iface, const char* host, char** err) {
+                    const char* iface, const char* host, int listen_fd, char** err) {
   Group* out = nullptr;
   guarded(err, [&] {
     c10d::TCPStoreOptions opts;
     opts.port = master_port;
+    if (listen_fd >= 0) {
+      opts.masterListenFd = listen_fd;
+    }
     opts.isServer = rank == 0;
     opts.numWorkers = world_size;
     opts.waitWorkers = true;
