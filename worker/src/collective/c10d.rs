@@ -293,9 +293,7 @@ pub(crate) mod tests {
                 // The store listens on this rank's own address (RANKWAY_DIST_HOST) only.
                 let at = |ip: &str| std::net::TcpStream::connect((ip, port));
                 assert!(at("127.0.0.1").is_ok(), "the store listens on its host");
-                let elsewhere = at("127.0.0.2")
-                    .err()
-                    .expect("the store must not listen on every address");
+                let elsewhere = at("127.0.0.2").expect_err("the store must not listen on every address");
                 assert_eq!(elsewhere.kind(), std::io::ErrorKind::ConnectionRefused);
             }
             pg.barrier().unwrap();
