@@ -111,6 +111,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fuzz_raw_bytes_codec() {
+        // Any bytes: decoded or refused, never a panic.
+        rankway_runtime::fuzz::run(
+            "raw BYTES decoder",
+            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96),
+            |raw| {
+                let _ = decode_bytes_elements(&raw);
+            },
+        );
+        // Whatever is encoded decodes to itself.
+        let elements = proptest::collection::vec(
+            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+            0..8,
+        );
+        rankway_runtime::fuzz::run("raw BYTES round trip", elements, |elements| {
+            let raw = encode_bytes_elements(&elements);
+            let back = decode_bytes_elements(&raw).expect("an encoding decodes");
+            assert_eq!(back, elements.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        });
+    }
+
+    #[test]
     fn bytes_round_trip() {
         let raw = encode_bytes_elements(&["a", "", "héllo"]);
         assert_eq!(raw.len(), 4 + 1 + 4 + 4 + 6);

@@ -37,8 +37,6 @@ pub mod worker {
 }
 
 pub mod codec;
-#[cfg(any(test, feature = "fuzz"))]
-pub mod fuzz;
 
 use std::time::Duration;
 
@@ -75,28 +73,7 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Du
 mod fuzz_targets {
     use proptest::prelude::*;
 
-    use crate::codec::{decode_bytes_elements, encode_bytes_elements};
-    use crate::fuzz::{cases, run};
-
-    #[test]
-    fn fuzz_raw_bytes_codec() {
-        // Any bytes: decoded or refused, never a panic.
-        run(
-            "raw BYTES decoder",
-            proptest::collection::vec(any::<u8>(), 0..96),
-            |raw| {
-                let _ = decode_bytes_elements(&raw);
-            },
-        );
-        // Whatever is encoded decodes to itself.
-        let elements = proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..24), 0..8);
-        run("raw BYTES round trip", elements, |elements| {
-            let raw = encode_bytes_elements(&elements);
-            let back = decode_bytes_elements(&raw).expect("an encoding decodes");
-            assert_eq!(back, elements.iter().map(Vec::as_slice).collect::<Vec<_>>());
-        });
-        assert!(cases() > 0);
-    }
+    use rankway_runtime::fuzz::run;
 
     #[test]
     fn fuzz_grpc_timeout_parser() {

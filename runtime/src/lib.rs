@@ -5,10 +5,13 @@
 //! - [`keys`]: key files (API keys, the gateway-to-rank-0 token), reloaded on change;
 //! - [`listen`]: how every listener accepts connections, within a cap and timeouts;
 //! - [`tls`]: TLS of the gateway's front ends, its certificate reloaded on change;
-//! - [`shutdown`]: the signal both binaries drain on.
+//! - [`shutdown`]: the signal both binaries drain on;
+//! - `fuzz` (feature `fuzz`, tests only): the harness of every crate's fuzz targets.
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "fuzz")]
+pub mod fuzz;
 pub mod keys;
 pub mod listen;
 pub mod shutdown;

@@ -320,7 +320,7 @@ mod tests {
             proptest::collection::vec(word.clone(), HEADER_LEN..=HEADER_LEN),
             proptest::collection::vec(word, 0..HEADER_LEN + 3),
         ];
-        rankway_proto::fuzz::run("step header decoder", words, |v| {
+        rankway_runtime::fuzz::run("step header decoder", words, |v| {
             let _ = Header::decode_words(&v);
         });
         // Every header rank 0 can encode decodes to itself on the other ranks.
@@ -348,7 +348,7 @@ mod tests {
                 tensors,
                 trace,
             });
-        rankway_proto::fuzz::run("step header round trip", header, |h| {
+        rankway_runtime::fuzz::run("step header round trip", header, |h| {
             let words = h.encode_words().expect("within the limits");
             assert_eq!(Header::decode_words(&words).unwrap(), h);
         });

@@ -1,13 +1,13 @@
-//! Fuzz targets of the front ends (see `rankway_proto::fuzz`): whatever a client sends,
+//! Fuzz targets of the front ends (see `rankway_runtime::fuzz`): whatever a client sends,
 //! the parsers and the checks against a model's signature answer with a value or an
 //! error, never a panic. Each target ends in `model::validate`, as a request would.
 
 use proptest::prelude::*;
 use rankway_proto::codec::encode_bytes_elements;
-use rankway_proto::fuzz::run;
 use rankway_proto::inference::InferTensorContents;
 use rankway_proto::inference::model_infer_request::InferInputTensor;
 use rankway_proto::worker::{DataType, ModelInfo, Tensor, TensorSpec};
+use rankway_runtime::fuzz::run;
 use serde_json::{Value, json};
 
 use super::completions::{Api, Body, parse};

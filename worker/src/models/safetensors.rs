@@ -192,7 +192,7 @@ mod tests {
                 .prop_map(|m| serde_json::to_vec(&m).unwrap()),
             proptest::collection::vec(any::<u8>(), 0..64),
         ];
-        rankway_proto::fuzz::run("safetensors header reader", header, |header| {
+        rankway_runtime::fuzz::run("safetensors header reader", header, |header| {
             let Ok(entries) = parse_header(&header) else {
                 return;
             };
