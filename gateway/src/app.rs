@@ -54,25 +54,6 @@ impl Listeners {
     }
 }
 
-/// tonic answers a message over the decoding limit with OUT_OF_RANGE; gRPC's own servers
-/// (and this gateway's contract) say RESOURCE_EXHAUSTED, with the limit in the message.
-/// tonic sends that status in the headers and keeps it in the response's extensions.
-fn over_limit_is_resource_exhausted(
-    limit: usize,
-) -> impl Fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> + Clone {
-    move |resp| {
-        let over_limit = resp.extensions().get::<tonic::Status>().is_some_and(|s| {
-            s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large")
-        });
-        if !over_limit {
-            return resp;
-        }
-        let status =
-            tonic::Status::resource_exhausted(format!("request message is over the limit of {limit} bytes"));
-        status.into_http()
-    }
-}
-
 /// Runs the gateway until `shutdown` resolves, then drains within `drain_timeout`.
 pub async fn run(
     cfg: Config,
@@ -204,8 +185,8 @@ pub async fn run(
         .connections
         .grpc_server()
         .layer(crate::request_id::RequestIdLayer::grpc(metrics.clone()))
-        .layer(tower::util::MapResponseLayer::new(
-            over_limit_is_resource_exhausted(cfg.max_request_bytes),
+        .layer(rankway_runtime::listen::grpc_request_errors(
+            cfg.max_request_bytes,
         ))
         .layer(crate::auth::grpc_layer(api_keys))
         .add_service(health_service)

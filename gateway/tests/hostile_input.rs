@@ -360,6 +360,13 @@ async fn a_body_of_numbers_costs_a_small_multiple_of_its_size() {
     assert!(per_body < 6.0, "{per_body:.1}x the body");
 }
 
+/// One MLP inference through `gateway`, which must succeed.
+async fn assert_mlp_serves(gateway: &Gateway) {
+    let body =
+        json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": vec![0.5; 16]}]});
+    assert_eq!(post(gateway, "/v2/models/mlp/infer", body).await.status(), 200);
+}
+
 /// A key file holding `text` in a fresh directory of its own: (directory, file).
 fn key_file(tag: &str, text: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("rankway-{tag}-{}", std::process::id()));
@@ -441,13 +448,7 @@ async fn a_rank_0_with_a_token_answers_only_callers_that_carry_it() {
     let gateway_flag = format!("--worker-token-file={}", file.display());
     let gateway = Gateway::start(&[&worker], &[&gateway_flag]);
     gateway.wait_model_ready("mlp").await;
-    let ok = post(
-        &gateway,
-        "/v2/models/mlp/infer",
-        json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": vec![0.5; 16]}]}),
-    )
-    .await;
-    assert_eq!(ok.status(), 200);
+    assert_mlp_serves(&gateway).await;
 
     // Straight to the worker port: no token, a wrong one.
     let req = batch("mlp", ("input", DataType::Fp32, vec![1, 16]), vec![0; 64], vec![]);
@@ -486,4 +487,57 @@ async fn a_rank_0_with_a_token_answers_only_callers_that_carry_it() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A unary gRPC call whose message is `message` as sent (not necessarily protobuf), over
+/// a bare HTTP/2 connection: the answer's grpc-status and grpc-message.
+async fn raw_grpc_call(addr: std::net::SocketAddr, path: &str, message: &[u8]) -> (String, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut body) = client.send_request(req, false).unwrap();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    body.send_data(frame.into(), true).unwrap();
+    let resp = resp.await.unwrap();
+    let mut headers = resp.headers().clone();
+    let mut stream = resp.into_body();
+    while stream.data().await.is_some() {}
+    if let Ok(Some(trailers)) = stream.trailers().await {
+        headers.extend(trailers);
+    }
+    let get = |k: &str| {
+        headers
+            .get(k)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    // grpc-message is percent-encoded; its spaces are all this needs back.
+    (get("grpc-status"), get("grpc-message").replace("%20", " "))
+}
+
+#[tokio::test]
+async fn a_message_that_is_not_protobuf_is_invalid_argument_on_both_grpc_servers() {
+    let worker = Worker::start(&["--model=mlp", "--mlp-hidden=16", "--mlp-layers=1"]);
+    let gateway = Gateway::start(&[&worker], &[]);
+    gateway.wait_model_ready("mlp").await;
+    // Field 1 (a string), claiming far more bytes than follow.
+    let garbage = [0x0a, 0xff, 0xff, 0xff, 0x0f, 0x01];
+    for (addr, path) in [
+        (gateway.grpc, "/inference.GRPCInferenceService/ModelInfer"),
+        (worker.addr, "/rankway.worker.v1.Worker/Infer"),
+    ] {
+        let (status, message) = raw_grpc_call(addr, path, &garbage).await;
+        assert_eq!(status, "3", "{path}: {message}");
+        assert!(message.contains("malformed request message"), "{path}: {message}");
+    }
+    // Still serving.
+    assert_mlp_serves(&gateway).await;
 }

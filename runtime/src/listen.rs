@@ -72,6 +72,37 @@ impl ConnectionArgs {
     }
 }
 
+/// A layer for a tonic server that answers a bad request message with the codes gRPC
+/// servers use for a client's mistake: a message over the decoding limit (`limit`
+/// bytes), which tonic answers OUT_OF_RANGE, gets RESOURCE_EXHAUSTED; one that is not
+/// valid protobuf, which tonic answers INTERNAL as if the server had failed, gets
+/// INVALID_ARGUMENT. tonic sends those statuses in the headers and keeps them in the
+/// response's extensions, where this finds them.
+pub fn grpc_request_errors(
+    limit: usize,
+) -> tower::util::MapResponseLayer<
+    impl Fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> + Clone,
+> {
+    tower::util::MapResponseLayer::new(move |resp: http::Response<tonic::body::Body>| {
+        let Some(status) = resp.extensions().get::<tonic::Status>() else {
+            return resp;
+        };
+        let fixed = match status.code() {
+            tonic::Code::OutOfRange if status.message().contains("message length too large") => {
+                tonic::Status::resource_exhausted(format!(
+                    "request message is over the limit of {limit} bytes"
+                ))
+            }
+            tonic::Code::Internal if status.message().starts_with("failed to decode Protobuf message") => {
+                // prost's description names the field and the wire problem, not values.
+                tonic::Status::invalid_argument(format!("malformed request message: {}", status.message()))
+            }
+            _ => return resp,
+        };
+        fixed.into_http()
+    })
+}
+
 /// Connection counts of every listener, by its name (a fixed set: `rest`, `grpc`,
 /// `metrics`), registered once per process in its registry (whose prefix names them:
 /// `rankway_connections_open`, `rankway_worker_connections_open`, ...), with the

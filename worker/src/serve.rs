@@ -233,6 +233,9 @@ pub async fn serve_on(
     let server = args
         .connections
         .grpc_server()
+        .layer(rankway_runtime::listen::grpc_request_errors(
+            rankway_proto::worker::MAX_MESSAGE_BYTES,
+        ))
         .layer(GrpcAuthLayer::new(token, is_health_check, TOKEN_REFUSED))
         .add_service(health)
         .add_optional_service(worker)
