@@ -5,6 +5,7 @@
 //! they differ. The gateway's API keys (`--api-key-file`) and the token between the
 //! gateway and rank 0 (`--worker-token-file`, `--token-file`) are both key files.
 
+use crate::sync;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
@@ -87,7 +88,7 @@ impl KeyFile {
     /// Reads the file again if its modification time changed.
     pub fn reload_if_changed(&self) {
         let now = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        if now == *self.modified.lock().expect("key file time lock") {
+        if now == *sync::lock(&self.modified) {
             return;
         }
         match read_keys(&self.path) {
@@ -97,8 +98,8 @@ impl KeyFile {
                 } else {
                     tracing::info!(path = %self.path.display(), keys = keys.len(), "keys reloaded");
                 }
-                *self.keys.write().expect("keys lock") = Arc::new(keys);
-                *self.modified.lock().expect("key file time lock") = modified;
+                *sync::write(&self.keys) = Arc::new(keys);
+                *sync::lock(&self.modified) = modified;
             }
             Err(e) => tracing::warn!(error = %e, "keeping the keys already loaded"),
         }
@@ -118,14 +119,14 @@ impl KeyFile {
         else {
             return false;
         };
-        let keys = self.keys.read().expect("keys lock").clone();
+        let keys = sync::read(&self.keys).clone();
         // Every key is compared, so the time does not tell which one matched.
         keys.iter().fold(false, |found, k| found | same(k, token))
     }
 
     /// `Bearer KEY` with the file's first key, for a client to send.
     pub fn bearer(&self) -> Option<http::HeaderValue> {
-        let keys = self.keys.read().expect("keys lock").clone();
+        let keys = sync::read(&self.keys).clone();
         let key = keys.first()?;
         let mut value = http::HeaderValue::from_bytes(&[b"Bearer ", key.as_slice()].concat()).ok()?;
         value.set_sensitive(true);

@@ -6,6 +6,7 @@
 //! - [`listen`]: how every listener accepts connections, within a cap and timeouts;
 //! - [`tls`]: TLS of the gateway's front ends, its certificate reloaded on change;
 //! - [`shutdown`]: the signal both binaries drain on;
+//! - [`sync`]: locks that a panic does not poison;
 //! - `fuzz` (feature `fuzz`, tests only): the harness of every crate's fuzz targets.
 
 #![forbid(unsafe_code)]
@@ -15,5 +16,6 @@ pub mod fuzz;
 pub mod keys;
 pub mod listen;
 pub mod shutdown;
+pub mod sync;
 pub mod telemetry;
 pub mod tls;

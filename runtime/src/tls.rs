@@ -3,6 +3,7 @@
 //! `--tls-reload-interval`; handshakes after the reload present the new certificate), and
 //! optionally a CA whose client certificates are required (mutual TLS).
 
+use crate::sync;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -111,13 +112,13 @@ impl CertFiles {
     /// written before its certificate, say) keeps the one in use and is tried again.
     pub fn reload_if_changed(&self) {
         let now = (modified(&self.cert), modified(&self.key));
-        let mut seen = self.modified.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = sync::lock(&self.modified);
         if now == *seen {
             return;
         }
         match Self::read(&self.cert, &self.key) {
             Ok(key) => {
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+                *sync::write(&self.current) = Arc::new(key);
                 *seen = now;
                 tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
             }
@@ -134,7 +135,7 @@ impl CertFiles {
 
 impl ResolvesServerCert for CertFiles {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+        Some(sync::read(&self.current).clone())
     }
 }
 

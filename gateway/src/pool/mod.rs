@@ -22,6 +22,7 @@ use rankway_proto::worker::{
     ModelInfo, ModelKind, NOT_STARTED_KEY, RankPhase,
 };
 use rankway_runtime::keys::KeyFile;
+use rankway_runtime::sync;
 use serde::Serialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tonic::transport::{Channel, Endpoint};
@@ -146,14 +147,14 @@ impl Group {
     }
 
     pub fn view(&self) -> GroupView {
-        let mut v = self.view.read().expect("group view lock").clone();
+        let mut v = sync::read(&self.view).clone();
         v.in_flight = self.in_flight();
-        v.breaker = Some(self.breaker.lock().expect("breaker lock").state(Instant::now()));
+        v.breaker = Some(sync::lock(&self.breaker).state(Instant::now()));
         v
     }
 
     pub fn is_ready(&self) -> bool {
-        self.view.read().expect("group view lock").ready
+        sync::read(&self.view).ready
     }
 
     /// Batches this gateway has sent to the group.
@@ -185,14 +186,14 @@ impl Group {
     }
 
     fn serves(&self, model: &str) -> bool {
-        let v = self.view.read().expect("group view lock");
+        let v = sync::read(&self.view);
         v.ready && v.model.as_deref() == Some(model)
     }
 
     /// A generative group's load for routing: the sequences rank 0 last reported running
     /// or waiting, plus the streams this gateway opened (minus those that ended) since.
     fn sequences(&self) -> i64 {
-        let reported = self.view.read().expect("group view lock").load.map_or(0, |l| {
+        let reported = sync::read(&self.view).load.map_or(0, |l| {
             i64::from(l.running_sequences) + i64::from(l.waiting_sequences)
         });
         (reported + self.streams_since_poll.load(Ordering::Relaxed)).max(0)
@@ -212,7 +213,7 @@ impl Group {
         let req = call_request(request, deadline, trace, self.token.as_deref());
         match client.generate(req).await {
             Ok(resp) => {
-                self.breaker.lock().expect("breaker lock").on_success();
+                sync::lock(&self.breaker).on_success();
                 Ok((resp.into_inner(), guard))
             }
             Err(status) => Err(self.failed(&status, deadline)),
@@ -240,11 +241,7 @@ impl Group {
                 .lock()
                 .expect("breaker lock")
                 .on_failure(Instant::now());
-            self.view.write().expect("group view lock").record_error(format!(
-                "{}: {}",
-                status.code(),
-                status.message()
-            ));
+            sync::write(&self.view).record_error(format!("{}: {}", status.code(), status.message()));
         }
         DispatchError {
             error,
@@ -259,7 +256,7 @@ impl Group {
         req.set_timeout(timeout);
         authorize(&mut req, self.token.as_deref());
         let result = tokio::time::timeout(timeout, client.group_status(req)).await;
-        let mut v = self.view.write().expect("group view lock");
+        let mut v = sync::write(&self.view);
         let was_ready = v.ready;
         match result {
             Ok(Ok(resp)) => {
@@ -274,7 +271,7 @@ impl Group {
                     .count() as u32;
                 if v.generation != s.generation {
                     // A restarted group is a new group: forget its predecessor's failures.
-                    self.breaker.lock().expect("breaker lock").on_success();
+                    sync::lock(&self.breaker).on_success();
                 }
                 v.generation = s.generation;
                 v.model = s.model.as_ref().map(|m| m.name.clone());
@@ -413,7 +410,7 @@ impl Lease {
         let result = client.infer(req).await;
         match result {
             Ok(resp) => {
-                self.group.breaker.lock().expect("breaker lock").on_success();
+                sync::lock(&self.group.breaker).on_success();
                 let resp = resp.into_inner();
                 let took = started.elapsed();
                 self.group.compute_us.observe(resp.compute_us);
@@ -473,7 +470,7 @@ struct PoolInner {
 impl PoolInner {
     /// The current groups (cheap: clones a few Arcs).
     fn snapshot(&self) -> Vec<Arc<Group>> {
-        self.groups.read().expect("groups lock").clone()
+        sync::read(&self.groups).clone()
     }
 
     fn readiness_changed(&self) {
@@ -533,14 +530,14 @@ impl Pool {
             .snapshot()
             .iter()
             .filter(|g| g.serves(model))
-            .find_map(|g| g.view.read().expect("group view lock").model_info.clone())
+            .find_map(|g| sync::read(&g.view).model_info.clone())
     }
 
     /// Signature of `model` from any group that has reported it, ready or not.
     pub fn known_model_info(&self, model: &str) -> Option<Arc<ModelInfo>> {
         self.model_info(model).or_else(|| {
             self.inner.snapshot().iter().find_map(|g| {
-                let v = g.view.read().expect("group view lock");
+                let v = sync::read(&g.view);
                 v.model_info.clone().filter(|m| m.name == model)
             })
         })
@@ -553,7 +550,7 @@ impl Pool {
             .snapshot()
             .iter()
             .filter_map(|g| {
-                let v = g.view.read().expect("group view lock");
+                let v = sync::read(&g.view);
                 v.ready.then(|| v.model.clone()).flatten()
             })
             .collect();
@@ -584,11 +581,11 @@ impl Pool {
                 free.retain(|g| g.in_flight() == 0);
             }
             let loads: Vec<usize> = free.iter().map(|g| g.in_flight()).collect();
-            let pick = p2c::choose(&loads, &mut *self.inner.rng.lock().expect("rng lock"));
+            let pick = p2c::choose(&loads, &mut *sync::lock(&self.inner.rng));
             if let Some(group) = pick.map(|i| free[i])
                 && let Ok(permit) = group.slots.clone().try_acquire_owned()
             {
-                group.breaker.lock().expect("breaker lock").on_dispatch(now);
+                sync::lock(&group.breaker).on_dispatch(now);
                 return Ok(Lease {
                     group: group.clone(),
                     pool: self.inner.clone(),
@@ -606,9 +603,9 @@ impl Pool {
         let now = Instant::now();
         let allowed = self.routable(model, exclude, now)?;
         let loads: Vec<usize> = allowed.iter().map(|g| g.sequences() as usize).collect();
-        let pick = p2c::choose(&loads, &mut *self.inner.rng.lock().expect("rng lock")).expect("non-empty");
+        let pick = p2c::choose(&loads, &mut *sync::lock(&self.inner.rng)).expect("non-empty");
         let group = allowed[pick].clone();
-        group.breaker.lock().expect("breaker lock").on_dispatch(now);
+        sync::lock(&group.breaker).on_dispatch(now);
         Ok(group)
     }
 
@@ -628,7 +625,7 @@ impl Pool {
         }
         let allowed: Vec<Arc<Group>> = candidates
             .into_iter()
-            .filter(|g| g.breaker.lock().expect("breaker lock").allows(now))
+            .filter(|g| sync::lock(&g.breaker).allows(now))
             .collect();
         if allowed.is_empty() {
             return Err(ApiError::Unavailable(format!(
@@ -641,7 +638,7 @@ impl Pool {
     /// Whether `model` is served by generative groups (as far as any group has said).
     pub fn is_generative(&self, model: &str) -> bool {
         self.inner.snapshot().iter().any(|g| {
-            let v = g.view.read().expect("group view lock");
+            let v = sync::read(&g.view);
             v.kind == "generative" && v.model.as_deref() == Some(model)
         })
     }
@@ -665,7 +662,7 @@ impl Pool {
     /// that leaves is only unlisted: batches in flight on it finish, none are added.
     pub fn sync_discovered(&self, addrs: &[std::net::SocketAddr]) {
         let wanted: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-        let mut groups = self.inner.groups.write().expect("groups lock");
+        let mut groups = sync::write(&self.inner.groups);
         let before = groups.len();
         groups.retain(|g| {
             let keep = !g.discovered || wanted.contains(&g.address);

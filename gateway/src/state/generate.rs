@@ -8,6 +8,7 @@
 //! another, up to the retry budget; once tokens flowed, a failure ends the stream with
 //! the error.
 
+use rankway_runtime::sync;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -223,7 +224,7 @@ impl Drop for Admitted {
 impl Admission {
     fn admit(&self, model: &str, capacity: usize) -> Result<Admitted, ApiError> {
         let counter = {
-            let mut map = self.waiting.lock().expect("admission lock");
+            let mut map = sync::lock(&self.waiting);
             map.entry(model.to_owned()).or_default().clone()
         };
         if counter.fetch_add(1, Ordering::AcqRel) >= capacity {

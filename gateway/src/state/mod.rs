@@ -2,6 +2,7 @@
 //! the groups' views, validation, batching. Front ends translate protocols into these
 //! calls; none of them holds the pool.
 
+use rankway_runtime::sync;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -176,7 +177,7 @@ impl Gateway {
     }
 
     fn batcher(&self, model: &str) -> Batcher {
-        let mut map = self.batchers.lock().expect("batchers lock");
+        let mut map = sync::lock(&self.batchers);
         map.entry(model.to_owned())
             .or_insert_with(|| {
                 Batcher::spawn(
