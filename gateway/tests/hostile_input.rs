@@ -541,3 +541,66 @@ async fn a_message_that_is_not_protobuf_is_invalid_argument_on_both_grpc_servers
     // Still serving.
     assert_mlp_serves(&gateway).await;
 }
+
+#[tokio::test]
+async fn a_batch_whose_caller_left_stops_between_sub_batches() {
+    let worker = Worker::start(&[
+        "--model=mlp",
+        "--mlp-hidden=2048",
+        "--mlp-layers=8",
+        "--sub-batch-rows=1",
+    ]);
+    worker.wait_serving(Duration::from_secs(30)).await;
+    let counter = |text: &str, name: &str| crate::common::sample_sum(text, name, "");
+    let scrape = || async {
+        reqwest::get(format!("http://{}/metrics", worker.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = counter(&scrape().await, "rankway_worker_batches_total");
+    // 64 rows as 64 forward passes of a few milliseconds each, for a caller that waits 30 ms.
+    let rows = 64;
+    let req = batch(
+        "mlp",
+        ("input", DataType::Fp32, vec![rows, 2048]),
+        vec![0; rows as usize * 2048 * 4],
+        vec![],
+    );
+    let mut call = tonic::Request::new(req);
+    call.set_timeout(Duration::from_millis(30));
+    let err = worker.client().await.infer(call).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = scrape().await;
+        if counter(&text, "rankway_worker_abandoned_batches_total") >= 1.0 {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch was never abandoned:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(counter(&text, "rankway_worker_abandoned_batches_total"), 1.0);
+    let passes = counter(&text, "rankway_worker_batches_total") - before;
+    eprintln!("{passes} of {rows} forward passes ran before the batch was abandoned");
+    assert!(passes < rows as f64, "{passes} passes: the whole batch ran");
+
+    // The group is still in step: a whole batch is answered.
+    let ok = batch(
+        "mlp",
+        ("input", DataType::Fp32, vec![2, 2048]),
+        vec![0; 2 * 2048 * 4],
+        vec![],
+    );
+    let out = worker.client().await.infer(ok).await.unwrap().into_inner();
+    assert_eq!(out.outputs[0].shape, vec![2, 2048]);
+}

@@ -53,6 +53,8 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchRow>, EngineError> {
         torch_threads: args.model.torch_threads(1),
         capacity: 1,
         heartbeat: Duration::MAX,
+        // Each batch size as one forward pass.
+        sub_batch_rows: usize::MAX,
     };
     let (engine, _thread) = engine::spawn_leader(
         Box::new(move || {

@@ -240,6 +240,11 @@ pub struct ServeArgs {
     /// Batches that may wait for the model thread; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "RANKWAY_QUEUE_CAPACITY", default_value_t = 8)]
     pub queue_capacity: usize,
+    /// Rows per forward pass on rank 0: a larger batch runs as several passes, and the
+    /// passes left are abandoned once its caller has gone (its deadline passed or it
+    /// cancelled), counted in rankway_worker_abandoned_batches_total.
+    #[arg(long, env = "RANKWAY_SUB_BATCH_ROWS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sub_batch_rows: u32,
     /// Threads of the async runtime serving gRPC and metrics. Rank 0 makes one call per
     /// batch, and the cores belong to libtorch: one thread keeps the servers off them and
     /// saves the cross-thread wake-ups a second thread costs every request.

@@ -12,6 +12,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tch::Tensor;
 use tokio::sync::oneshot;
 
 use crate::collective::Collective;
@@ -66,6 +67,9 @@ pub struct EngineOptions {
     pub capacity: usize,
     /// Idle time after which rank 0 sends a heartbeat step.
     pub heartbeat: Duration,
+    /// Rows per forward pass: a larger batch runs as several, and what is left of it is
+    /// abandoned once its caller has gone.
+    pub sub_batch_rows: usize,
 }
 
 /// Sends batches to rank 0's model thread. Cheap to clone.
@@ -126,7 +130,7 @@ pub fn spawn_leader(
             stats,
             &metrics,
             &rx,
-            opts.heartbeat,
+            (opts.heartbeat, opts.sub_batch_rows),
         )
     })?;
     Ok((
@@ -203,7 +207,7 @@ fn lead(
     stats: &EngineStats,
     metrics: &WorkerMetrics,
     rx: &mpsc::Receiver<Job>,
-    heartbeat: Duration,
+    (heartbeat, sub_batch_rows): (Duration, usize),
 ) -> Result<(), ModelError> {
     loop {
         let Some(job) = next_work(rx, comm, heartbeat)? else {
@@ -216,18 +220,35 @@ fn lead(
         let now = Instant::now();
         stats.running.fetch_add(1, Ordering::AcqRel);
         let entered = job.span.enter();
-        let result =
-            run_batch(model, comm, metrics, job.batch_id, &job.inputs).map(|(outputs, rows)| EngineOutput {
+        let gone = || job.reply.is_closed();
+        let result = run_batch(
+            model,
+            comm,
+            metrics,
+            (job.batch_id, sub_batch_rows),
+            &job.inputs,
+            gone,
+        );
+        drop(entered);
+        stats.running.fetch_sub(1, Ordering::AcqRel);
+        stats.batches.fetch_add(1, Ordering::AcqRel);
+        let result = result.map(|done| {
+            done.map(|(outputs, rows)| EngineOutput {
                 outputs,
                 rows,
                 queue_time: now - job.enqueued,
                 compute_time: now.elapsed(),
-            });
-        drop(entered);
-        stats.running.fetch_sub(1, Ordering::AcqRel);
-        stats.batches.fetch_add(1, Ordering::AcqRel);
+            })
+        });
         match result {
-            Ok(out) => {
+            Ok(None) => {
+                metrics.abandoned_batch();
+                tracing::info!(
+                    batch_id = job.batch_id,
+                    "batch abandoned: its caller left (deadline or cancel)"
+                );
+            }
+            Ok(Some(out)) => {
                 let _ = job.reply.send(Ok(out));
             }
             Err(ModelError::InvalidInput(m)) => {
@@ -244,16 +265,33 @@ fn lead(
     }
 }
 
+/// Runs one batch as forward passes of at most `sub_batch_rows` rows each (every one a
+/// step of its own on every rank, so stopping between them leaves the group in step).
+/// Before each pass after the first, `gone` says whether the caller has left; then the
+/// rest is abandoned and the answer is `None`.
 fn run_batch(
     model: &dyn Model,
     comm: &dyn Collective,
     metrics: &WorkerMetrics,
-    batch_id: u64,
+    (batch_id, sub_batch_rows): (u64, usize),
     inputs: &[HostTensor],
-) -> Result<(Vec<HostTensor>, usize), ModelError> {
-    let mut batch = model.prepare(inputs)?;
-    let output = group::lead_batch(comm, model, batch_id, &mut batch, metrics)?;
-    Ok((model.outputs(&batch, output)?, batch.rows))
+    gone: impl Fn() -> bool,
+) -> Result<Option<(Vec<HostTensor>, usize)>, ModelError> {
+    let batch = model.prepare(inputs)?;
+    let step = sub_batch_rows.max(1);
+    let mut outputs = Vec::with_capacity(batch.rows.div_ceil(step));
+    for start in (0..batch.rows).step_by(step) {
+        if start > 0 && gone() {
+            return Ok(None);
+        }
+        let mut part = batch.rows_range(start, step.min(batch.rows - start));
+        outputs.push(group::lead_batch(comm, model, batch_id, &mut part, metrics)?);
+    }
+    let output = match outputs.len() {
+        1 => outputs.pop().expect("one output"),
+        _ => Tensor::cat(&outputs, 0),
+    };
+    Ok(Some((model.outputs(&batch, output)?, batch.rows)))
 }
 
 impl EngineHandle {

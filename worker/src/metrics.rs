@@ -36,6 +36,7 @@ pub struct WorkerMetrics {
     forward: Histogram,
     collective: HistogramVec,
     batches: IntCounter,
+    abandoned: IntCounter,
     ready: IntGauge,
     queue_depth: IntGauge,
     /// Rank 0 of a generative group: its scheduler's figures.
@@ -98,6 +99,18 @@ impl WorkerMetrics {
                 .expect("valid counter"),
             )
             .with_label_values(&values),
+            abandoned: registered(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "abandoned_batches_total",
+                        "Batches rank 0 stopped between sub-batches because their caller had gone (deadline passed or cancelled).",
+                    ),
+                    &LABELS,
+                )
+                .expect("valid counter"),
+            )
+            .with_label_values(&values),
             ready: gauge(
                 "ready",
                 "1 while this rank is ready (on rank 0: the whole group is complete and warm).",
@@ -148,6 +161,10 @@ impl WorkerMetrics {
     }
 
     /// Times a forward pass.
+    pub fn abandoned_batch(&self) {
+        self.abandoned.inc();
+    }
+
     pub fn observe_forward(&self, took: Duration) {
         self.forward.observe(took.as_secs_f64());
         self.batches.inc();

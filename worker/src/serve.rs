@@ -188,6 +188,7 @@ pub async fn serve_on(
                 torch_threads: threads,
                 capacity: args.queue_capacity,
                 heartbeat: args.rendezvous.heartbeat_interval,
+                sub_batch_rows: args.sub_batch_rows as usize,
             };
             let load = loader(&args, shard, metrics.clone());
             let (engine, thread) =

@@ -42,6 +42,28 @@ pub struct Prepared {
     pub token_counts: Option<Vec<i64>>,
 }
 
+impl Prepared {
+    /// Rows `start..start + len` (every tensor's first dimension is the rows).
+    pub fn rows_range(&self, start: usize, len: usize) -> Prepared {
+        if start == 0 && len == self.rows {
+            return Prepared {
+                rows: self.rows,
+                tensors: self.tensors.iter().map(Tensor::shallow_clone).collect(),
+                token_counts: self.token_counts.clone(),
+            };
+        }
+        Prepared {
+            rows: len,
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| t.narrow(0, start as i64, len as i64))
+                .collect(),
+            token_counts: self.token_counts.as_ref().map(|c| c[start..start + len].to_vec()),
+        }
+    }
+}
+
 pub trait Model: Send {
     fn signature(&self) -> Signature;
     fn prepare(&self, inputs: &[HostTensor]) -> Result<Prepared, ModelError>;
