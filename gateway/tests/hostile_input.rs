@@ -296,8 +296,13 @@ async fn a_huge_text_is_refused_before_anything_tokenizes_it() {
             .unwrap(),
     )
     .max_encoding_message_size(16 << 20);
+    let before = peak_rss(worker.proc.child.id());
     let err = rank0.infer(req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // Refused before tokenizing: rank 0's peak memory grew by about the message, not by
+    // the gigabytes an 8 MB text once took.
+    let grown = peak_rss(worker.proc.child.id()).saturating_sub(before);
+    assert!(grown < 64 << 20, "rank 0's peak grew {} MiB", grown >> 20);
     assert!(
         err.message().contains("text 0 is 5242880 bytes"),
         "{}",
