@@ -341,28 +341,37 @@ async fn a_body_of_numbers_costs_a_small_multiple_of_its_size() {
     let body = format!(
         r#"{{"inputs": [{{"name": "input", "shape": [{rows}, 16], "datatype": "FP32", "data": [{zeros}]}}]}}"#
     );
-    assert!(body.len() < 8 << 20);
+    let (status, text, per_body) = peak_growth(&gateway, "/v2/models/mlp/infer", body).await;
+    // Parsed whole, then refused: more rows than a request may have.
+    assert_eq!(status, 400);
+    assert!(text.contains("at most"), "{text}");
+    // serde_json::Value took over 10x; the bytes themselves are 2x (4-byte floats for
+    // 2-byte "0,") besides the body and its raw `data` text.
+    assert!(per_body < 6.0, "{per_body:.1}x the body");
+}
+
+/// POSTs `body` (JSON, under the 8 MiB limit) to `path`: the answer's status and text,
+/// and how much the gateway's peak memory grew, per byte of the body.
+async fn peak_growth(gateway: &Gateway, path: &str, body: String) -> (u16, String, f64) {
+    assert!(body.len() < 8 << 20, "{} bytes", body.len());
     let before = peak_rss(gateway.proc.child.id());
     let r = reqwest::Client::new()
-        .post(gateway.url("/v2/models/mlp/infer"))
+        .post(gateway.url(path))
         .header("content-type", "application/json")
         .body(body.clone())
         .send()
         .await
         .unwrap();
-    // Parsed whole, then refused: more rows than a request may have.
-    assert_eq!(r.status(), 400);
-    assert!(r.text().await.unwrap().contains("at most"));
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
     let grown = peak_rss(gateway.proc.child.id()).saturating_sub(before);
     let per_body = grown as f64 / body.len() as f64;
     eprintln!(
-        "peak grew {} MiB for a body of {} MiB: {per_body:.1}x",
+        "{path}: peak grew {} MiB for a body of {} MiB: {per_body:.1}x",
         grown >> 20,
         body.len() >> 20
     );
-    // serde_json::Value took over 10x; the bytes themselves are 2x (4-byte floats for
-    // 2-byte "0,") besides the body and its raw `data` text.
-    assert!(per_body < 6.0, "{per_body:.1}x the body");
+    (status, text, per_body)
 }
 
 /// One MLP inference through `gateway`, which must succeed.
@@ -608,4 +617,19 @@ async fn a_batch_whose_caller_left_stops_between_sub_batches() {
     );
     let out = worker.client().await.infer(ok).await.unwrap().into_inner();
     assert_eq!(out.outputs[0].shape, vec![2, 2048]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_body_of_numbers_costs_a_small_multiple_of_its_size() {
+    // No group needed: the body is read before the model is looked up.
+    let gateway = Gateway::start_addrs(&["127.0.0.1:1".to_owned()], &[]);
+    let zeros = vec!["0"; 1_900_000].join(",");
+    // An informational field (accepted with any value) and a message part's unknown
+    // field: both once became serde_json::Value trees.
+    let body = format!(
+        r#"{{"model": "nobody", "metadata": [{zeros}], "messages": [{{"role": "user", "content": [{{"type": "text", "text": "hi", "x": [{zeros}]}}]}}]}}"#
+    );
+    let (status, text, per_body) = peak_growth(&gateway, "/v1/chat/completions", body).await;
+    assert_eq!(status, 404, "{text}");
+    assert!(per_body < 6.0, "{per_body:.1}x the body");
 }

@@ -17,9 +17,10 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use super::http::{AppState, JsonRequest, field, required};
+use super::http::{AppState, Fields, JsonRequest, Strings, field, required};
 use super::openai::OpenAiError;
 use crate::error::ApiError;
 use crate::request_id::RequestId;
@@ -28,26 +29,54 @@ use crate::state::generate::{Delta, GenerateCall, Generation, Prompt, Usage};
 /// OpenAI's default sampling temperature.
 const OPENAI_TEMPERATURE: f32 = 1.0;
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// A message's content: a string, or a list of parts of which only text parts are
+/// taken. Read as it streams by (an untagged enum would first hold it all as a tree).
+#[derive(Debug)]
 enum Content {
     Text(String),
-    Parts(Vec<Map<String, Value>>),
+    Parts(Vec<Part>),
 }
 
+/// One part of a message's content; its other fields are skipped unread.
 #[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    text: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Content;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of content parts")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Content, E> {
+                Ok(Content::Text(s.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(p) = seq.next_element::<Part>()? {
+                    parts.push(p);
+                }
+                Ok(Content::Parts(parts))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One chat message; a field other than these is refused by name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct InMessage {
     role: String,
     content: Option<Content>,
-    #[serde(flatten)]
-    rest: Map<String, Value>,
+    /// A participant's name: accepted, not used.
+    #[allow(dead_code)]
+    name: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,22 +94,15 @@ struct Common {
     temperature: Option<f32>,
     top_p: Option<f32>,
     seed: Option<u64>,
-    stop: Option<Stop>,
+    stop: Option<Strings>,
     n: Option<u32>,
     stream: bool,
     stream_options: Option<StreamOptions>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum CompletionPrompt {
-    One(String),
-    Many(Vec<String>),
-}
-
 impl Common {
     /// The shared fields, taken out of `body` (what is left is checked by [`check_rest`]).
-    fn take(body: &mut Map<String, Value>) -> Result<Self, ApiError> {
+    fn take(body: &mut Body) -> Result<Self, ApiError> {
         Ok(Self {
             model: required(body, "model")?,
             max_tokens: field(body, "max_tokens")?,
@@ -100,30 +122,45 @@ fn invalid(m: String) -> ApiError {
     ApiError::InvalidInput(m)
 }
 
-/// Whether `value` of the unsupported field `name` leaves the answer as it would be
-/// without it; `None` for fields this gateway does not know.
-fn neutral(name: &str, value: &Value) -> Option<bool> {
-    let zero = |v: &Value| v.is_null() || v.as_f64() == Some(0.0);
-    let empty = |v: &Value| {
-        v.is_null()
-            || v.as_array().is_some_and(|a| a.is_empty())
-            || v.as_object().is_some_and(|o| o.is_empty())
-    };
+/// `response_format`'s type; its other fields are skipped unread.
+#[derive(Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// Whether `raw`, the value of the unsupported field `name`, leaves the answer as it
+/// would be without it; `None` for fields this gateway does not know. Each value is read
+/// as the one type its neutral value has, so none is held in memory as a tree.
+fn neutral(name: &str, raw: &RawValue) -> Option<bool> {
+    let is = |want: &str| raw.get().split_whitespace().collect::<String>() == want;
+    let typed = |check: fn(&str) -> bool| check(raw.get());
     Some(match name {
         // Informational: they never change the answer.
         "user" | "metadata" | "store" | "service_tier" | "parallel_tool_calls" => true,
-        "frequency_penalty" | "presence_penalty" | "top_logprobs" => zero(value),
-        "logprobs" | "echo" => value.is_null() || value == &Value::Bool(false) || value.as_u64() == Some(0),
-        "tools" | "functions" | "logit_bias" => empty(value),
-        "tool_choice" | "function_call" => value.is_null() || value == "none",
-        "response_format" => value.is_null() || value.get("type").is_some_and(|t| t == "text"),
-        "best_of" => value.is_null() || value.as_u64() == Some(1),
-        "suffix" => value.is_null() || value == "",
+        "frequency_penalty" | "presence_penalty" | "top_logprobs" => {
+            typed(|r| serde_json::from_str::<Option<f64>>(r).is_ok_and(|v| v.is_none_or(|x| x == 0.0)))
+        }
+        "logprobs" | "echo" => is("null") || is("false") || is("0"),
+        "tools" | "functions" | "logit_bias" => is("null") || is("[]") || is("{}"),
+        "tool_choice" | "function_call" => {
+            typed(|r| serde_json::from_str::<Option<String>>(r).is_ok_and(|v| v.is_none_or(|s| s == "none")))
+        }
+        "response_format" => typed(|r| {
+            serde_json::from_str::<Option<ResponseFormat>>(r)
+                .is_ok_and(|v| v.is_none_or(|f| f.kind == "text"))
+        }),
+        "best_of" => {
+            typed(|r| serde_json::from_str::<Option<u64>>(r).is_ok_and(|v| v.is_none_or(|n| n == 1)))
+        }
+        "suffix" => {
+            typed(|r| serde_json::from_str::<Option<String>>(r).is_ok_and(|v| v.is_none_or(|s| s.is_empty())))
+        }
         _ => return None,
     })
 }
 
-fn check_rest(rest: &Map<String, Value>) -> Result<(), ApiError> {
+fn check_rest(rest: &Body) -> Result<(), ApiError> {
     for (name, value) in rest {
         let shown: String = name.chars().take(64).collect();
         match neutral(name, value) {
@@ -156,11 +193,7 @@ impl Common {
                 "'stream_options' is only allowed with 'stream': true".into(),
             ));
         }
-        let stop = match self.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
-        };
+        let stop = self.stop.map_or_else(Vec::new, |s| s.0);
         Ok(GenerateCall {
             model: self.model,
             prompt,
@@ -179,19 +212,12 @@ impl Common {
 fn messages(input: Vec<InMessage>) -> Result<Prompt, ApiError> {
     let mut out = Vec::with_capacity(input.len());
     for (i, m) in input.into_iter().enumerate() {
-        if let Some(name) = m.rest.keys().find(|k| k.as_str() != "name") {
-            let shown: String = name.chars().take(64).collect();
-            return Err(invalid(format!("messages[{i}].{shown} is not supported")));
-        }
         let content = match m.content {
             Some(Content::Text(t)) => t,
             Some(Content::Parts(parts)) => {
                 let mut text = String::new();
                 for (j, part) in parts.iter().enumerate() {
-                    match (
-                        part.get("type").and_then(Value::as_str),
-                        part.get("text").and_then(Value::as_str),
-                    ) {
+                    match (part.kind.as_deref(), part.text.as_deref()) {
                         (Some("text"), Some(t)) => text.push_str(t),
                         _ => {
                             return Err(invalid(format!(
@@ -386,7 +412,7 @@ async fn respond(
 }
 
 /// The body of a generation request, its fields taken out one by one (see [`field`]).
-pub(crate) type Body = Map<String, Value>;
+pub(crate) type Body = Fields;
 
 /// A chat or completions body, checked: the generation to run, and how to answer.
 pub(crate) struct Parsed {
@@ -405,10 +431,9 @@ pub(crate) fn parse(
 ) -> Result<Parsed, ApiError> {
     let prompt = match api {
         Api::Chat => messages(required(&mut body, "messages")?)?,
-        Api::Completion => match required(&mut body, "prompt")? {
-            CompletionPrompt::One(p) => Prompt::Text(p),
-            CompletionPrompt::Many(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
-            CompletionPrompt::Many(v) => {
+        Api::Completion => match required::<Strings>(&mut body, "prompt")?.0 {
+            mut v if v.len() == 1 => Prompt::Text(v.remove(0)),
+            v => {
                 return Err(invalid(format!(
                     "'prompt' must be one string, got a list of {}",
                     v.len()
@@ -471,11 +496,17 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
 mod tests {
     use super::*;
 
+    /// `v`, an object, as a request body.
+    fn body(v: Value) -> Body {
+        serde_json::from_str(&v.to_string()).unwrap()
+    }
+
     #[test]
     fn unsupported_fields_are_refused_by_name_and_neutral_ones_accepted() {
         let ok = json!({"user": "u", "tools": [], "logprobs": false, "frequency_penalty": 0,
-                        "response_format": {"type": "text"}, "tool_choice": "none", "logit_bias": {}});
-        check_rest(ok.as_object().unwrap()).unwrap();
+                        "response_format": {"type": "text"}, "tool_choice": "none", "logit_bias": {},
+                        "best_of": 1, "suffix": "", "presence_penalty": null, "metadata": [1, 2]});
+        check_rest(&body(ok)).unwrap();
         for (field, value, want) in [
             ("tools", json!([{"type": "function"}]), "'tools' is not supported"),
             (
@@ -496,8 +527,9 @@ mod tests {
             ),
             ("mystery", json!(1), "unrecognized field 'mystery'"),
         ] {
-            let m = json!({ field: value });
-            let err = check_rest(m.as_object().unwrap()).unwrap_err().to_string();
+            let err = check_rest(&body(json!({ field: value })))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{field}: {err}");
         }
     }
@@ -505,11 +537,8 @@ mod tests {
     #[test]
     fn message_contents_are_text_or_text_parts() {
         let parse = |v: Value| messages(serde_json::from_value(v).unwrap());
-        let mut body = json!({"model": "m", "max_tokens": "many"})
-            .as_object()
-            .unwrap()
-            .clone();
-        let err = Common::take(&mut body).unwrap_err().to_string();
+        let mut fields = body(json!({"model": "m", "max_tokens": "many"}));
+        let err = Common::take(&mut fields).unwrap_err().to_string();
         assert!(err.starts_with("'max_tokens': wrong type, expected u32"), "{err}");
         let Prompt::Chat(m) = parse(json!([
             {"role": "developer", "content": "be brief"},
@@ -532,10 +561,12 @@ mod tests {
                 .contains("messages[0].content[0] must be a text part"),
             "{err}"
         );
-        let err = parse(json!([{"role": "assistant", "content": null, "tool_calls": []}])).unwrap_err();
+        let mut fields =
+            body(json!({"messages": [{"role": "assistant", "content": null, "tool_calls": []}]}));
+        let err = required::<Vec<InMessage>>(&mut fields, "messages").unwrap_err();
         assert!(
             err.to_string()
-                .contains("messages[0].tool_calls is not supported"),
+                .contains(r#"'messages': unknown field "tool_calls""#),
             "{err}"
         );
     }

@@ -143,25 +143,53 @@ where
     }
 }
 
+/// A JSON object body whose fields are kept as their raw text until each is read, typed,
+/// with [`field`]: no `serde_json::Value` tree, which takes about 20 times the size of a
+/// long array of numbers, is ever built from what a client sent.
+pub type Fields = std::collections::BTreeMap<String, Box<serde_json::value::RawValue>>;
+
 /// Takes field `name` out of a JSON body, typed; a wrong type is an error naming it.
 /// (Typed structs with `#[serde(flatten)]` lose the field's name in their errors.)
-pub fn field<T: serde::de::DeserializeOwned>(
-    body: &mut serde_json::Map<String, serde_json::Value>,
-    name: &str,
-) -> Result<Option<T>, ApiError> {
+pub fn field<T: serde::de::DeserializeOwned>(body: &mut Fields, name: &str) -> Result<Option<T>, ApiError> {
     match body.remove(name) {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(v) => serde_json::from_value(v)
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => serde_json::from_str(raw.get())
             .map(Some)
             .map_err(|e| ApiError::InvalidInput(format!("'{name}': {}", json_error(&e)))),
     }
 }
 
+/// One string or a list of strings (`stop`, `prompt`), read as it streams by: an untagged
+/// enum would first hold the whole value in memory as a tree.
+#[derive(Debug)]
+pub struct Strings(pub Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for Strings {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Strings;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Strings, E> {
+                Ok(Strings(vec![s.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strings, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(Strings(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Like [`field`], for a field the request must have.
-pub fn required<T: serde::de::DeserializeOwned>(
-    body: &mut serde_json::Map<String, serde_json::Value>,
-    name: &str,
-) -> Result<T, ApiError> {
+pub fn required<T: serde::de::DeserializeOwned>(body: &mut Fields, name: &str) -> Result<T, ApiError> {
     field(body, name)?.ok_or_else(|| ApiError::InvalidInput(format!("'{name}' is required")))
 }
 

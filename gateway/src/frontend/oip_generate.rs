@@ -15,20 +15,13 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
-use super::http::{AppState, JsonRequest, field, json_error, required};
+use super::http::{AppState, Fields, JsonRequest, Strings, field, required};
 use super::rest::OipError;
 use crate::error::{ApiError, shown};
 use crate::request_id::RequestId;
 use crate::state::generate::{GenerateCall, Generation, Prompt};
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,7 +29,7 @@ struct Parameters {
     max_tokens: Option<u32>,
     temperature: Option<f32>,
     top_p: Option<f32>,
-    stop: Option<Stop>,
+    stop: Option<Strings>,
     seed: Option<u64>,
     stream: Option<bool>,
 }
@@ -46,24 +39,19 @@ struct Parameters {
 /// input is refused by name).
 fn call(
     model: String,
-    mut body: Map<String, Value>,
+    mut body: Fields,
     streamed: bool,
     timeout: Option<std::time::Duration>,
     request_id: RequestId,
 ) -> Result<GenerateCall, ApiError> {
     let text_input: String = required(&mut body, "text_input")?;
-    let parameters: Option<Map<String, Value>> = field(&mut body, "parameters")?;
+    let params: Parameters = field(&mut body, "parameters")?.unwrap_or_default();
     if let Some(name) = body.keys().find(|k| k.as_str() != "id") {
         return Err(ApiError::InvalidInput(format!(
             "unknown input {}: this model takes text_input (sampling goes in 'parameters')",
             shown(name)
         )));
     }
-    let params: Parameters = match parameters {
-        None => Parameters::default(),
-        Some(map) => serde_json::from_value(Value::Object(map))
-            .map_err(|e| ApiError::InvalidInput(format!("'parameters': {}", json_error(&e))))?,
-    };
     if params.stream == Some(!streamed) {
         return Err(ApiError::InvalidInput(format!(
             "'parameters.stream' {} does not match the route: use generate{}",
@@ -78,17 +66,13 @@ fn call(
         temperature: params.temperature.unwrap_or(0.0),
         top_p: params.top_p,
         seed: params.seed,
-        stop: match params.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
-        },
+        stop: params.stop.map_or_else(Vec::new, |s| s.0),
         timeout,
         request_id,
     })
 }
 
-type Request = JsonRequest<Map<String, Value>, OipError>;
+type Request = JsonRequest<Fields, OipError>;
 
 async fn start(state: &AppState, model: &str, req: Request, streamed: bool) -> Result<Generation, OipError> {
     let call = call(model.to_owned(), req.body, streamed, req.timeout, req.request_id)?;
