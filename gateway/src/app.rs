@@ -13,7 +13,7 @@ use crate::discovery::LeadersDns;
 use crate::frontend::http::RestLimits;
 use crate::frontend::{grpc, router};
 use crate::metrics::Metrics;
-use crate::pool::{Group, GroupSettings, Pool};
+use crate::pool::{Group, GroupSettings, Pool, WorkerTls};
 use crate::state::Gateway;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -77,8 +77,21 @@ pub async fn run(
     let token_reloader = worker_token
         .as_ref()
         .map(|k| k.spawn_reloader(cfg.api_key_reload_interval));
+    let worker_tls = match &cfg.worker_tls_ca {
+        Some(ca) => {
+            let identity = cfg.worker_tls_cert.as_deref().zip(cfg.worker_tls_key.as_deref());
+            let config = rankway_runtime::tls::client_config(ca, identity)
+                .map_err(|e| AppError::Config(e.to_string()))?;
+            Some(WorkerTls {
+                config,
+                server_name: cfg.worker_tls_server_name.clone(),
+            })
+        }
+        None => None,
+    };
     let settings = GroupSettings {
         token: worker_token,
+        tls: worker_tls,
         max_in_flight: cfg.max_in_flight as usize,
         connect_timeout: cfg.health_timeout,
         breaker_failures: cfg.breaker_failures,

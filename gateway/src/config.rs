@@ -100,6 +100,21 @@ pub struct Config {
     /// changes, like --api-key-file.
     #[arg(long, env = "RANKWAY_WORKER_TOKEN_FILE")]
     pub worker_token_file: Option<std::path::PathBuf>,
+    /// PEM bundle of the CAs that sign the ranks' certificates: with it, the gateway
+    /// reaches every rank 0 over TLS (the ranks' --tls-cert) and verifies it.
+    #[arg(long, env = "RANKWAY_WORKER_TLS_CA")]
+    pub worker_tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate chain (PEM) the gateway presents to the ranks, for mutual TLS
+    /// (the ranks' --tls-client-ca); with --worker-tls-key.
+    #[arg(long, env = "RANKWAY_WORKER_TLS_CERT", requires_all = ["worker_tls_key", "worker_tls_ca"])]
+    pub worker_tls_cert: Option<std::path::PathBuf>,
+    /// Key of --worker-tls-cert (PEM).
+    #[arg(long, env = "RANKWAY_WORKER_TLS_KEY", requires = "worker_tls_cert")]
+    pub worker_tls_key: Option<std::path::PathBuf>,
+    /// Name the ranks' certificates are checked against (default: the host of each
+    /// group's address).
+    #[arg(long, env = "RANKWAY_WORKER_TLS_SERVER_NAME", requires = "worker_tls_ca")]
+    pub worker_tls_server_name: Option<String>,
     /// How often the API key file and the worker token file are checked for changes.
     #[arg(long, env = "RANKWAY_API_KEY_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub api_key_reload_interval: Duration,

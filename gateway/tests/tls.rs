@@ -288,3 +288,68 @@ async fn with_a_client_ca_only_clients_it_signed_are_answered() {
     let (status, _) = rest(gw.http, with_cert, "/v2/health/ready", None).await.unwrap();
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn a_tls_rank_0_answers_only_the_gateway_with_its_client_certificate() {
+    let pki = Pki::new("worker");
+    pki.install(&pki.leaf("rankway rank 0", ExtendedKeyUsagePurpose::ServerAuth));
+    let [cert, key, _] = pki.flags();
+    let ca_flag = format!("--tls-client-ca={}", pki.path("ca.pem").display());
+    let worker = Worker::start(&[
+        "--model=mlp",
+        "--mlp-hidden=16",
+        "--mlp-layers=1",
+        &cert,
+        &key,
+        &ca_flag,
+    ]);
+
+    let gateway_identity = pki.leaf("rankway gateway", ExtendedKeyUsagePurpose::ClientAuth);
+    std::fs::write(pki.path("gateway.pem"), &gateway_identity.cert).unwrap();
+    std::fs::write(pki.path("gateway.key"), &gateway_identity.key).unwrap();
+    let ca = format!("--worker-tls-ca={}", pki.path("ca.pem").display());
+    let gw = Gateway::start(
+        &[&worker],
+        &[
+            &ca,
+            &format!("--worker-tls-cert={}", pki.path("gateway.pem").display()),
+            &format!("--worker-tls-key={}", pki.path("gateway.key").display()),
+            // The rank's certificate names localhost; the group's address is 127.0.0.1.
+            "--worker-tls-server-name=localhost",
+        ],
+    );
+    gw.wait_model_ready("mlp").await;
+    let r = reqwest::Client::new()
+        .post(gw.url("/v2/models/mlp/infer"))
+        .header("content-type", "application/json")
+        .body(INFER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // In plain text the rank answers nothing; a gateway that trusts its CA but has no
+    // client certificate never sees the group ready, and says why.
+    let plain =
+        rankway_proto::worker::worker_client::WorkerClient::connect(format!("http://{}", worker.addr)).await;
+    if let Ok(mut c) = plain {
+        assert!(
+            c.group_status(rankway_proto::worker::GroupStatusRequest {})
+                .await
+                .is_err()
+        );
+    }
+    let anonymous = Gateway::start(&[&worker], &[&ca, "--worker-tls-server-name=localhost"]);
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let groups = crate::common::admin_groups(&http, &anonymous.url("")).await;
+        let text = serde_json::to_string(&groups).unwrap();
+        if groups[0]["last_error"].is_string() || text.contains("transport error") {
+            assert_eq!(groups[0]["ready"], false, "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,7 +1,8 @@
-//! TLS for the gateway's front ends (rustls, the `ring` provider): a certificate chain and
-//! key from PEM files, read again when either file changes (every
-//! `--tls-reload-interval`; handshakes after the reload present the new certificate), and
-//! optionally a CA whose client certificates are required (mutual TLS).
+//! TLS (rustls, the `ring` provider) for the gateway's front ends and a worker's gRPC
+//! port: a certificate chain and key from PEM files, read again when either file changes
+//! (every `--tls-reload-interval`; handshakes after the reload present the new
+//! certificate), and optionally a CA whose client certificates are required (mutual
+//! TLS). [`client_config`] is the other side: how the gateway reaches TLS workers.
 
 use crate::sync;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,8 @@ use rustls::{RootCertStore, ServerConfig};
 /// TLS settings of a binary's front ends, flattened into its command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TlsArgs {
-    /// PEM certificate chain (leaf first): with --tls-key, the REST and gRPC front ends
-    /// serve TLS only.
+    /// PEM certificate chain (leaf first): with --tls-key, the API listeners (the
+    /// gateway's REST and gRPC, a worker's gRPC; not the metrics port) serve TLS only.
     #[arg(long, env = "RANKWAY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
@@ -170,4 +171,28 @@ impl TlsArgs {
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
+}
+
+/// A client configuration trusting the CAs in `ca` (PEM) and, for mutual TLS, presenting
+/// `identity` (certificate chain and key files); ALPN `h2`.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certificates(ca)? {
+        roots.add(c)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let key_der = PrivateKeyDer::from_pem_file(key).map_err(read_err(key))?;
+            builder.with_client_auth_cert(certificates(cert)?, key_der)?
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }

@@ -264,6 +264,8 @@ pub struct ServeArgs {
     pub token_reload_interval: Duration,
     #[command(flatten)]
     pub connections: rankway_runtime::listen::ConnectionArgs,
+    #[command(flatten)]
+    pub tls: rankway_runtime::tls::TlsArgs,
 }
 
 #[derive(Debug, Clone, Args)]

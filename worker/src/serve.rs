@@ -216,7 +216,18 @@ pub async fn serve_on(
         &args.connections,
         &metrics.connections,
     );
-    let grpc_listener = Listener::new(listener, "grpc", &args.connections, &metrics.connections);
+    let tls_files = args.tls.files().map_err(|e| ServeError::Config(e.to_string()))?;
+    let tls_config = match &tls_files {
+        Some(files) => Some(
+            args.tls
+                .config(files.clone(), &[b"h2"])
+                .map_err(|e| ServeError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let tls_reloader = tls_files.map(|f| f.spawn_reloader(args.tls.tls_reload_interval));
+    let grpc_listener =
+        Listener::new(listener, "grpc", &args.connections, &metrics.connections).with_tls(tls_config);
     let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, metrics, stats.clone()));
     tracing::info!(%addr, %metrics_addr, group = %args.group, rank = shard.rank, world_size = shard.world, model = %args.model.served_name(), torch_threads = threads, "worker listening");
 
@@ -265,7 +276,7 @@ pub async fn serve_on(
     }
     health_task.abort();
     metrics_task.abort();
-    if let Some(r) = token_reloader {
+    for r in [token_reloader, tls_reloader].into_iter().flatten() {
         r.abort();
     }
     finish(model_ended, watcher, &stats)

@@ -5,6 +5,7 @@
 //! one batch running, one staged), held until the batch's response has been handled, so
 //! work waits in the gateway where it can still go to whichever group frees first.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -78,6 +79,8 @@ impl GroupView {
 pub struct GroupSettings {
     /// The token every call to a rank 0 carries (`--worker-token-file`).
     pub token: Option<Arc<KeyFile>>,
+    /// TLS to every rank 0 (`--worker-tls-ca`).
+    pub tls: Option<WorkerTls>,
     /// Batches in flight at most (one running, one staged).
     pub max_in_flight: usize,
     pub connect_timeout: Duration,
@@ -116,7 +119,11 @@ impl Group {
             .map_err(|e| format!("group {name}: bad address {address:?}: {e}"))?
             .connect_timeout(settings.connect_timeout)
             .tcp_nodelay(true);
-        let client = WorkerClient::new(endpoint.connect_lazy())
+        let channel = match &settings.tls {
+            None => endpoint.connect_lazy(),
+            Some(tls) => endpoint.connect_with_connector_lazy(tls.connector(&address)?),
+        };
+        let client = WorkerClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let view = GroupView {
@@ -331,6 +338,60 @@ impl Ewma {
 }
 
 /// A call to rank 0: the trace context as `traceparent`, the deadline as `grpc-timeout`.
+/// TLS from the gateway to the ranks 0: whom to trust, what to present, which name to
+/// check.
+#[derive(Clone)]
+pub struct WorkerTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: Option<String>,
+}
+
+impl std::fmt::Debug for WorkerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl WorkerTls {
+    /// Connects to `address` (HOST:PORT) over TCP with TCP_NODELAY, then TLS, checking
+    /// the certificate against --worker-tls-server-name or HOST.
+    fn connector(
+        &self,
+        address: &str,
+    ) -> Result<
+        impl tower::Service<
+            http::Uri,
+            Response = TlsIo,
+            Error = std::io::Error,
+            Future = impl Future<Output = std::io::Result<TlsIo>> + Send,
+        > + Clone
+        + Send
+        + 'static,
+        String,
+    > {
+        let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+        let name = self.server_name.clone().unwrap_or_else(|| host.to_owned());
+        let name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|e| format!("worker TLS: bad server name {name:?}: {e}"))?;
+        let (address, connector) = (
+            address.to_owned(),
+            tokio_rustls::TlsConnector::from(self.config.clone()),
+        );
+        Ok(tower::service_fn(move |_: http::Uri| {
+            let (address, connector, name) = (address.clone(), connector.clone(), name.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&address).await?;
+                tcp.set_nodelay(true)?;
+                Ok(hyper_util::rt::TokioIo::new(connector.connect(name, tcp).await?))
+            }
+        }))
+    }
+}
+
 /// Adds the worker token (if the gateway has one) to a call to rank 0.
 fn authorize<T>(req: &mut tonic::Request<T>, token: Option<&KeyFile>) {
     if let Some(bearer) = token.and_then(KeyFile::bearer) {
@@ -730,6 +791,7 @@ pub(crate) mod tests {
     pub(crate) fn settings() -> GroupSettings {
         GroupSettings {
             token: None,
+            tls: None,
             max_in_flight: 2,
             connect_timeout: Duration::from_secs(1),
             breaker_failures: 3,
