@@ -159,7 +159,7 @@ impl ConnectionMetrics {
     }
 }
 
-/// A bound listener with its limits; [`Listener::accept`] hands out [`Guarded`] sockets.
+/// A bound listener with its limits: its sockets are [`Guarded`], served as [`Conn`]s.
 pub struct Listener {
     tcp: TcpListener,
     name: &'static str,
