@@ -115,10 +115,8 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let tls_files = cfg.tls.files().map_err(|e| AppError::Config(e.to_string()))?;
     let tls = |alpn: &[&[u8]]| {
-        tls_files
-            .as_ref()
-            .map(|f| cfg.tls.config(f.clone(), alpn))
-            .transpose()
+        cfg.tls
+            .config(tls_files.as_ref(), alpn)
             .map_err(|e| AppError::Config(e.to_string()))
     };
     let http_listener = Listener::new(listeners.http, "rest", &cfg.connections, metrics.connections())

@@ -165,7 +165,10 @@ pub struct Listener {
     name: &'static str,
     limits: ConnectionArgs,
     slots: Arc<Semaphore>,
-    metrics: ConnectionMetrics,
+    /// This listener's series, looked up once rather than on every connection.
+    open: prometheus::IntGauge,
+    refused: prometheus::IntCounter,
+    timed_out: prometheus::IntCounter,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -181,7 +184,9 @@ impl Listener {
             name,
             limits: limits.clone(),
             slots: Arc::new(Semaphore::new(limits.max_connections as usize)),
-            metrics: metrics.clone(),
+            open: metrics.open.with_label_values(&[name]),
+            refused: metrics.refused.with_label_values(&[name]),
+            timed_out: metrics.timed_out.with_label_values(&[name]),
             tls: None,
         }
     }
@@ -219,7 +224,7 @@ impl Listener {
                 }
             };
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                self.metrics.refused.with_label_values(&[self.name]).inc();
+                self.refused.inc();
                 tracing::debug!(
                     listener = self.name,
                     max_connections = self.limits.max_connections,
@@ -287,7 +292,7 @@ impl Listener {
                 .map_request(|req: http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new));
             let service = hyper_util::service::TowerToHyperService::new(service);
             let (builder, watcher) = (builder.clone(), graceful.watcher());
-            let timed_out = self.metrics.timed_out.with_label_values(&[self.name]);
+            let timed_out = self.timed_out.clone();
             tokio::spawn(async move {
                 let Some(io) = pending.establish().await else {
                     return;
@@ -423,13 +428,12 @@ pub struct Guarded {
 
 impl Guarded {
     fn new(tcp: TcpStream, slot: OwnedSemaphorePermit, listener: &Listener) -> Self {
-        let open = listener.metrics.open.with_label_values(&[listener.name]);
-        open.inc();
+        listener.open.inc();
         Self {
             tcp,
             _slot: slot,
-            open,
-            timed_out: listener.metrics.timed_out.with_label_values(&[listener.name]),
+            open: listener.open.clone(),
+            timed_out: listener.timed_out.clone(),
             timer: Box::pin(tokio::time::sleep(listener.limits.header_timeout)),
             idle_timeout: listener.limits.idle_timeout,
             last_activity: None,

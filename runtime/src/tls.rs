@@ -150,8 +150,15 @@ impl TlsArgs {
     }
 
     /// The server configuration of a listener speaking the `alpn` protocols and
-    /// presenting `files`' certificate.
-    pub fn config(&self, files: Arc<CertFiles>, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+    /// presenting `files`' certificate; `None` without files (no --tls-cert).
+    pub fn config(
+        &self,
+        files: Option<&Arc<CertFiles>>,
+        alpn: &[&[u8]],
+    ) -> Result<Option<Arc<ServerConfig>>, TlsError> {
+        let Some(files) = files else {
+            return Ok(None);
+        };
         let builder =
             ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
         let builder = match &self.tls_client_ca {
@@ -167,9 +174,9 @@ impl TlsArgs {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let mut config = builder.with_cert_resolver(files);
+        let mut config = builder.with_cert_resolver(files.clone());
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok(Arc::new(config))
+        Ok(Some(Arc::new(config)))
     }
 }
 

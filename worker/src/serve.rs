@@ -217,14 +217,10 @@ pub async fn serve_on(
         &metrics.connections,
     );
     let tls_files = args.tls.files().map_err(|e| ServeError::Config(e.to_string()))?;
-    let tls_config = match &tls_files {
-        Some(files) => Some(
-            args.tls
-                .config(files.clone(), &[b"h2"])
-                .map_err(|e| ServeError::Config(e.to_string()))?,
-        ),
-        None => None,
-    };
+    let tls_config = args
+        .tls
+        .config(tls_files.as_ref(), &[b"h2"])
+        .map_err(|e| ServeError::Config(e.to_string()))?;
     let tls_reloader = tls_files.map(|f| f.spawn_reloader(args.tls.tls_reload_interval));
     let grpc_listener =
         Listener::new(listener, "grpc", &args.connections, &metrics.connections).with_tls(tls_config);
