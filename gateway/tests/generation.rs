@@ -13,10 +13,11 @@ use rankway_proto::worker::{
 use serde_json::Value;
 use tonic::transport::Channel;
 
+use crate::common::get_text;
 use crate::common::{
     Launcher, Worker, long_answer_cases, sample_sum, sigkill, smollm2_arg, smollm2_reference,
 };
-use crate::observability::{get_text, promtool};
+use crate::observability::promtool;
 
 fn request(case: &Value, max_tokens: u32) -> GenerateRequest {
     let messages = case["messages"]

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use rankway_proto::worker::GroupStatusRequest;
 use serde_json::{Value, json};
 
+use crate::common::get_text;
 use crate::common::{
     Gateway, Launcher, Worker, admin_groups, get_json, long_answer_cases, post_json, sigkill, smollm2_arg,
     smollm2_first_answer, smollm2_reference, sse_data, workspace_root,
 };
-use crate::observability::{get_text, promtool};
+use crate::observability::promtool;
 
 async fn start() -> (Worker, Gateway) {
     let worker = Worker::start(&["--model=smollm2", &smollm2_arg(), "--kv-cache-tokens=4096"]);

@@ -13,7 +13,7 @@ use rankway_proto::worker::{DataType, InferRequest, Tensor};
 use serde_json::{Value, json};
 use tonic::Code;
 
-use crate::common::{Gateway, Worker, fake_worker, get_json, grpc_text};
+use crate::common::{Gateway, Worker, fake_worker, get_json, get_text, grpc_text};
 
 /// Every made-up name carries this, so /metrics and the log can be searched for it.
 const MARK: &str = "madeup";
@@ -48,12 +48,7 @@ fn batch(
 }
 
 async fn metrics(gateway: &Gateway) -> String {
-    reqwest::get(gateway.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    get_text(gateway.url("/metrics")).await
 }
 
 /// A gRPC ModelInfer naming `model`, which must fail.
@@ -595,14 +590,7 @@ async fn a_batch_whose_caller_left_stops_between_sub_batches() {
     ]);
     worker.wait_serving(Duration::from_secs(30)).await;
     let counter = |text: &str, name: &str| crate::common::sample_sum(text, name, "");
-    let scrape = || async {
-        reqwest::get(format!("http://{}/metrics", worker.metrics))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || get_text(format!("http://{}/metrics", worker.metrics));
     let before = counter(&scrape().await, "rankway_worker_batches_total");
     // 64 rows as 64 forward passes of a few milliseconds each, for a caller that waits 30 ms.
     let rows = 64;

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::otlp::{Span, start_receiver};
-use crate::common::{Gateway, Worker, free_port, sample_sum};
+use crate::common::{Gateway, Worker, free_port, get_text, sample_sum};
 use serde_json::{Value, json};
 
 /// `promtool check metrics` on `text`; the lint's complaints if it fails.
@@ -29,12 +29,6 @@ pub(crate) fn promtool(what: &str, text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-pub(crate) async fn get_text(url: String) -> String {
-    let resp = reqwest::get(url).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.text().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

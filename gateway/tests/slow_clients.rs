@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{Gateway, Worker, sample_sum};
+use crate::common::{Gateway, Worker, get_text, sample_sum};
 
 /// Small model, short timeouts: the header deadline is 1 s on every listener.
 const MLP: [&str; 3] = ["--model=mlp", "--mlp-hidden=16", "--mlp-layers=1"];
@@ -139,12 +139,7 @@ async fn silent_and_dribbling_connections_are_closed_on_every_listener() {
         d < b * 10.0 + 5.0,
         "normal requests slowed from {b:.2} to {d:.2} ms"
     );
-    let metrics = reqwest::get(gateway.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(gateway.url("/metrics")).await;
     assert!(
         sample_sum(
             &metrics,
@@ -159,12 +154,7 @@ async fn silent_and_dribbling_connections_are_closed_on_every_listener() {
             r#"listener="grpc""#
         ) >= 25.0
     );
-    let worker_metrics = reqwest::get(format!("http://{}/metrics", worker.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let worker_metrics = get_text(format!("http://{}/metrics", worker.metrics)).await;
     for listener in ["grpc", "metrics"] {
         let label = format!(r#"listener="{listener}""#);
         let n = sample_sum(

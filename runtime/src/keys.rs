@@ -14,8 +14,29 @@ use std::time::{Duration, SystemTime};
 /// The keys of a key file, reloaded when the file changes.
 pub struct KeyFile {
     path: PathBuf,
-    keys: RwLock<Arc<Vec<Vec<u8>>>>,
+    keys: RwLock<Keys>,
     modified: Mutex<Option<SystemTime>>,
+}
+
+/// The keys as loaded, and `Bearer FIRST-KEY`, built once per load for a client to send.
+#[derive(Clone)]
+struct Keys {
+    all: Arc<Vec<Vec<u8>>>,
+    bearer: Option<http::HeaderValue>,
+}
+
+impl Keys {
+    fn new(all: Vec<Vec<u8>>) -> Self {
+        let bearer = all.first().and_then(|key| {
+            let mut value = http::HeaderValue::from_bytes(&[b"Bearer ", key.as_slice()].concat()).ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        });
+        Self {
+            all: Arc::new(all),
+            bearer,
+        }
+    }
 }
 
 /// Runs `check` every `every` on a task of its own (until the task is aborted): how key
@@ -80,7 +101,7 @@ impl KeyFile {
         tracing::info!(path = %path.display(), keys = keys.len(), "keys loaded");
         Ok(Arc::new(Self {
             path: path.to_owned(),
-            keys: RwLock::new(Arc::new(keys)),
+            keys: RwLock::new(Keys::new(keys)),
             modified: Mutex::new(modified),
         }))
     }
@@ -98,7 +119,7 @@ impl KeyFile {
                 } else {
                     tracing::info!(path = %self.path.display(), keys = keys.len(), "keys reloaded");
                 }
-                *sync::write(&self.keys) = Arc::new(keys);
+                *sync::write(&self.keys) = Keys::new(keys);
                 *sync::lock(&self.modified) = modified;
             }
             Err(e) => tracing::warn!(error = %e, "keeping the keys already loaded"),
@@ -119,18 +140,14 @@ impl KeyFile {
         else {
             return false;
         };
-        let keys = sync::read(&self.keys).clone();
+        let keys = sync::read(&self.keys).all.clone();
         // Every key is compared, so the time does not tell which one matched.
         keys.iter().fold(false, |found, k| found | same(k, token))
     }
 
     /// `Bearer KEY` with the file's first key, for a client to send.
     pub fn bearer(&self) -> Option<http::HeaderValue> {
-        let keys = sync::read(&self.keys).clone();
-        let key = keys.first()?;
-        let mut value = http::HeaderValue::from_bytes(&[b"Bearer ", key.as_slice()].concat()).ok()?;
-        value.set_sensitive(true);
-        Some(value)
+        sync::read(&self.keys).bearer.clone()
     }
 }
 

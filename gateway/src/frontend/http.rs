@@ -160,10 +160,31 @@ pub fn field<T: serde::de::DeserializeOwned>(body: &mut Fields, name: &str) -> R
     }
 }
 
-/// One string or a list of strings (`stop`, `prompt`), read as it streams by: an untagged
-/// enum would first hold the whole value in memory as a tree.
+/// One string or a list of strings (`stop`, `prompt`, the embeddings' `input`), read as
+/// it streams by: an untagged enum or a `Value` would first hold the whole value in memory
+/// as a tree (a list of numbers as about 20 times its text).
 #[derive(Debug)]
 pub struct Strings(pub Vec<String>);
+
+/// One string of [`Strings`]' list; anything else is refused with words for the token
+/// arrays OpenAI also allows in `prompt` and `input`.
+struct ListedString(String);
+
+impl<'de> serde::Deserialize<'de> for ListedString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ListedString;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of strings (token arrays are not supported)")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ListedString, E> {
+                Ok(ListedString(s.to_owned()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
 
 impl<'de> serde::Deserialize<'de> for Strings {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -178,7 +199,7 @@ impl<'de> serde::Deserialize<'de> for Strings {
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strings, A::Error> {
                 let mut out = Vec::new();
-                while let Some(s) = seq.next_element::<String>()? {
+                while let Some(ListedString(s)) = seq.next_element()? {
                     out.push(s);
                 }
                 Ok(Strings(out))

@@ -8,9 +8,9 @@ use base64::Engine;
 use rankway_proto::codec::encode_bytes_elements;
 use rankway_proto::worker::{DataType, Tensor};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::http::{AppState, JsonRequest, finish_error};
+use super::http::{AppState, JsonRequest, Strings, finish_error};
 use crate::error::{ApiError, shown};
 use crate::model::text_embedding_io;
 use crate::request_id::WorkerTime;
@@ -45,7 +45,7 @@ impl IntoResponse for OpenAiError {
 
 #[derive(Debug, Deserialize)]
 pub struct EmbeddingsRequest {
-    pub(crate) input: Value,
+    pub(crate) input: Strings,
     pub(crate) model: String,
     #[serde(default)]
     pub(crate) encoding_format: Option<String>,
@@ -84,7 +84,7 @@ struct EmbeddingsResponse {
 /// Whether the answer is base64 (`encoding_format`), and the texts of `input`.
 pub(crate) fn base64_and_texts(
     encoding_format: Option<&str>,
-    input: Value,
+    input: Strings,
 ) -> Result<(bool, Vec<String>), ApiError> {
     let base64 = match encoding_format {
         None | Some("float") => false,
@@ -99,24 +99,11 @@ pub(crate) fn base64_and_texts(
     Ok((base64, texts(input)?))
 }
 
-/// `input` as OpenAI allows it for text: one string or a list of strings.
-fn texts(input: Value) -> Result<Vec<String>, ApiError> {
-    let bad = |m: &str| ApiError::InvalidInput(m.to_owned());
-    let texts = match input {
-        Value::String(s) => vec![s],
-        Value::Array(items) => items
-            .into_iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s),
-                _ => Err(bad(
-                    "'input' must be a string or a list of strings (token arrays are not supported)",
-                )),
-            })
-            .collect::<Result<_, _>>()?,
-        _ => return Err(bad("'input' must be a string or a list of strings")),
-    };
+/// `input` as OpenAI allows it for text (one string or a list of strings: [`Strings`]
+/// refuses token arrays as it reads the body), not empty.
+fn texts(Strings(texts): Strings) -> Result<Vec<String>, ApiError> {
     if texts.is_empty() {
-        return Err(bad("'input' must not be an empty list"));
+        return Err(ApiError::InvalidInput("'input' must not be an empty list".into()));
     }
     Ok(texts)
 }
@@ -207,18 +194,24 @@ pub async fn embeddings(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn input_forms() {
-        assert_eq!(texts(json!("a")).unwrap(), vec!["a"]);
-        assert_eq!(texts(json!(["a", "b"])).unwrap(), vec!["a", "b"]);
-        assert!(texts(json!([])).unwrap_err().to_string().contains("empty"));
+        let parsed = |input: Value| {
+            serde_json::from_value::<Strings>(input)
+                .map_err(|e| e.to_string())
+                .and_then(|s| texts(s).map_err(|e| e.to_string()))
+        };
+        assert_eq!(parsed(json!("a")).unwrap(), vec!["a"]);
+        assert_eq!(parsed(json!(["a", "b"])).unwrap(), vec!["a", "b"]);
+        assert!(parsed(json!([])).unwrap_err().contains("empty"));
+        assert!(parsed(json!([1, 2])).unwrap_err().contains("token arrays"));
+        assert!(parsed(json!([[1, 2]])).unwrap_err().contains("token arrays"));
         assert!(
-            texts(json!([1, 2]))
+            parsed(json!(5))
                 .unwrap_err()
-                .to_string()
-                .contains("token arrays")
+                .contains("a string or a list of strings")
         );
-        assert!(texts(json!(5)).is_err());
     }
 }

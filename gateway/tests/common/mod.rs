@@ -353,13 +353,7 @@ impl Gateway {
     /// Sum of the samples of counter `name` (e.g. `rankway_batches_total`) whose labels
     /// contain `label` (e.g. `group="g1"`; empty for all), from `GET /metrics`.
     pub async fn metric_sum(&self, name: &str, label: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        sample_sum(&text, name, label)
+        sample_sum(&get_text(self.url("/metrics")).await, name, label)
     }
 
     /// Waits until the gateway routes to a ready group serving `model`.
@@ -576,6 +570,13 @@ pub fn sample_sum(text: &str, name: &str, label: &str) -> f64 {
 }
 
 /// The JSON answer of `GET url`.
+/// The body of a GET that must answer 200 (a `/metrics` scrape, say).
+pub async fn get_text(url: String) -> String {
+    let resp = reqwest::get(url).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap()
+}
+
 pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
