@@ -85,9 +85,11 @@ pub struct Config {
     /// Timeout of one GroupStatus call (and of connecting to a group).
     #[arg(long, env = "RANKWAY_HEALTH_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1s")]
     pub health_timeout: Duration,
-    /// Threads of the async runtime that serves every request (default: the cores this
-    /// process may use, its CPU limit included). On a host shared with the workers, fewer
-    /// threads save cross-thread wake-ups on every request.
+    /// Threads of the async runtime that serves every request (default: half the cores
+    /// this process may use, its CPU limit included, at least one). A request's work is
+    /// mostly socket reads and writes, whose TCP processing the kernel does on the same
+    /// cores; the fewer threads a request's tasks are spread over, the fewer cross-thread
+    /// wake-ups it costs (README, "Request-path latency").
     #[arg(long, env = "RANKWAY_IO_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub io_threads: Option<u16>,
     /// File of API keys, one per line: every request but the health probes must then

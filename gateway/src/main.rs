@@ -6,11 +6,12 @@ use rankway_runtime::telemetry;
 
 fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cfg.io_threads {
-        rt.worker_threads(n.into());
-    }
-    let rt = rt.enable_all().build().context("tokio runtime")?;
+    let io_threads = cfg.io_threads.map_or_else(default_io_threads, usize::from);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(io_threads)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
     rt.block_on(async {
         let telemetry = telemetry::init(&cfg.telemetry, "rankway-gateway")?;
         let listeners = Listeners::bind(&cfg).await?;
@@ -19,4 +20,10 @@ fn main() -> anyhow::Result<()> {
         telemetry.shutdown().await;
         Ok(result?)
     })
+}
+
+/// Half the cores this process may use (its CPU limit included), at least one: see
+/// `--io-threads`.
+fn default_io_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
