@@ -124,11 +124,23 @@ pub fn from_worker_status(group: &str, status: &tonic::Status) -> ApiError {
     match status.code() {
         C::InvalidArgument => ApiError::InvalidInput(msg),
         C::DeadlineExceeded => ApiError::DeadlineExceeded(msg),
-        C::ResourceExhausted | C::Unavailable | C::Cancelled | C::Unknown => {
+        code if matches!(
+            code,
+            C::ResourceExhausted | C::Unavailable | C::Cancelled | C::Unknown
+        ) || broke_in_transit(status) =>
+        {
             ApiError::Unavailable(format!("{msg} (the batch did not complete)"))
         }
         _ => ApiError::Internal(msg),
     }
+}
+
+/// Whether tonic made `status` from a transport error (the call's stream or connection
+/// broke: a reset, a GOAWAY, a closed socket), which it keeps as the status's source; a
+/// status rank 0 sent has none. The gRPC spec maps a stream reset to INTERNAL, but to
+/// the gateway a call that broke with its group is a batch that did not complete.
+fn broke_in_transit(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
 }
 
 #[cfg(test)]
@@ -143,6 +155,19 @@ mod tests {
         assert_eq!(long.len(), 64 + "\"\"…".len(), "{long}");
         assert_eq!(shown_shape(&[2, 16]), "[2, 16]");
         assert_eq!(shown_shape(&vec![1; 100_000]), "[100000 dimensions]");
+    }
+
+    #[test]
+    fn a_call_broken_in_transit_is_unavailable_and_a_status_from_rank_0_is_not() {
+        let sent = tonic::Status::internal("the model failed");
+        assert!(matches!(from_worker_status("g", &sent), ApiError::Internal(_)));
+        let mut broken = tonic::Status::internal("h2 protocol error: http2 error");
+        broken.set_source(std::sync::Arc::new(std::io::Error::other("stream reset")));
+        let error = from_worker_status("g", &broken);
+        assert!(
+            matches!(&error, ApiError::Unavailable(m) if m.contains("did not complete")),
+            "{error:?}"
+        );
     }
 
     #[test]
