@@ -13,9 +13,8 @@ use rankway_proto::worker::{
 use serde_json::Value;
 use tonic::transport::Channel;
 
-use crate::common::get_text;
 use crate::common::{
-    Launcher, Worker, long_answer_cases, sample_sum, sigkill, smollm2_arg, smollm2_reference,
+    Launcher, Worker, get_text, long_answer_cases, sample_sum, sigkill, smollm2_arg, smollm2_reference,
 };
 use crate::observability::promtool;
 

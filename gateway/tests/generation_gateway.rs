@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 use rankway_proto::worker::GroupStatusRequest;
 use serde_json::{Value, json};
 
-use crate::common::get_text;
 use crate::common::{
-    Gateway, Launcher, Worker, admin_groups, get_json, long_answer_cases, post_json, sigkill, smollm2_arg,
-    smollm2_first_answer, smollm2_reference, sse_data, workspace_root,
+    Gateway, Launcher, Worker, admin_groups, get_json, get_text, long_answer_cases, post_json, sigkill,
+    smollm2_arg, smollm2_first_answer, smollm2_reference, sse_data, workspace_root,
 };
 use crate::observability::promtool;
 

@@ -19,7 +19,6 @@ pub struct KeyFile {
 }
 
 /// The keys as loaded, and `Bearer FIRST-KEY`, built once per load for a client to send.
-#[derive(Clone)]
 struct Keys {
     all: Arc<Vec<Vec<u8>>>,
     bearer: Option<http::HeaderValue>,

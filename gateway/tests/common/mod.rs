@@ -569,7 +569,6 @@ pub fn sample_sum(text: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
-/// The JSON answer of `GET url`.
 /// The body of a GET that must answer 200 (a `/metrics` scrape, say).
 pub async fn get_text(url: String) -> String {
     let resp = reqwest::get(url).await.unwrap();
@@ -577,6 +576,7 @@ pub async fn get_text(url: String) -> String {
     resp.text().await.unwrap()
 }
 
+/// The JSON answer of `GET url`.
 pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
