@@ -89,7 +89,8 @@ pub struct Config {
     /// this process may use, its CPU limit included, at least one). A request's work is
     /// mostly socket reads and writes, whose TCP processing the kernel does on the same
     /// cores; the fewer threads a request's tasks are spread over, the fewer cross-thread
-    /// wake-ups it costs (README, "Batching").
+    /// wake-ups it costs. One thread runs Tokio's current-thread scheduler (README,
+    /// "Batching").
     #[arg(long, env = "RANKWAY_IO_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub io_threads: Option<u16>,
     /// File of API keys, one per line: every request but the health probes must then

@@ -2,16 +2,12 @@ use anyhow::Context;
 use clap::Parser;
 use rankway_gateway::app::{self, Listeners};
 use rankway_gateway::config::Config;
-use rankway_runtime::telemetry;
+use rankway_runtime::{executor, telemetry};
 
 fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
     let io_threads = cfg.io_threads.map_or_else(default_io_threads, usize::from);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(io_threads)
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
+    let rt = executor::build(io_threads).context("tokio runtime")?;
     rt.block_on(async {
         let telemetry = telemetry::init(&cfg.telemetry, "rankway-gateway")?;
         let listeners = Listeners::bind(&cfg).await?;

@@ -1,5 +1,6 @@
 //! What both Rankway binaries run with, apart from the wire types (`rankway-proto`):
 //!
+//! - [`executor`]: the Tokio runtime both serve on;
 //! - [`telemetry`]: logs and OpenTelemetry traces, and how trace context travels over
 //!   HTTP headers, gRPC metadata and the group's step header;
 //! - [`keys`]: key files (API keys, the gateway-to-rank-0 token), reloaded on change;
@@ -11,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod executor;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
 pub mod keys;

@@ -247,7 +247,8 @@ pub struct ServeArgs {
     pub sub_batch_rows: u32,
     /// Threads of the async runtime serving gRPC and metrics. Rank 0 makes one call per
     /// batch, and the cores belong to libtorch: one thread keeps the servers off them and
-    /// saves the cross-thread wake-ups a second thread costs every request.
+    /// saves the cross-thread wake-ups a second thread costs every request (one thread
+    /// runs Tokio's current-thread scheduler).
     #[arg(long, env = "RANKWAY_IO_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub io_threads: u16,
     /// How long a graceful shutdown waits for in-flight batches.

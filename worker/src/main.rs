@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
+use rankway_runtime::executor;
 use rankway_runtime::telemetry::{self, Telemetry, TelemetryArgs};
 use rankway_worker::config::{Cli, Command, ModelKind};
 use rankway_worker::generate::bench::GenBenchRow;
@@ -25,11 +26,7 @@ fn init_telemetry(args: &TelemetryArgs) -> anyhow::Result<Telemetry> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(args.io_threads.into())
-                .enable_all()
-                .build()
-                .context("tokio runtime")?;
+            let rt = executor::build(args.io_threads.into()).context("tokio runtime")?;
             rt.block_on(async {
                 let telemetry = init_telemetry(&cli.telemetry)?;
                 launch::follow_launcher()?; // block_on runs this on the main thread
