@@ -12,8 +12,5 @@ pub fn percentile_ms<T: Copy + Into<u64>>(sorted_us: &[T], q: f64) -> f64 {
 /// The one-thread runtime the load generators run on (they must not compete for the
 /// cores the server under test needs).
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+    rankway_runtime::executor::build(1).expect("tokio runtime")
 }
