@@ -12,10 +12,12 @@ use std::time::Duration;
 
 pub mod breaker;
 pub mod p2c;
+pub mod whole_body;
 
 use breaker::{Breaker, BreakerState};
 use rand::rngs::StdRng;
 use tokio::time::Instant;
+use whole_body::WholeBody;
 
 use rankway_proto::worker::worker_client::WorkerClient;
 use rankway_proto::worker::{
@@ -94,7 +96,7 @@ pub struct GroupSettings {
 pub struct Group {
     name: String,
     address: String,
-    client: WorkerClient<Channel>,
+    client: WorkerClient<WholeBody<Channel>>,
     token: Option<Arc<KeyFile>>,
     slots: Arc<Semaphore>,
     max_in_flight: usize,
@@ -123,7 +125,7 @@ impl Group {
             None => endpoint.connect_lazy(),
             Some(tls) => endpoint.connect_with_connector_lazy(tls.connector(&address)?),
         };
-        let client = WorkerClient::new(channel)
+        let client = WorkerClient::new(WholeBody(channel))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let view = GroupView {
