@@ -1,10 +1,10 @@
 //! Deadlines and graceful drain with the real binaries: an expired request is answered
 //! 504 / DEADLINE_EXCEEDED and never reaches the worker; SIGTERM during load loses no
-//! accepted request.
+//! accepted request, and a keep-alive connection idle at SIGTERM is still answered.
 
 use std::time::{Duration, Instant};
 
-use crate::common::{Gateway, Worker, grpc_text};
+use crate::common::{Gateway, Worker, grpc_text, signal};
 use rankway_proto::codec::encode_bytes_elements;
 use serde_json::{Value, json};
 
@@ -131,12 +131,7 @@ async fn sigterm_during_load_loses_no_accepted_request() {
         }));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let status = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(gw.proc.child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(gw.proc.child.id(), "TERM");
     let exit = tokio::task::spawn_blocking(move || {
         let s = gw.proc.child.wait().unwrap();
         (s, gw)
@@ -159,4 +154,69 @@ async fn sigterm_during_load_loses_no_accepted_request() {
     }
     eprintln!("drain: {ok} served, {draining} refused while draining, {refused} refused at connect");
     assert!(ok > 0);
+}
+
+/// A keep-alive connection idle when SIGTERM comes is not closed under the client's next
+/// request: that request is answered, with `Connection: close`, and then the connection
+/// ends. (Closed at once, the request would meet a reset the client cannot tell from a
+/// lost answer.)
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_answered_with_connection_close_when_draining() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+
+    // No group need be up: /v2/health/live is the gateway's own.
+    let mut gw = Gateway::start_addrs(&["127.0.0.1:1".to_owned()], &[]);
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let live = || {
+        http::Request::get("/v2/health/live")
+            .header("host", "gateway")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let resp = send.send_request(live()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers().get("connection").is_none(),
+        "kept alive before the drain"
+    );
+    resp.into_body().collect().await.unwrap();
+
+    signal(gw.proc.child.id(), "TERM");
+    gw.proc
+        .wait_for_log("shutting down: refusing new connections, draining requests");
+    // The same connection, reused: answered until an answer says it is the last.
+    let mut answered = 0;
+    loop {
+        let resp = send
+            .send_request(live())
+            .await
+            .unwrap_or_else(|e| panic!("request {answered} on the kept-alive connection was lost: {e}"));
+        assert_eq!(resp.status(), 200);
+        let close = resp.headers().get("connection").is_some_and(|v| v == "close");
+        resp.into_body().collect().await.unwrap();
+        answered += 1;
+        if close {
+            break;
+        }
+        assert!(
+            answered < 100,
+            "no `Connection: close` within {answered} answers while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The gateway closed the connection after its last answer, and exits cleanly.
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the connection ends after `Connection: close`")
+        .unwrap()
+        .unwrap();
+    let exit = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "gateway exits 0 after draining: {exit:?}");
 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::common::{
     Gateway, Launcher, Worker, admin_groups, get_json, get_text, long_answer_cases, post_json, sigkill,
-    smollm2_arg, smollm2_first_answer, smollm2_reference, sse_data, workspace_root,
+    signal, smollm2_arg, smollm2_first_answer, smollm2_reference, sse_data, workspace_root,
 };
 use crate::observability::promtool;
 
@@ -516,11 +516,7 @@ async fn sigterm_lets_running_streams_finish_and_takes_no_new_ones() {
         assert!(Instant::now() < deadline, "the streams did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &gateway.proc.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(gateway.proc.child.id(), "TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // No new generation: the listener is closed (or the answer says it is shutting down).
     let ask = json!({"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi!"}]});

@@ -266,8 +266,31 @@ impl Listener {
 
     /// Serves HTTP/1.1 and HTTP/2 with `router` until `shutdown` resolves, then waits for
     /// the open connections to finish their requests (the caller bounds that wait).
+    ///
+    /// Shutting down, the listener closes at once; then for up to [`CLOSE_NOTICE`] (or
+    /// until every connection has gone) the open ones are still served, each HTTP/1.1
+    /// answer saying `Connection: close`, before idle connections are closed. Closing an
+    /// idle keep-alive connection at once races a client that is just then sending its
+    /// next request on it: the request meets a reset, and the client cannot tell whether
+    /// it ran. A client that is sending gets an answer (and the notice) instead.
     pub async fn serve_http(self, router: axum::Router, shutdown: impl Future<Output = ()>) {
+        use std::sync::atomic::{AtomicBool, Ordering};
         use tower::ServiceExt;
+        let closing = Arc::new(AtomicBool::new(false));
+        let router = router.layer(axum::middleware::from_fn({
+            let closing = closing.clone();
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let notice = req.version() <= http::Version::HTTP_11 && closing.load(Ordering::Acquire);
+                async move {
+                    let mut resp = next.run(req).await;
+                    if notice {
+                        resp.headers_mut()
+                            .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                    }
+                    resp
+                }
+            }
+        }));
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -312,9 +335,19 @@ impl Listener {
             });
         }
         drop(self);
+        closing.store(true, Ordering::Release);
+        let notice_ends = Instant::now() + CLOSE_NOTICE;
+        while graceful.count() > 0 && Instant::now() < notice_ends {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         graceful.shutdown().await;
     }
 }
+
+/// How long a shutting-down HTTP listener goes on serving its open connections, with
+/// `Connection: close` on every HTTP/1.1 answer, before it closes the idle ones (see
+/// [`Listener::serve_http`]).
+pub const CLOSE_NOTICE: Duration = Duration::from_secs(1);
 
 /// An accepted socket whose TLS handshake (if the listener has TLS) is still to come.
 struct Pending {

@@ -460,12 +460,17 @@ pub fn alive(pid: u32) -> bool {
 
 /// SIGKILLs a process by pid.
 pub fn sigkill(pid: u32) {
+    signal(pid, "KILL");
+}
+
+/// Sends a process the signal `name` (`TERM`, `KILL`, ...) by pid.
+pub fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
-        .arg("-9")
+        .arg(format!("-{name}"))
         .arg(pid.to_string())
         .status()
         .expect("run kill");
-    assert!(status.success(), "kill -9 {pid} failed");
+    assert!(status.success(), "kill -{name} {pid} failed");
 }
 
 /// The sentence-transformers reference fixture.
