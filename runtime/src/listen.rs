@@ -280,10 +280,11 @@ impl Listener {
         let router = router.layer(axum::middleware::from_fn({
             let closing = closing.clone();
             move |req: axum::extract::Request, next: axum::middleware::Next| {
-                let notice = req.version() <= http::Version::HTTP_11 && closing.load(Ordering::Acquire);
+                let http1 = req.version() <= http::Version::HTTP_11;
+                let closing = closing.clone();
                 async move {
                     let mut resp = next.run(req).await;
-                    if notice {
+                    if http1 && closing.load(Ordering::Acquire) {
                         resp.headers_mut()
                             .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
                     }
