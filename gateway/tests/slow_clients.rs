@@ -2,7 +2,9 @@
 //! every listener (gateway REST and gRPC, the worker's gRPC and metrics ports) closes a
 //! connection that sends nothing or dribbles a request head, holds at most
 //! `--max-connections`, and a REST body that never arrives is answered 408; normal
-//! requests meanwhile keep being served.
+//! requests meanwhile keep being served. An HTTP/1.1 keep-alive connection waits
+//! `--keep-alive-timeout` for its next request, but a head begun on it must still
+//! finish within `--header-timeout`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -278,4 +280,82 @@ async fn grpc_listeners_advertise_their_stream_limit() {
         resp.await.unwrap();
         assert_eq!(client.current_max_send_streams(), want, "{addr}");
     }
+}
+
+/// Reads one HTTP/1.1 answer (head and a `content-length` body) off `conn`.
+async fn read_answer(conn: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed mid-answer: {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_outlasts_the_header_timeout_but_a_slow_head_does_not() {
+    // No group need be up: /v2/health/live is the gateway's own.
+    let gateway = Gateway::start_addrs(
+        &["127.0.0.1:1".to_owned()],
+        &["--header-timeout=1s", "--keep-alive-timeout=4s"],
+    );
+    let slow = || gateway.metric_sum("rankway_connections_timed_out_total", r#"listener="rest""#);
+    let live = b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n";
+
+    // Idle for twice the header timeout, then reused: still open.
+    let mut conn = TcpStream::connect(gateway.http).await.unwrap();
+    conn.write_all(live).await.unwrap();
+    assert!(read_answer(&mut conn).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    conn.write_all(live).await.unwrap();
+    let answer = read_answer(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Then left idle: closed once the keep-alive timeout has passed, and not counted
+    // as a slow client.
+    let start = Instant::now();
+    let (after, sent) = closed_after(&mut conn, start, Duration::from_secs(10))
+        .await
+        .expect("an idle keep-alive connection stayed open past its timeout");
+    assert!(
+        after >= Duration::from_millis(3500) && sent.is_empty(),
+        "closed after {after:?}, having sent {sent:?}"
+    );
+    assert_eq!(slow().await, 0.0, "a keep-alive timeout counted as a slow client");
+
+    // A head begun on a kept-alive connection and never finished: cut off by the
+    // header timeout from its first byte, long before the keep-alive timeout.
+    let mut conn = TcpStream::connect(gateway.http).await.unwrap();
+    conn.write_all(live).await.unwrap();
+    assert!(read_answer(&mut conn).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    conn.write_all(b"GET /v2/health/live HTTP/1.1\r\nho")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let (after, _) = closed_after(&mut conn, start, Duration::from_secs(10))
+        .await
+        .expect("an unfinished head was never cut off");
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_millis(3000),
+        "an unfinished head was cut off after {after:?}"
+    );
+    assert_eq!(slow().await, 1.0);
 }

@@ -4,8 +4,11 @@
 //! - at most `--max-connections` open connections per listener; one more is closed at
 //!   once and counted, rather than left waiting in the kernel's backlog;
 //! - a new connection must send its first bytes within `--header-timeout`, and HTTP/1.1
-//!   must finish each request head within it (hyper's header timer, which also runs while
-//!   a keep-alive connection waits for its next request);
+//!   must finish each request head within it of the head's first byte;
+//! - an HTTP/1.1 keep-alive connection waits `--keep-alive-timeout` for its next request
+//!   (longer than the header timeout, and than the idle timeout of load balancers such as
+//!   AWS ALB's 60 s, so that the gateway is not the side that closes a pooled connection
+//!   just as the balancer reuses it);
 //! - a connection that moves no bytes either way for `--idle-timeout` while the server
 //!   waits to read from it is closed (a response being computed is not idle: the timer
 //!   is only looked at while a read is pending);
@@ -23,6 +26,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -42,10 +46,13 @@ pub struct ConnectionArgs {
     #[arg(long, env = "RANKWAY_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// How long a new connection may take to send its first bytes, and an HTTP/1.1
-    /// client to send a request's head (also the longest an HTTP/1.1 keep-alive
-    /// connection waits for its next request).
+    /// client to send a request's head once its first byte has come.
     #[arg(long, env = "RANKWAY_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub header_timeout: Duration,
+    /// How long an HTTP/1.1 keep-alive connection waits for its next request before it
+    /// is closed.
+    #[arg(long, env = "RANKWAY_KEEP_ALIVE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "75s")]
+    pub keep_alive_timeout: Duration,
     /// A connection that moves no bytes either way for this long while the server
     /// waits to read from it is closed.
     #[arg(long, env = "RANKWAY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5m")]
@@ -139,7 +146,7 @@ impl ConnectionMetrics {
         let timed_out = IntCounterVec::new(
             opts(
                 "connections_timed_out_total",
-                "Connections closed for sending nothing within --header-timeout (first bytes) or --idle-timeout.",
+                "Connections closed for sending nothing within --header-timeout (first bytes), a request head slower than it, or --idle-timeout.",
             ),
             &["listener"],
         )
@@ -274,7 +281,6 @@ impl Listener {
     /// next request on it: the request meets a reset, and the client cannot tell whether
     /// it ran. A client that is sending gets an answer (and the notice) instead.
     pub async fn serve_http(self, router: axum::Router, shutdown: impl Future<Output = ()>) {
-        use std::sync::atomic::{AtomicBool, Ordering};
         use tower::ServiceExt;
         let closing = Arc::new(AtomicBool::new(false));
         let router = router.layer(axum::middleware::from_fn({
@@ -293,10 +299,12 @@ impl Listener {
             }
         }));
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's header timer runs from when it starts waiting for a head, idle time
+        // included: given the keep-alive timeout, with each connection's own HeadTimer
+        // (below) cutting it to the header timeout once a head's first byte has come.
         builder
             .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.header_timeout);
+            .header_read_timeout(self.limits.keep_alive_timeout);
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -317,18 +325,28 @@ impl Listener {
             let service = hyper_util::service::TowerToHyperService::new(service);
             let (builder, watcher) = (builder.clone(), graceful.watcher());
             let timed_out = self.timed_out.clone();
+            let header_timeout = self.limits.header_timeout;
             tokio::spawn(async move {
                 let Some(io) = pending.establish().await else {
                     return;
                 };
+                let heads = io.heads();
+                let mut builder = (*builder).clone();
+                builder.http1().timer(HeadTimer {
+                    heads: heads.clone(),
+                    header_timeout,
+                });
                 let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service).into_owned());
                 // A connection's end (closed by the client, a timeout, a malformed
                 // request) is that connection's business; hyper has answered what it could.
                 if let Err(e) = conn.await {
-                    if e.downcast_ref::<hyper::Error>()
-                        .is_some_and(hyper::Error::is_timeout)
+                    // hyper's header timer fired during a head (the IO's timers count
+                    // themselves; a keep-alive connection that waited out its timeout is
+                    // not a slow client).
+                    if heads.too_slow.load(Ordering::Relaxed)
+                        && e.downcast_ref::<hyper::Error>()
+                            .is_some_and(hyper::Error::is_timeout)
                     {
-                        // hyper's own header timer (the IO's timers count themselves).
                         timed_out.inc();
                     }
                     tracing::debug!(error = %e, "connection ended with an error");
@@ -435,6 +453,80 @@ impl AsyncWrite for Conn {
     }
 }
 
+impl Conn {
+    /// What the connection's [`HeadTimer`] reads and tells.
+    fn heads(&self) -> Arc<Heads> {
+        match self {
+            Conn::Plain(g) => g.heads.clone(),
+            Conn::Tls(t) => t.get_ref().0.heads.clone(),
+        }
+    }
+}
+
+/// Shared by a connection's socket and its [`HeadTimer`].
+#[derive(Default)]
+struct Heads {
+    /// Reads that brought bytes.
+    reads: AtomicU64,
+    /// A request head took longer than the header timeout (rather than the connection
+    /// having waited out the keep-alive timeout).
+    too_slow: AtomicBool,
+}
+
+/// hyper's HTTP/1.1 header timer for one connection. hyper starts it when it begins
+/// waiting for a request head, with the keep-alive timeout; once a read brings bytes (the
+/// head's first), the deadline becomes the header timeout from then.
+struct HeadTimer {
+    heads: Arc<Heads>,
+    header_timeout: Duration,
+}
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(std::time::Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeadSleep {
+            heads: self.heads.clone(),
+            seen: self.heads.reads.load(Ordering::Relaxed),
+            header_timeout: self.header_timeout,
+            head_started: false,
+            sleep: Box::pin(tokio::time::sleep_until(Instant::from_std(deadline))),
+        })
+    }
+}
+
+struct HeadSleep {
+    heads: Arc<Heads>,
+    /// The read count when the wait began.
+    seen: u64,
+    header_timeout: Duration,
+    head_started: bool,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // hyper polls this after each read of the head, so a read's bytes are seen here
+        // in the same turn that read them.
+        if !self.head_started && self.heads.reads.load(Ordering::Relaxed) != self.seen {
+            self.head_started = true;
+            let deadline = Instant::now() + self.header_timeout;
+            self.sleep.as_mut().reset(deadline);
+        }
+        ready!(self.sleep.as_mut().poll(cx));
+        if self.head_started {
+            self.heads.too_slow.store(true, Ordering::Relaxed);
+        }
+        Poll::Ready(())
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
+
 impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
@@ -458,6 +550,7 @@ pub struct Guarded {
     idle_timeout: Duration,
     /// The last time bytes moved; `None` until the first read.
     last_activity: Option<Instant>,
+    heads: Arc<Heads>,
 }
 
 impl Guarded {
@@ -471,6 +564,7 @@ impl Guarded {
             timer: Box::pin(tokio::time::sleep(listener.limits.header_timeout)),
             idle_timeout: listener.limits.idle_timeout,
             last_activity: None,
+            heads: Arc::default(),
         }
     }
 
@@ -525,6 +619,7 @@ impl AsyncRead for Guarded {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     self.moved(true);
+                    self.heads.reads.fetch_add(1, Ordering::Relaxed);
                 }
                 Poll::Ready(Ok(()))
             }
