@@ -495,6 +495,20 @@ impl hyper::rt::Timer for HeadTimer {
             sleep: Box::pin(tokio::time::sleep_until(Instant::from_std(deadline))),
         })
     }
+
+    /// hyper resets the timer for every request after the first: in place, as Tokio's
+    /// own timer does, rather than with a new allocation and timer entry each time.
+    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: std::time::Instant) {
+        match sleep.as_mut().downcast_mut_pin::<HeadSleep>() {
+            Some(head) => {
+                let head = head.get_mut();
+                head.seen = self.heads.reads.load(Ordering::Relaxed);
+                head.head_started = false;
+                head.sleep.as_mut().reset(Instant::from_std(new_deadline));
+            }
+            None => *sleep = self.sleep_until(new_deadline),
+        }
+    }
 }
 
 struct HeadSleep {
