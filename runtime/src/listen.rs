@@ -283,21 +283,6 @@ impl Listener {
     pub async fn serve_http(self, router: axum::Router, shutdown: impl Future<Output = ()>) {
         use tower::ServiceExt;
         let closing = Arc::new(AtomicBool::new(false));
-        let router = router.layer(axum::middleware::from_fn({
-            let closing = closing.clone();
-            move |req: axum::extract::Request, next: axum::middleware::Next| {
-                let http1 = req.version() <= http::Version::HTTP_11;
-                let closing = closing.clone();
-                async move {
-                    let mut resp = next.run(req).await;
-                    if http1 && closing.load(Ordering::Acquire) {
-                        resp.headers_mut()
-                            .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-                    }
-                    resp
-                }
-            }
-        }));
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // hyper's header timer runs from when it starts waiting for a head, idle time
         // included: given the keep-alive timeout, with each connection's own HeadTimer
@@ -319,9 +304,23 @@ impl Listener {
                 p = self.next() => p,
                 () = &mut shutdown => break,
             };
-            let service = router
-                .clone()
-                .map_request(|req: http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new));
+            let (router, closing) = (router.clone(), closing.clone());
+            let service = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let http1 = req.version() <= http::Version::HTTP_11;
+                let (answer, closing) = (
+                    router.clone().oneshot(req.map(axum::body::Body::new)),
+                    closing.clone(),
+                );
+                async move {
+                    let mut resp = answer.await?;
+                    // Draining: this HTTP/1.1 connection's last answer (see above).
+                    if http1 && closing.load(Ordering::Acquire) {
+                        resp.headers_mut()
+                            .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
             let service = hyper_util::service::TowerToHyperService::new(service);
             let (builder, watcher) = (builder.clone(), graceful.watcher());
             let timed_out = self.timed_out.clone();
