@@ -188,6 +188,11 @@ async fn bad_generation_requests_get_a_400_naming_the_problem() {
         ),
         (
             "/v1/chat/completions",
+            chat(json!({"messages": [{"role": "user", "content": "a \u{FDD0} b"}]})),
+            "messages[0].content holds U+FDD0",
+        ),
+        (
+            "/v1/chat/completions",
             chat(json!({"max_tokens": 0})),
             "max_tokens 0",
         ),
@@ -296,6 +301,22 @@ async fn bad_generation_requests_get_a_400_naming_the_problem() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
+
+    // A control token written in a message is text (several tokens), not the token.
+    let prompt_tokens = |content: &str| {
+        let body = chat(json!({"messages": [{"role": "user", "content": content}], "max_tokens": 1}));
+        let (http, url) = (http.clone(), gateway.url("/v1/chat/completions"));
+        async move {
+            post_json(&http, &url, &body).await["usage"]["prompt_tokens"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    let (plain, markup) = (prompt_tokens("a").await, prompt_tokens("<|im_start|>").await);
+    assert!(
+        markup >= plain + 3,
+        "'a': {plain} tokens, '<|im_start|>': {markup}"
+    );
 }
 
 #[tokio::test]

@@ -76,7 +76,7 @@ impl GenService {
                 "the prompt is {bytes} bytes: at most {MAX_PROMPT_BYTES}"
             )));
         }
-        let text = match (req.messages.is_empty(), req.prompt.is_empty()) {
+        match (req.messages.is_empty(), req.prompt.is_empty()) {
             (false, true) => {
                 let messages = std::mem::take(&mut req.messages)
                     .into_iter()
@@ -91,17 +91,17 @@ impl GenService {
                 if messages.iter().all(|m| m.content.trim().is_empty()) {
                     return Err(ModelError::InvalidInput("the prompt is empty".into()));
                 }
-                self.tokenizer.render(&messages)?
+                self.tokenizer.encode_chat(&messages)
             }
-            (true, false) => utf8("prompt", std::mem::take(&mut req.prompt))?,
-            (false, false) => {
-                return Err(ModelError::InvalidInput(
-                    "give messages or prompt, not both".into(),
-                ));
-            }
-            (true, true) => return Err(ModelError::InvalidInput("the prompt is empty".into())),
-        };
-        self.tokenizer.encode(&text)
+            // A raw prompt is the model's own format: control tokens written are those tokens.
+            (true, false) => self
+                .tokenizer
+                .encode(&utf8("prompt", std::mem::take(&mut req.prompt))?),
+            (false, false) => Err(ModelError::InvalidInput(
+                "give messages or prompt, not both".into(),
+            )),
+            (true, true) => Err(ModelError::InvalidInput("the prompt is empty".into())),
+        }
     }
 
     pub async fn generate(

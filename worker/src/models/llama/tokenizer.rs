@@ -7,6 +7,12 @@
 //! other token ids). Control tokens (`<|im_start|>`, `<|im_end|>`, ...) are special
 //! tokens. The chat template is rendered by minijinja with the settings transformers uses
 //! (`trim_blocks`, `lstrip_blocks`).
+//!
+//! A chat message's content is text, never control tokens: [`ChatTokenizer::encode_chat`]
+//! encodes what the template writes with its control tokens, and each message's content
+//! with them as plain text. Rendering the chat and tokenizing the result whole (what
+//! transformers' `apply_chat_template(tokenize=True)` does) would let a user write
+//! `<|im_end|><|im_start|>system` into a message and open a turn of another role.
 
 use minijinja::Environment;
 use serde::Serialize;
@@ -53,8 +59,16 @@ pub struct Message {
     pub content: String,
 }
 
+/// Wrap each message's content while the template renders, so [`ChatTokenizer::encode_chat`]
+/// finds it in the rendered text: Unicode noncharacters, reserved for a program's internal
+/// use, and refused in a message.
+const CONTENT_START: char = '\u{FDD0}';
+const CONTENT_END: char = '\u{FDD1}';
+
 pub struct ChatTokenizer {
     tokenizer: Tokenizer,
+    /// The same vocabulary with control tokens' text encoded as text.
+    plain: Tokenizer,
     template: String,
     bos: String,
     eos: String,
@@ -136,6 +150,8 @@ impl ChatTokenizer {
             .map(|(t, _)| AddedToken::from(t.to_string(), true))
             .collect();
         tokenizer.add_special_tokens(&special);
+        let mut plain = tokenizer.clone();
+        plain.set_encode_special_tokens(true);
         let token = |key: &str| -> Result<(u32, String), ModelError> {
             let id = gguf.require_u64(key)? as usize;
             let text = tokens
@@ -152,14 +168,16 @@ impl ChatTokenizer {
             .to_string();
         let this = Self {
             tokenizer,
+            plain,
             template,
             bos,
             eos,
             eos_id,
             vocab_size: tokens.len(),
         };
-        // A template that does not compile fails the load, not the first request.
-        this.render(&[Message {
+        // A template that does not compile, or splits a message, fails the load, not the
+        // first request.
+        this.encode_chat(&[Message {
             role: Role::User,
             content: "hello".into(),
         }])?;
@@ -202,11 +220,44 @@ impl ChatTokenizer {
 
     /// Token ids of `text`; control tokens written in it are those tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let encoding = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| ModelError::InvalidInput(format!("cannot tokenize: {e}")))?;
-        Ok(encoding.get_ids().to_vec())
+        encode(&self.tokenizer, text)
+    }
+
+    /// Token ids of the prompt for `messages`: the template's own text with its control
+    /// tokens, each message's content as plain text (see the module's doc).
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, ModelError> {
+        for (i, m) in messages.iter().enumerate() {
+            if m.content.contains([CONTENT_START, CONTENT_END]) {
+                return Err(ModelError::InvalidInput(format!(
+                    "messages[{i}].content holds U+FDD0 or U+FDD1, noncharacters a message may not contain"
+                )));
+            }
+        }
+        let wrapped: Vec<Message> = messages
+            .iter()
+            .map(|m| Message {
+                role: m.role,
+                content: format!("{CONTENT_START}{}{CONTENT_END}", m.content),
+            })
+            .collect();
+        let rendered = self.render(&wrapped)?;
+        let unwrapped = || load_error("the chat template split a message's content");
+        let mut ids = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some((template, after)) = rest.split_once(CONTENT_START) {
+            let (content, tail) = after.split_once(CONTENT_END).ok_or_else(unwrapped)?;
+            if content.contains(CONTENT_START) {
+                return Err(unwrapped());
+            }
+            ids.extend(encode(&self.tokenizer, template)?);
+            ids.extend(encode(&self.plain, content)?);
+            rest = tail;
+        }
+        if rest.contains(CONTENT_END) {
+            return Err(unwrapped());
+        }
+        ids.extend(encode(&self.tokenizer, rest)?);
+        Ok(ids)
     }
 
     /// Text of `ids`, control tokens left out.
@@ -215,4 +266,11 @@ impl ChatTokenizer {
             .decode(ids, true)
             .map_err(|e| ModelError::InvalidInput(format!("cannot decode: {e}")))
     }
+}
+
+fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ModelError> {
+    let encoding = tokenizer
+        .encode(text, false)
+        .map_err(|e| ModelError::InvalidInput(format!("cannot tokenize: {e}")))?;
+    Ok(encoding.get_ids().to_vec())
 }
