@@ -1,6 +1,7 @@
 //! What both Rankway binaries run with, apart from the wire types (`rankway-proto`):
 //!
 //! - [`executor`]: the Tokio runtime both serve on;
+//! - [`coalesce`]: HTTP/2 sockets whose frames from different tasks leave in one write;
 //! - [`telemetry`]: logs and OpenTelemetry traces, and how trace context travels over
 //!   HTTP headers, gRPC metadata and the group's step header;
 //! - [`keys`]: key files (API keys, the gateway-to-rank-0 token), reloaded on change;
@@ -12,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod coalesce;
 pub mod executor;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;

@@ -38,6 +38,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+use crate::coalesce::Coalesce;
+
 /// Connection limits of every listener, flattened into each binary's command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectionArgs {
@@ -246,10 +248,13 @@ impl Listener {
         }
     }
 
-    /// The established connections as the stream tonic serves. Handshakes run on their
-    /// own tasks, so a slow one holds up no other; the listener closes once tonic drops
-    /// the stream.
-    pub fn into_incoming(self) -> impl futures_core::Stream<Item = io::Result<Conn>> + Send + 'static {
+    /// The established connections as the stream tonic serves, each with its writes
+    /// coalesced (a reply's HEADERS, DATA and trailers in one write; see [`Coalesce`]).
+    /// Handshakes run on their own tasks, so a slow one holds up no other; the listener
+    /// closes once tonic drops the stream.
+    pub fn into_incoming(
+        self,
+    ) -> impl futures_core::Stream<Item = io::Result<Coalesce<Conn>>> + Send + 'static {
         let (tx, rx) = tokio::sync::mpsc::channel::<Conn>(64);
         tokio::spawn(async move {
             loop {
@@ -267,7 +272,7 @@ impl Listener {
         });
         futures_util::stream::unfold(rx, |mut rx| async move {
             let conn = rx.recv().await?;
-            Some((Ok(conn), rx))
+            Some((Ok(Coalesce::new(conn)), rx))
         })
     }
 
@@ -540,11 +545,11 @@ impl Future for HeadSleep {
 
 impl hyper::rt::Sleep for HeadSleep {}
 
-impl tonic::transport::server::Connected for Conn {
+impl tonic::transport::server::Connected for Coalesce<Conn> {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        match self {
+        match self.get_ref() {
             Conn::Plain(g) => g.tcp.connect_info(),
             Conn::Tls(t) => t.get_ref().0.tcp.connect_info(),
         }

@@ -24,6 +24,7 @@ use rankway_proto::worker::{
     GenerateRequest, GenerateResponse, GroupStatusRequest, InferRequest, InferResponse, MAX_MESSAGE_BYTES,
     ModelInfo, ModelKind, NOT_STARTED_KEY, RankPhase,
 };
+use rankway_runtime::coalesce::Coalesce;
 use rankway_runtime::keys::KeyFile;
 use rankway_runtime::sync;
 use serde::Serialize;
@@ -122,7 +123,7 @@ impl Group {
             .connect_timeout(settings.connect_timeout)
             .tcp_nodelay(true);
         let channel = match &settings.tls {
-            None => endpoint.connect_lazy(),
+            None => endpoint.connect_with_connector_lazy(plain_connector(&address)),
             Some(tls) => endpoint.connect_with_connector_lazy(tls.connector(&address)?),
         };
         let client = WorkerClient::new(WholeBody(channel))
@@ -339,7 +340,6 @@ impl Ewma {
     }
 }
 
-/// A call to rank 0: the trace context as `traceparent`, the deadline as `grpc-timeout`.
 /// TLS from the gateway to the ranks 0: whom to trust, what to present, which name to
 /// check.
 #[derive(Clone)]
@@ -356,7 +356,39 @@ impl std::fmt::Debug for WorkerTls {
     }
 }
 
-type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+/// The socket to a rank 0, its writes coalesced ([`Coalesce`]): a call's HEADERS and
+/// DATA leave in one write instead of two.
+type WorkerIo<T> = hyper_util::rt::TokioIo<Coalesce<T>>;
+type TlsIo = WorkerIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A TCP connection to `address` with TCP_NODELAY.
+async fn connect_tcp(address: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(address).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// Connects to `address` (HOST:PORT) over TCP.
+fn plain_connector(
+    address: &str,
+) -> impl tower::Service<
+    http::Uri,
+    Response = WorkerIo<tokio::net::TcpStream>,
+    Error = std::io::Error,
+    Future = impl Future<Output = std::io::Result<WorkerIo<tokio::net::TcpStream>>> + Send,
+> + Clone
++ Send
++ 'static {
+    let address = address.to_owned();
+    tower::service_fn(move |_: http::Uri| {
+        let address = address.clone();
+        async move {
+            Ok(hyper_util::rt::TokioIo::new(Coalesce::new(
+                connect_tcp(&address).await?,
+            )))
+        }
+    })
+}
 
 impl WorkerTls {
     /// Connects to `address` (HOST:PORT) over TCP with TCP_NODELAY, then TLS, checking
@@ -386,9 +418,8 @@ impl WorkerTls {
         Ok(tower::service_fn(move |_: http::Uri| {
             let (address, connector, name) = (address.clone(), connector.clone(), name.clone());
             async move {
-                let tcp = tokio::net::TcpStream::connect(&address).await?;
-                tcp.set_nodelay(true)?;
-                Ok(hyper_util::rt::TokioIo::new(connector.connect(name, tcp).await?))
+                let tls = connector.connect(name, connect_tcp(&address).await?).await?;
+                Ok(hyper_util::rt::TokioIo::new(Coalesce::new(tls)))
             }
         }))
     }
