@@ -177,7 +177,8 @@ mod tests {
         .unwrap();
         body.await.unwrap();
         // What the body task queued after the flush is written by the next one.
-        for frame in std::mem::take(&mut *queue.lock().unwrap()) {
+        let rest = std::mem::take(&mut *queue.lock().unwrap());
+        for frame in rest {
             tokio::io::AsyncWriteExt::write_all(&mut io, frame).await.unwrap();
         }
     }
