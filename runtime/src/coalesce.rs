@@ -15,6 +15,11 @@
 //! piping a request body, run and queue their frames; the next flush writes everything
 //! in one call. A write never waits for more than that one turn of the runtime, and past
 //! [`HIGH_WATER`] buffered bytes the buffer is written at once.
+//!
+//! Used where a connection carries whole batches and its runtime's queue is short: the
+//! gateway's channels to rank 0 and the worker's gRPC server. Not on the gateway's front
+//! ends: with many client connections a turn of the runtime is long, and most answers
+//! there are single small writes already (hyper writes an HTTP/1.1 answer whole).
 
 use std::io;
 use std::pin::Pin;
@@ -73,6 +78,14 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
             std::task::ready!(self.poll_drain(cx))?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Coalesce<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
     }
 }
 

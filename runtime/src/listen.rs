@@ -248,13 +248,10 @@ impl Listener {
         }
     }
 
-    /// The established connections as the stream tonic serves, each with its writes
-    /// coalesced (a reply's HEADERS, DATA and trailers in one write; see [`Coalesce`]).
-    /// Handshakes run on their own tasks, so a slow one holds up no other; the listener
-    /// closes once tonic drops the stream.
-    pub fn into_incoming(
-        self,
-    ) -> impl futures_core::Stream<Item = io::Result<Coalesce<Conn>>> + Send + 'static {
+    /// The established connections as the stream tonic serves. Handshakes run on their
+    /// own tasks, so a slow one holds up no other; the listener closes once tonic drops
+    /// the stream.
+    pub fn into_incoming(self) -> impl futures_core::Stream<Item = io::Result<Conn>> + Send + 'static {
         let (tx, rx) = tokio::sync::mpsc::channel::<Conn>(64);
         tokio::spawn(async move {
             loop {
@@ -272,8 +269,16 @@ impl Listener {
         });
         futures_util::stream::unfold(rx, |mut rx| async move {
             let conn = rx.recv().await?;
-            Some((Ok(Coalesce::new(conn)), rx))
+            Some((Ok(conn), rx))
         })
+    }
+
+    /// [`Self::into_incoming`] with each connection's writes coalesced (a reply's
+    /// HEADERS, DATA and trailers in one write; see [`Coalesce`]).
+    pub fn into_coalesced_incoming(
+        self,
+    ) -> impl futures_core::Stream<Item = io::Result<Coalesce<Conn>>> + Send + 'static {
+        futures_util::StreamExt::map(self.into_incoming(), |conn| conn.map(Coalesce::new))
     }
 
     /// Serves HTTP/1.1 and HTTP/2 with `router` until `shutdown` resolves, then waits for
@@ -545,11 +550,11 @@ impl Future for HeadSleep {
 
 impl hyper::rt::Sleep for HeadSleep {}
 
-impl tonic::transport::server::Connected for Coalesce<Conn> {
+impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        match self.get_ref() {
+        match self {
             Conn::Plain(g) => g.tcp.connect_info(),
             Conn::Tls(t) => t.get_ref().0.tcp.connect_info(),
         }

@@ -247,7 +247,7 @@ pub async fn serve_on(
         .layer(GrpcAuthLayer::new(token, is_health_check, TOKEN_REFUSED))
         .add_service(health)
         .add_optional_service(worker)
-        .serve_with_incoming_shutdown(grpc_listener.into_incoming(), async move {
+        .serve_with_incoming_shutdown(grpc_listener.into_coalesced_incoming(), async move {
             let _ = stop_server.wait_for(|stop| *stop).await;
         });
     let server = tokio::spawn(server);
