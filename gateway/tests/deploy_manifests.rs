@@ -475,6 +475,28 @@ struct Host {
 
 /// The container's environment as the kubelet would give it: values, downward-API fields
 /// resolved for `pod` on `ip`, pod DNS names replaced by their loopback addresses.
+/// Runs container `c`'s `probe` against its pod at `ip` as the kubelet does: an
+/// `httpGet` passes on a 2xx or 3xx answer, a `grpc` one on SERVING.
+async fn kubelet_probe(c: &Value, probe: &str, ip: Ipv4Addr) -> bool {
+    let p = &c[probe];
+    if let Some(port) = p["httpGet"]["port"].as_u64() {
+        let path = p["httpGet"]["path"].as_str().unwrap_or("/");
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        return client
+            .get(format!("http://{ip}:{port}{path}"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success() || r.status().is_redirection());
+    }
+    let port = p["grpc"]["port"].as_u64().expect("an httpGet or grpc probe");
+    let service = p["grpc"]["service"].as_str().unwrap_or("");
+    health(&format!("{ip}:{port}"), service).await == Some(SERVING)
+}
+
 fn kubelet_env(c: &Value, pod: &Pod, ip: Ipv4Addr, hosts: &[Host]) -> Vec<(String, String)> {
     let resolve = |v: &str| {
         let mut v = v.to_owned();
@@ -604,6 +626,7 @@ async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() 
 
     let mut workers = Vec::new();
     let mut rank_addrs = Vec::new();
+    let mut rank_probes = Vec::new();
     for (p, h) in pods.iter().zip(&hosts) {
         let Some(c) = container(&p.spec, "rankway-worker") else {
             continue;
@@ -634,6 +657,7 @@ async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() 
             .envs(env);
         workers.push(Proc::spawn(cmd));
         rank_addrs.push(format!("{}:{port}", h.ip));
+        rank_probes.push((h.ip, c.clone()));
     }
     assert_eq!(
         workers.len(),
@@ -672,12 +696,14 @@ async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() 
     let mut gateway = Proc::spawn(cmd);
     gateway.wait_for_log("gateway listening");
 
-    // Probes as the kubelet would run them: liveness on every rank, readiness of rank 0.
+    // The manifests' probes as the kubelet would run them: every rank live, then ready.
     let deadline = Instant::now() + Duration::from_secs(90);
-    for addr in &rank_addrs {
-        while health(addr, "liveness").await != Some(SERVING) {
-            assert!(Instant::now() < deadline, "rank at {addr} never live");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    for probe in ["livenessProbe", "readinessProbe"] {
+        for (ip, c) in &rank_probes {
+            while !kubelet_probe(c, probe, *ip).await {
+                assert!(Instant::now() < deadline, "rank at {ip}: {probe} never passes");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
     let client = reqwest::Client::new();

@@ -14,7 +14,8 @@ use serde_json::Value;
 use tonic::transport::Channel;
 
 use crate::common::{
-    Launcher, Worker, get_text, long_answer_cases, sample_sum, sigkill, smollm2_arg, smollm2_reference,
+    Launcher, Worker, get_text, long_answer_cases, sample_sum, sigkill, signal, smollm2_arg,
+    smollm2_reference,
 };
 use crate::observability::promtool;
 
@@ -257,6 +258,44 @@ async fn one_rank_streams_the_reference_answer_and_refuses_bad_requests() {
     promtool("a generative rank 0", &text);
     let generated = sample_sum(&text, "rankway_worker_generated_tokens_total", "");
     assert!(generated >= 2.0 * 8.0 + 5.0, "{generated} tokens counted");
+}
+
+#[tokio::test]
+async fn a_draining_rank_says_it_is_not_ready_and_finishes_its_stream() {
+    let worker = Worker::start(&["--model=smollm2", &smollm2_arg(), "--drain-timeout=60s"]);
+    worker.wait_serving(Duration::from_secs(60)).await;
+    let ready = || async {
+        let resp = reqwest::get(format!("http://{}/health/ready", worker.metrics))
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    assert_eq!(ready().await, (200, "ready\n".into()));
+    let mut client = worker.client().await;
+    let mut long = request(&smollm2_reference()["cases"][2], 64);
+    long.stop = vec!["never in this text \u{1}".into()];
+    let mut stream = client.generate(long).await.unwrap().into_inner();
+    stream.message().await.unwrap().expect("a first message");
+    signal(worker.proc.child.id(), "TERM");
+    // Not ready while it drains, and why; the stream still runs to its end.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = ready().await;
+        if status == 503 {
+            assert_eq!(body, "not ready: draining\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {status} {body:?} after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut last = None;
+    while let Some(m) = stream.message().await.unwrap() {
+        last = Some(m);
+    }
+    assert_eq!(
+        last.expect("more messages").finish_reason,
+        FinishReason::Length as i32
+    );
 }
 
 #[tokio::test]

@@ -1,6 +1,11 @@
 //! Prometheus metrics of one rank, served at `GET /metrics` on `--metrics-listen` in the
 //! Prometheus text format. Names start with `rankway_worker_`; every series carries the
 //! rank's `group` and `rank` labels.
+//!
+//! The same plain-HTTP port answers the probes: `GET /health/live` (200 while the process
+//! serves) and `GET /health/ready` (200 while the rank serves, 503 with the reason
+//! otherwise), which stay reachable when the gRPC port takes only TLS clients:
+//! Kubernetes' gRPC probes do not speak TLS.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -204,21 +209,47 @@ impl WorkerMetrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` (for as long as the process runs, drain included).
-pub async fn serve(listener: Listener, metrics: Arc<WorkerMetrics>, stats: Arc<EngineStats>) {
+/// Serves `GET /metrics` and the probes on `listener` (for as long as the process runs,
+/// drain included; `stop` is the drain's signal).
+pub async fn serve(
+    listener: Listener,
+    metrics: Arc<WorkerMetrics>,
+    stats: Arc<EngineStats>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use axum::http::StatusCode;
     use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || async move {
-            (
-                [(
-                    axum::http::header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )],
-                metrics.render(&stats),
-            )
-        }),
-    );
+    let ready_stats = stats.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(&stats),
+                )
+            }),
+        )
+        .route("/health/live", get(|| async { "live\n" }))
+        .route(
+            "/health/ready",
+            get(move || async move {
+                if crate::server::serving(&ready_stats, &stop) {
+                    (StatusCode::OK, "ready\n".to_owned())
+                } else if *stop.borrow() {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: draining\n".to_owned(),
+                    )
+                } else {
+                    let reason = ready_stats.not_ready_reason();
+                    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"))
+                }
+            }),
+        );
     listener.serve_http(app, std::future::pending()).await
 }
 

@@ -224,7 +224,12 @@ pub async fn serve_on(
     let tls_reloader = tls_files.map(|f| f.spawn_reloader(args.tls.tls_reload_interval));
     let grpc_listener =
         Listener::new(listener, "grpc", &args.connections, &metrics.connections).with_tls(tls_config);
-    let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, metrics, stats.clone()));
+    let metrics_task = tokio::spawn(crate::metrics::serve(
+        metrics_listener,
+        metrics,
+        stats.clone(),
+        stop_rx.clone(),
+    ));
     tracing::info!(%addr, %metrics_addr, group = %args.group, rank = shard.rank, world_size = shard.world, model = %args.model.served_name(), torch_threads = threads, "worker listening");
 
     let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
