@@ -258,6 +258,9 @@ async fn one_rank_streams_the_reference_answer_and_refuses_bad_requests() {
     promtool("a generative rank 0", &text);
     let generated = sample_sum(&text, "rankway_worker_generated_tokens_total", "");
     assert!(generated >= 2.0 * 8.0 + 5.0, "{generated} tokens counted");
+    // Every stream that got a token: two reference answers, the length and stop cases.
+    let firsts = sample_sum(&text, "rankway_worker_time_to_first_token_seconds_count", "");
+    assert!(firsts >= 4.0, "{firsts} first tokens timed");
 }
 
 #[tokio::test]

@@ -128,8 +128,9 @@ impl WorkerMetrics {
         }
     }
 
-    /// Rank 0 of a generative group: adds its scheduler's series.
-    pub fn track_generation(&self, stats: Arc<GenStats>) {
+    /// Rank 0 of a generative group: adds its scheduler's series. Returns the
+    /// time-to-first-token histogram, which the Generate service observes.
+    pub fn track_generation(&self, stats: Arc<GenStats>) -> Histogram {
         let values = [self.labels[0].as_str(), self.labels[1].as_str()];
         let r = &self.registry;
         let gauge = |name: &str, help: &str| {
@@ -163,6 +164,12 @@ impl WorkerMetrics {
             prompt: counter("prompt_tokens_total", "Prompt tokens prefilled."),
         };
         let _ = self.generation.set((stats, m));
+        let opts = HistogramOpts::new(
+            "time_to_first_token_seconds",
+            "Time from a Generate call's arrival on rank 0 to its first token (prompt checks, waiting for room, prefill).",
+        )
+        .buckets(seconds_buckets());
+        registered(r, HistogramVec::new(opts, &LABELS).expect("valid histogram")).with_label_values(&values)
     }
 
     /// Times a forward pass.
@@ -283,7 +290,7 @@ mod tests {
             "only generative groups have them"
         );
         let g = Arc::new(GenStats::default());
-        m.track_generation(g.clone());
+        m.track_generation(g.clone()).observe(0.25);
         g.steps.store(7, Ordering::Release);
         g.shared_steps.store(5, Ordering::Release);
         g.free_kv_tokens.store(96, Ordering::Release);
@@ -294,6 +301,7 @@ mod tests {
             "rankway_worker_generation_steps_total{group=\"a\",rank=\"1\"} 9",
             "rankway_worker_generation_shared_steps_total{group=\"a\",rank=\"1\"} 5",
             "rankway_worker_kv_cache_free_tokens{group=\"a\",rank=\"1\"} 96",
+            "rankway_worker_time_to_first_token_seconds_count{group=\"a\",rank=\"1\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing from {text}");
         }

@@ -147,11 +147,11 @@ fn start_generative(
         gen_engine::spawn_leader(load, opts, tokenizer.eos_id, model_cfg.name, model_cfg.version)
             .map_err(ServeError::Thread)?;
     let stats = handle.stats().clone();
-    metrics.track_generation(handle.gen_stats().clone());
+    let ttft = metrics.track_generation(handle.gen_stats().clone());
     Ok((
         stats,
         thread,
-        Some(Engine::Generative(GenService::new(handle, tokenizer))),
+        Some(Engine::Generative(GenService::new(handle, tokenizer, ttft))),
     ))
 }
 

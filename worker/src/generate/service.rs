@@ -30,6 +30,8 @@ pub type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
 pub struct GenService {
     handle: GenHandle,
     tokenizer: Arc<ChatTokenizer>,
+    /// Time from a call's arrival to its first token.
+    ttft: prometheus::Histogram,
 }
 
 fn utf8(field: &str, bytes: bytes::Bytes) -> Result<String, ModelError> {
@@ -39,8 +41,12 @@ fn utf8(field: &str, bytes: bytes::Bytes) -> Result<String, ModelError> {
 }
 
 impl GenService {
-    pub fn new(handle: GenHandle, tokenizer: Arc<ChatTokenizer>) -> Self {
-        Self { handle, tokenizer }
+    pub fn new(handle: GenHandle, tokenizer: Arc<ChatTokenizer>, ttft: prometheus::Histogram) -> Self {
+        Self {
+            handle,
+            tokenizer,
+            ttft,
+        }
     }
 
     pub fn handle(&self) -> &GenHandle {
@@ -109,6 +115,7 @@ impl GenService {
         mut req: GenerateRequest,
         deadline: Option<Duration>,
     ) -> Result<GenerateStream, Status> {
+        let arrived = std::time::Instant::now();
         let invalid = |e: ModelError| Status::from(EngineError::Model(e));
         let prompt = self.prompt(&mut req).map_err(invalid)?;
         let stops = std::mem::take(&mut req.stop)
@@ -128,6 +135,7 @@ impl GenService {
         let mut events = self.handle.submit(prompt, sampling).await?;
         let (tx, rx) = mpsc::channel(16);
         let tokenizer = self.tokenizer.clone();
+        let mut ttft = Some(self.ttft.clone());
         let deadline = deadline.map(|d| tokio::time::Instant::now() + d);
         let span = tracing::Span::current();
         let task = async move {
@@ -150,6 +158,9 @@ impl GenService {
                 };
                 let reply = match next {
                     Some(Event::Token(token)) => {
+                        if let Some(h) = ttft.take() {
+                            h.observe(arrived.elapsed().as_secs_f64());
+                        }
                         completion += 1;
                         match text.push(token) {
                             Ok((delta, false)) => Ok(GenerateResponse {
