@@ -224,7 +224,10 @@ impl ChatTokenizer {
     }
 
     /// Token ids of the prompt for `messages`: the template's own text with its control
-    /// tokens, each message's content as plain text (see the module's doc).
+    /// tokens, each message's content as plain text (see the module's doc). The template
+    /// sees each content between the two markers, so one that trims content or tests it
+    /// for emptiness sees it unchanged and never empty (SmolLM2's does neither; the
+    /// reference prompts' ids are the same either way).
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, ModelError> {
         for (i, m) in messages.iter().enumerate() {
             if m.content.contains([CONTENT_START, CONTENT_END]) {
