@@ -244,7 +244,7 @@ pub async fn serve(
         .route(
             "/health/ready",
             get(move || async move {
-                if crate::server::serving(&ready_stats, &stop) {
+                if ready_stats.serving(*stop.borrow()) {
                     (StatusCode::OK, "ready\n".to_owned())
                 } else if *stop.borrow() {
                     (

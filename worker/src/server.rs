@@ -245,13 +245,8 @@ impl Worker for WorkerService {
 /// a rank merely waiting at rendezvous (a group that breaks ends its processes itself).
 pub const LIVENESS_SERVICE: &str = "liveness";
 
-/// Whether this rank serves: ready (on rank 0, the whole group complete and warm) and
-/// not draining. `grpc.health.v1` and the metrics port's `/health/ready` both answer it.
-pub fn serving(stats: &EngineStats, stop: &tokio::sync::watch::Receiver<bool>) -> bool {
-    stats.is_ready() && !*stop.borrow()
-}
-
-/// Keeps `grpc.health.v1` in step with the engine: SERVING exactly while [`serving`].
+/// Keeps `grpc.health.v1` in step with the engine: SERVING exactly while
+/// [`EngineStats::serving`].
 pub async fn track_health(
     reporter: tonic_health::server::HealthReporter,
     stats: Arc<EngineStats>,
@@ -260,7 +255,7 @@ pub async fn track_health(
     use tonic_health::ServingStatus;
     let mut last = None;
     loop {
-        let status = if serving(&stats, &stop) {
+        let status = if stats.serving(*stop.borrow()) {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing

@@ -68,6 +68,12 @@ impl EngineStats {
     pub fn is_ready(&self) -> bool {
         self.phase() == Phase::Ready
     }
+    /// Whether this rank serves: ready (on rank 0, the whole group complete and warm) and
+    /// not `draining`. `grpc.health.v1` and the metrics port's `/health/ready` both
+    /// answer it.
+    pub fn serving(&self, draining: bool) -> bool {
+        self.is_ready() && !draining
+    }
     /// The loaded model's signature, once it is loaded.
     pub fn signature(&self) -> Option<&Signature> {
         self.signature.get()
