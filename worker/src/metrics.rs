@@ -244,9 +244,10 @@ pub async fn serve(
         .route(
             "/health/ready",
             get(move || async move {
-                if ready_stats.serving(*stop.borrow()) {
+                let draining = *stop.borrow();
+                if ready_stats.serving(draining) {
                     (StatusCode::OK, "ready\n".to_owned())
-                } else if *stop.borrow() {
+                } else if draining {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "not ready: draining\n".to_owned(),

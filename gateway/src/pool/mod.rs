@@ -120,8 +120,9 @@ impl Group {
     pub fn new(name: String, address: String, settings: GroupSettings) -> Result<Self, String> {
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("group {name}: bad address {address:?}: {e}"))?
-            .connect_timeout(settings.connect_timeout)
-            .tcp_nodelay(true);
+            .connect_timeout(settings.connect_timeout);
+        // Both connectors set TCP_NODELAY themselves (connect_tcp): an Endpoint's own
+        // setting applies only to tonic's connector.
         let channel = match &settings.tls {
             None => endpoint.connect_with_connector_lazy(plain_connector(&address)),
             Some(tls) => endpoint.connect_with_connector_lazy(tls.connector(&address)?),

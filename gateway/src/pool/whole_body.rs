@@ -6,7 +6,9 @@
 //! END_STREAM, each in its own `writev` (seen with strace: 50, 826 and 9 bytes per batch).
 //! On loopback or a VM's network every write costs the sender the receiver's wake-up.
 //! Handing hyper the encoded message as one [`Full`] body, which knows it has ended as
-//! soon as its data is taken, lets END_STREAM ride on the DATA frame: two writes a call.
+//! soon as its data is taken, lets END_STREAM ride on the DATA frame: two frames a call,
+//! which the channel's socket ([`rankway_runtime::coalesce::Coalesce`]) then sends in one
+//! write.
 
 use std::future::Future;
 use std::pin::Pin;
