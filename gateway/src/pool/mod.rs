@@ -1,8 +1,9 @@
 //! The worker groups behind the gateway: their health, and leases on their capacity.
 //!
 //! Each group is polled with `GroupStatus`; only a group whose rank 0 reports a complete,
-//! warm group is routable. A [`Lease`] is one of a group's in-flight slots (default 2:
-//! one batch running, one staged), held until the batch's response has been handled, so
+//! warm group is routable. A [`Lease`] is one of a group's in-flight slots (default 4:
+//! one batch running, one staged, more on their way for a model faster than a round
+//! trip), held until the batch's response has been handled, so
 //! work waits in the gateway where it can still go to whichever group frees first.
 
 use std::future::Future;
@@ -84,7 +85,7 @@ pub struct GroupSettings {
     pub token: Option<Arc<KeyFile>>,
     /// TLS to every rank 0 (`--worker-tls-ca`).
     pub tls: Option<WorkerTls>,
-    /// Batches in flight at most (one running, one staged).
+    /// Batches in flight at most (`--max-in-flight`).
     pub max_in_flight: usize,
     pub connect_timeout: Duration,
     /// Consecutive failed dispatches that open the breaker.
