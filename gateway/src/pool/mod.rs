@@ -1,9 +1,9 @@
 //! The worker groups behind the gateway: their health, and leases on their capacity.
 //!
 //! Each group is polled with `GroupStatus`; only a group whose rank 0 reports a complete,
-//! warm group is routable. A [`Lease`] is one of a group's in-flight slots (default 4:
-//! one batch running, one staged, more on their way for a model faster than a round
-//! trip), held until the batch's response has been handled, so
+//! warm group is routable. A [`Lease`] is one of a group's in-flight slots (two: one
+//! batch running, one staged; up to `--max-in-flight` for a model faster than a round
+//! trip, see [`Group::has_free_slot`]), held until the batch's response has been handled, so
 //! work waits in the gateway where it can still go to whichever group frees first.
 
 use std::future::Future;
@@ -190,6 +190,17 @@ impl Group {
     /// Whether the group holds a batch besides the one of the caller, which holds a slot.
     pub fn computes_another_batch(&self) -> bool {
         self.in_flight() > 1
+    }
+
+    /// Whether the group may take another batch. Two in flight (one running, one staged)
+    /// always; more, up to `max_in_flight`, only while a batch computes in less time than
+    /// the rest of a call takes (a tiny model), so batches on their way keep the group
+    /// busy while answers travel. A slower model stays at two, where the staging window
+    /// paces the batches: with four slots there, MiniLM at 32 clients ran batches of 8.2
+    /// rows instead of 15.9 and lost throughput (`make bench`).
+    fn has_free_slot(&self) -> bool {
+        let n = self.in_flight();
+        n < self.max_in_flight && (n < 2 || self.compute_us.get() < self.overhead_us.get())
     }
 
     /// Batches sent and not yet answered (running or staged).
@@ -667,10 +678,7 @@ impl Pool {
 
             let now = Instant::now();
             let allowed = self.routable(model, exclude, now)?;
-            let mut free: Vec<&Arc<Group>> = allowed
-                .iter()
-                .filter(|g| g.slots.available_permits() > 0)
-                .collect();
+            let mut free: Vec<&Arc<Group>> = allowed.iter().filter(|g| g.has_free_slot()).collect();
             // An idle group, when there is one, takes the batch at once; a busy one would
             // stage it (see the batcher). P2C alone may draw two busy groups of many.
             if free.iter().any(|g| g.in_flight() == 0) {
@@ -836,11 +844,15 @@ pub(crate) mod tests {
 
     /// A pool of groups that look ready for `model` (no worker is contacted).
     pub(crate) fn ready_pool(names: &[&str], model: &str) -> Pool {
+        ready_pool_with(names, model, settings())
+    }
+
+    fn ready_pool_with(names: &[&str], model: &str, settings: GroupSettings) -> Pool {
         let groups = names
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let g = Group::new(n.to_string(), format!("127.0.0.1:{}", 1 + i), settings()).unwrap();
+                let g = Group::new(n.to_string(), format!("127.0.0.1:{}", 1 + i), settings.clone()).unwrap();
                 {
                     let mut v = g.view.write().unwrap();
                     v.ready = true;
@@ -853,7 +865,7 @@ pub(crate) mod tests {
                 g
             })
             .collect();
-        Pool::new(groups, settings(), StdRng::seed_from_u64(1))
+        Pool::new(groups, settings, StdRng::seed_from_u64(1))
     }
 
     #[tokio::test(start_paused = true)]
@@ -946,6 +958,40 @@ pub(crate) mod tests {
         drop(probe);
         pool.groups()[0].breaker.lock().unwrap().on_success();
         assert_eq!(pool.views()[0].breaker, Some(BreakerState::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_past_two_are_for_a_model_faster_than_a_round_trip() {
+        let settings = GroupSettings {
+            max_in_flight: 4,
+            ..settings()
+        };
+        let pool = ready_pool_with(&["a"], "m", settings);
+        let g = pool.groups()[0].clone();
+        let wait = Duration::from_secs(10);
+        g.compute_us.observe(20_000);
+        g.overhead_us.observe(1_000);
+        let two = [
+            pool.acquire("m", &[]).await.unwrap(),
+            pool.acquire("m", &[]).await.unwrap(),
+        ];
+        assert!(
+            tokio::time::timeout(wait, pool.acquire("m", &[])).await.is_err(),
+            "a model slower than a call keeps to two batches in flight"
+        );
+        for _ in 0..40 {
+            g.compute_us.observe(100);
+        }
+        let more = [
+            pool.acquire("m", &[]).await.unwrap(),
+            pool.acquire("m", &[]).await.unwrap(),
+        ];
+        assert_eq!(g.in_flight(), 4);
+        assert!(
+            tokio::time::timeout(wait, pool.acquire("m", &[])).await.is_err(),
+            "--max-in-flight still caps a fast model"
+        );
+        drop((two, more));
     }
 
     #[tokio::test(start_paused = true)]
