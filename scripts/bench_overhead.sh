@@ -8,7 +8,11 @@
 # Prints req/s, p50 and p99 as the client saw them, and the gateway's own added time
 # (each request's time in the gateway minus its batch's worker call, from the gateway's
 # rankway_gateway_added_seconds histogram; "-" for a gateway without it).
-# Everything binds to loopback; every run is bounded by DURATION (+1 s warm-up).
+# Then the 8-vs-1 ratio again from ROUNDS (5) alternating pairs of shorter runs (1, then 8
+# connections, PAIR_DURATION 2s each): this host's speed swings by 2x between runs a
+# minute apart, so the ratio of two runs from the table can say 4x or 7x for the same
+# code; the median of adjacent pairs is what compares.
+# Everything binds to loopback; every run is bounded by its duration (+1 s warm-up).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -33,7 +37,7 @@ run() {
   local name=$1 proto=$2 addr=$3 conns=$4 rate=${5:-}
   echo "bench-overhead: $proto, $conns connections${rate:+, paced at $rate req/s}" >&2
   curl -fsS "http://$HTTP/metrics" >"$OUT/$name.before"
-  $LOADGEN --protocol "$proto" --addr "$addr" --connections "$conns" --duration "$DURATION" \
+  $LOADGEN --protocol "$proto" --addr "$addr" --connections "$conns" --duration "${RUN_DURATION:-$DURATION}" \
     ${rate:+--rate "$rate"} >"$OUT/$name.json"
   curl -fsS "http://$HTTP/metrics" >"$OUT/$name.after"
 }
@@ -43,8 +47,12 @@ for c in 1 8 64; do run "grpc-$c" grpc "$GRPC" "$c"; done
 half=$(python3 -c "import json;print(round(json.load(open('$OUT/rest-64.json'))['rps']/2))")
 run rest-half rest "$HTTP" 64 "$half"
 run rest-target rest "$HTTP" 64 "${HALF_TARGET:-5000}"
+for i in $(seq "${ROUNDS:-5}"); do
+  for c in 1 8; do RUN_DURATION=${PAIR_DURATION:-2s} run "pair-rest-$c-$i" rest "$HTTP" "$c"; done
+  for c in 1 8; do RUN_DURATION=${PAIR_DURATION:-2s} run "pair-grpc-$c-$i" grpc "$GRPC" "$c"; done
+done
 
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "${ROUNDS:-5}" <<'PY'
 import json, math, re, sys
 out = sys.argv[1]
 
@@ -91,5 +99,13 @@ for name, proto, conns in rows:
         print(f"  first error: {r['first_error']}")
 r1, r8 = (json.load(open(f"{out}/{n}.json"))["rps"] for n in ("rest-1", "rest-8"))
 g1, g8 = (json.load(open(f"{out}/{n}.json"))["rps"] for n in ("grpc-1", "grpc-8"))
-print(f"\n8 vs 1 connection, req/s: REST {r8 / r1:.1f}x, gRPC {g8 / g1:.1f}x")
+print(f"\n8 vs 1 connection, req/s, from the table: REST {r8 / r1:.1f}x, gRPC {g8 / g1:.1f}x")
+rounds = int(sys.argv[2])
+for key, proto in (("rest", "REST"), ("grpc", "gRPC")):
+    pairs = [tuple(json.load(open(f"{out}/pair-{key}-{c}-{i}.json"))["rps"] for c in (1, 8))
+             for i in range(1, rounds + 1)]
+    ratios = sorted(r8 / r1 for r1, r8 in pairs)
+    print(f"8 vs 1 connection, {proto}, {rounds} alternating pairs: median {ratios[len(ratios) // 2]:.1f}x "
+          f"(min {ratios[0]:.1f}x, max {ratios[-1]:.1f}x; pairs "
+          + ", ".join(f"{r8:.0f}/{r1:.0f}" for r1, r8 in pairs) + ")")
 PY
