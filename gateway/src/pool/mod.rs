@@ -110,6 +110,11 @@ pub struct Group {
     /// batch (see [`Group::staging_window`]).
     compute_us: Ewma,
     overhead_us: Ewma,
+    /// The rest of a call less its wait in rank 0's queue (network and encoding), in µs:
+    /// whether more than two batches in flight pay (see [`Group::has_free_slot`]). A
+    /// batch queued behind others there must not count: it would make a slow model look
+    /// faster than a round trip, and the extra slots would then only lengthen the queue.
+    transit_us: Ewma,
     /// Found through DNS (so DNS may also remove it), rather than given with --group.
     discovered: bool,
     /// Streams this gateway opened on the group minus those that ended, since the last
@@ -149,6 +154,7 @@ impl Group {
             batches: AtomicU64::new(0),
             compute_us: Ewma::default(),
             overhead_us: Ewma::default(),
+            transit_us: Ewma::default(),
             discovered: false,
             streams_since_poll: std::sync::atomic::AtomicI64::new(0),
         })
@@ -194,13 +200,22 @@ impl Group {
 
     /// Whether the group may take another batch. Two in flight (one running, one staged)
     /// always; more, up to `max_in_flight`, only while a batch computes in less time than
-    /// the rest of a call takes (a tiny model), so batches on their way keep the group
-    /// busy while answers travel. A slower model stays at two, where the staging window
+    /// its way to rank 0 and back takes (a tiny model), so batches on their way keep the
+    /// group busy while answers travel. A slower model stays at two, where the staging window
     /// paces the batches: with four slots there, MiniLM at 32 clients ran batches of 8.2
     /// rows instead of 15.9 and lost throughput (`make bench`).
     fn has_free_slot(&self) -> bool {
         let n = self.in_flight();
-        n < self.max_in_flight && (n < 2 || self.compute_us.get() < self.overhead_us.get())
+        n < self.max_in_flight && (n < 2 || self.compute_us.get() < self.transit_us.get())
+    }
+
+    /// Adds one answered call to the moving averages: `took` in all, `compute` of it in
+    /// the forward and `queued` in rank 0's queue (rank 0's figures), in µs.
+    fn observe_call(&self, took: u64, compute: u64, queued: u64) {
+        let rest = took.saturating_sub(compute);
+        self.compute_us.observe(compute);
+        self.overhead_us.observe(rest);
+        self.transit_us.observe(rest.saturating_sub(queued));
     }
 
     /// Batches sent and not yet answered (running or staged).
@@ -520,10 +535,8 @@ impl Lease {
                 sync::lock(&self.group.breaker).on_success();
                 let resp = resp.into_inner();
                 let took = started.elapsed();
-                self.group.compute_us.observe(resp.compute_us);
                 self.group
-                    .overhead_us
-                    .observe((took.as_micros() as u64).saturating_sub(resp.compute_us));
+                    .observe_call(took.as_micros() as u64, resp.compute_us, resp.queue_us);
                 Ok((resp, took))
             }
             Err(status) => Err(self.group.failed(&status, deadline)),
@@ -969,8 +982,9 @@ pub(crate) mod tests {
         let pool = ready_pool_with(&["a"], "m", settings);
         let g = pool.groups()[0].clone();
         let wait = Duration::from_secs(10);
-        g.compute_us.observe(20_000);
-        g.overhead_us.observe(1_000);
+        // A 20 ms forward whose batch also waited 29 ms in rank 0's queue: the wait is
+        // not the way there (1 ms), so it stays a model slower than a round trip.
+        g.observe_call(50_000, 20_000, 29_000);
         let two = [
             pool.acquire("m", &[]).await.unwrap(),
             pool.acquire("m", &[]).await.unwrap(),
@@ -979,8 +993,9 @@ pub(crate) mod tests {
             tokio::time::timeout(wait, pool.acquire("m", &[])).await.is_err(),
             "a model slower than a call keeps to two batches in flight"
         );
+        // A model that computes in 50 µs of a 300 µs call.
         for _ in 0..40 {
-            g.compute_us.observe(100);
+            g.observe_call(300, 50, 0);
         }
         let more = [
             pool.acquire("m", &[]).await.unwrap(),
