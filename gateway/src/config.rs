@@ -49,8 +49,8 @@ pub struct Config {
     #[arg(long, env = "RANKWAY_MAX_WAITING_GENERATIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_waiting_generations: u32,
     /// Batches in flight per group at most. A group takes two (one running, one staged);
-    /// more only while its batches compute in less time than the rest of a call takes, so
-    /// it is not idle while answers travel (README, Batching).
+    /// more only while its batches compute in less time than their way to rank 0 and back
+    /// takes, so it is not idle while answers travel (README, Batching).
     #[arg(long, env = "RANKWAY_MAX_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
     /// Consecutive failed dispatches after which a group's circuit breaker opens.

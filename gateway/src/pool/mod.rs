@@ -3,8 +3,9 @@
 //! Each group is polled with `GroupStatus`; only a group whose rank 0 reports a complete,
 //! warm group is routable. A [`Lease`] is one of a group's in-flight slots (two: one
 //! batch running, one staged; up to `--max-in-flight` for a model faster than a round
-//! trip, see [`Group::has_free_slot`]), held until the batch's response has been handled, so
-//! work waits in the gateway where it can still go to whichever group frees first.
+//! trip, see [`Group::has_free_slot`]), held until the batch's response has been
+//! handled, so work waits in the gateway where it can still go to whichever group frees
+//! first.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
