@@ -59,6 +59,8 @@ done
 
 python3 - "$OUT" "${ROUNDS:-5}" "${STEAL_LIMIT:-5}" <<'PY'
 import json, math, re, statistics, sys
+sys.path.insert(0, "scripts")
+from steal import steal_percent
 out = sys.argv[1]
 
 def buckets(text, proto):
@@ -89,11 +91,7 @@ def fmt(v):
     return "-" if v is None else f"{v:.3f}"
 
 def steal(name):
-    """Percent of the CPU time during a run that the hypervisor took (/proc/stat)."""
-    before, after = ([int(x) for x in open(f"{out}/{name}.cpu-{w}").read().split()[1:]]
-                     for w in ("before", "after"))
-    delta = [a - b for a, b in zip(after, before)]
-    return 100.0 * delta[7] / max(sum(delta[:8]), 1)
+    return steal_percent(f"{out}/{name}.cpu-before", f"{out}/{name}.cpu-after")
 
 rows = [("rest-1", "REST", "1"), ("rest-8", "REST", "8"), ("rest-64", "REST", "64"),
         ("grpc-1", "gRPC", "1"), ("grpc-8", "gRPC", "8"), ("grpc-64", "gRPC", "64"),
