@@ -473,8 +473,6 @@ struct Host {
     dns: Vec<String>,
 }
 
-/// The container's environment as the kubelet would give it: values, downward-API fields
-/// resolved for `pod` on `ip`, pod DNS names replaced by their loopback addresses.
 /// Runs container `c`'s `probe` against its pod at `ip` as the kubelet does: an
 /// `httpGet` passes on a 2xx or 3xx answer, a `grpc` one on SERVING.
 async fn kubelet_probe(c: &Value, probe: &str, ip: Ipv4Addr) -> bool {
@@ -497,6 +495,8 @@ async fn kubelet_probe(c: &Value, probe: &str, ip: Ipv4Addr) -> bool {
     health(&format!("{ip}:{port}"), service).await == Some(SERVING)
 }
 
+/// The container's environment as the kubelet would give it: values, downward-API fields
+/// resolved for `pod` on `ip`, pod DNS names replaced by their loopback addresses.
 fn kubelet_env(c: &Value, pod: &Pod, ip: Ipv4Addr, hosts: &[Host]) -> Vec<(String, String)> {
     let resolve = |v: &str| {
         let mut v = v.to_owned();

@@ -267,13 +267,7 @@ async fn one_rank_streams_the_reference_answer_and_refuses_bad_requests() {
 async fn a_draining_rank_says_it_is_not_ready_and_finishes_its_stream() {
     let worker = Worker::start(&["--model=smollm2", &smollm2_arg(), "--drain-timeout=60s"]);
     worker.wait_serving(Duration::from_secs(60)).await;
-    let ready = || async {
-        let resp = reqwest::get(format!("http://{}/health/ready", worker.metrics))
-            .await
-            .unwrap();
-        (resp.status().as_u16(), resp.text().await.unwrap())
-    };
-    assert_eq!(ready().await, (200, "ready\n".into()));
+    assert_eq!(worker.probe("ready").await, (200, "ready\n".into()));
     let mut client = worker.client().await;
     let mut long = request(&smollm2_reference()["cases"][2], 64);
     long.stop = vec!["never in this text \u{1}".into()];
@@ -283,7 +277,7 @@ async fn a_draining_rank_says_it_is_not_ready_and_finishes_its_stream() {
     // Not ready while it drains, and why; the stream still runs to its end.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (status, body) = ready().await;
+        let (status, body) = worker.probe("ready").await;
         if status == 503 {
             assert_eq!(body, "not ready: draining\n");
             break;

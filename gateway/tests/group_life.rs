@@ -40,14 +40,6 @@ async fn exits_non_zero(w: &mut Worker, within: Duration) -> bool {
     }
 }
 
-/// Status and body of `GET /health/{what}` on a rank's metrics port.
-async fn probe(rank: &Worker, what: &str) -> (u16, String) {
-    let resp = reqwest::get(format!("http://{}/health/{what}", rank.metrics))
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.text().await.unwrap())
-}
-
 /// Time until rank 0 stops reporting SERVING (NOT_SERVING, or gone).
 async fn time_to_not_serving(rank0: &Worker, since: Instant, limit: Duration) -> Duration {
     loop {
@@ -83,15 +75,15 @@ async fn rank0_is_not_ready_until_every_rank_joins() {
         );
         assert_ne!(rank0.health().await, Some(SERVING));
         // The metrics port's probes agree: live, not ready, and why.
-        assert_eq!(probe(&rank0, "live").await, (200, "live\n".into()));
-        let (status, body) = probe(&rank0, "ready").await;
+        assert_eq!(rank0.probe("live").await, (200, "live\n".into()));
+        let (status, body) = rank0.probe("ready").await;
         assert_eq!(status, 503);
         assert!(body.contains("waiting for every rank to join"), "{body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _rank1 = Worker::start_rank(&group_env(1, 2, port), &["--model=mlp"]);
     rank0.wait_serving(Duration::from_secs(60)).await;
-    assert_eq!(probe(&rank0, "ready").await, (200, "ready\n".into()));
+    assert_eq!(rank0.probe("ready").await, (200, "ready\n".into()));
     let s = client
         .group_status(GroupStatusRequest {})
         .await

@@ -50,10 +50,6 @@ impl<T> Coalesce<T> {
             yielded: false,
         }
     }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T: AsyncWrite + Unpin> Coalesce<T> {

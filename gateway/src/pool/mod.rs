@@ -465,6 +465,8 @@ fn authorize<T>(req: &mut tonic::Request<T>, token: Option<&KeyFile>) {
     }
 }
 
+/// A call to rank 0: the trace context as `traceparent`, the deadline as `grpc-timeout`,
+/// the token (if any) as `authorization`.
 fn call_request<T>(
     message: T,
     deadline: Instant,

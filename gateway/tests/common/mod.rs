@@ -239,6 +239,14 @@ impl Worker {
         health(&self.addr.to_string(), "").await
     }
 
+    /// Status and body of `GET /health/{what}` (`live`, `ready`) on the metrics port.
+    pub async fn probe(&self, what: &str) -> (u16, String) {
+        let resp = reqwest::get(format!("http://{}/health/{what}", self.metrics))
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
     pub async fn wait_serving(&self, within: Duration) {
         let deadline = Instant::now() + within;
         while self.health().await != Some(SERVING) {
