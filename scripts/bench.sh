@@ -22,12 +22,11 @@ HTTP=127.0.0.1:${BENCH_HTTP_PORT:-18000}
 GRPC=127.0.0.1:${BENCH_GRPC_PORT:-18001}
 WORKER=127.0.0.1:${BENCH_WORKER_PORT:-19000}
 OUT=$(mktemp -d)
-mark() { head -1 /proc/stat >"$OUT/$1.cpu-$2"; } # mark NAME before|after
 
 echo "bench: direct model throughput (rankway-worker bench)" >&2
-mark direct before
+cpu_mark direct before
 $BIN/rankway-worker bench --json --batch-sizes 1,8,32 --duration "${BENCH_DIRECT_DURATION:-8s}" > "$OUT/direct.jsonl"
-mark direct after
+cpu_mark direct after
 
 trap 'stop_all; rm -rf "$OUT"' EXIT
 $BIN/rankway-worker serve --listen "$WORKER" --metrics-listen 127.0.0.1:0 --group bench 2>"$OUT/worker.log" &
@@ -37,20 +36,20 @@ pids+=($!)
 wait_ready "$HTTP" || { cat "$OUT"/*.log >&2; exit 1; }
 
 echo "bench: k6 at $VUS VUs, $ITERATIONS requests per protocol" >&2
-mark rest before
+cpu_mark rest before
 (cd loadtest && BASE_URL="http://$HTTP" ../$K6 run --no-usage-report -q --summary-export "$OUT/rest.json" rest_embeddings.js >/dev/null)
-mark rest after
-mark grpc before
+cpu_mark rest after
+cpu_mark grpc before
 (cd loadtest && GRPC_ADDR="$GRPC" ../$K6 run --no-usage-report -q --summary-export "$OUT/grpc.json" grpc_infer.js >/dev/null)
-mark grpc after
+cpu_mark grpc after
 echo "bench: lean load generator at $VUS connections, ${LEAN_DURATION:-10s} per protocol" >&2
 for proto in rest grpc; do
   addr=$HTTP; [ "$proto" = grpc ] && addr=$GRPC
-  mark "lean-$proto" before
+  cpu_mark "lean-$proto" before
   $LOADGEN --protocol "$proto" --addr "$addr" --connections "$VUS" --duration "${LEAN_DURATION:-10s}" \
     --model minilm --input text --text "Rankway batches requests from many clients before they reach the model." \
     >"$OUT/lean-$proto.json"
-  mark "lean-$proto" after
+  cpu_mark "lean-$proto" after
 done
 curl -fsS "http://$HTTP/metrics" > "$OUT/metrics.txt"
 # The host's speed drifts over minutes (other tenants' load): the best batch size is
@@ -58,9 +57,9 @@ curl -fsS "http://$HTTP/metrics" > "$OUT/metrics.txt"
 stop_all
 best_batch=$(python3 -c "import json;print(max((json.loads(l) for l in open('$OUT/direct.jsonl')), key=lambda r: r['rows_per_sec'])['batch_size'])")
 echo "bench: direct model throughput again (batch $best_batch)" >&2
-mark direct-after before
+cpu_mark direct-after before
 $BIN/rankway-worker bench --json --batch-sizes "$best_batch" --duration "${BENCH_DIRECT_DURATION:-8s}" > "$OUT/direct-after.jsonl"
-mark direct-after after
+cpu_mark direct-after after
 
 python3 - "$OUT" <<'PY'
 import json, re, sys
@@ -68,27 +67,24 @@ sys.path.insert(0, "scripts")
 from steal import steal_percent
 out = sys.argv[1]
 
-def steal(name):
-    return steal_percent(f"{out}/{name}.cpu-before", f"{out}/{name}.cpu-after")
-
 direct = [json.loads(l) for l in open(f"{out}/direct.jsonl")]
 after = json.loads(open(f"{out}/direct-after.jsonl").readline())
 best = max(direct, key=lambda r: r["rows_per_sec"])
 reference = (best["rows_per_sec"] + after["rows_per_sec"]) / 2
 print(f"{'path':<34} {'rows/s':>9} {'p50 ms*':>8} {'p99 ms':>8} {'vs direct':>10} {'steal %':>8}")
 for label, r, run in [(f"direct, batch {r['batch_size']}", r, "direct") for r in direct] + [(f"direct, batch {after['batch_size']}, after", after, "direct-after")]:
-    print(f"{label:<34} {r['rows_per_sec']:>9.1f} {r['mean_batch_ms']:>8.1f} {'-':>8} {r['rows_per_sec'] / reference:>10.2f} {steal(run):>8.1f}")
+    print(f"{label:<34} {r['rows_per_sec']:>9.1f} {r['mean_batch_ms']:>8.1f} {'-':>8} {r['rows_per_sec'] / reference:>10.2f} {steal_percent(out, run):>8.1f}")
 for name, trend in (("rest", "http_req_duration"), ("grpc", "grpc_req_duration")):
     m = json.load(open(f"{out}/{name}.json"))["metrics"]
     rate = m["iterations"]["rate"]
     d = m[trend]
     label = "gateway REST /v1/embeddings b64" if name == "rest" else "gateway gRPC ModelInfer"
-    print(f"{label:<34} {rate:>9.1f} {d['med']:>8.1f} {d['p(99)']:>8.1f} {rate / reference:>10.2f} {steal(name):>8.1f}")
+    print(f"{label:<34} {rate:>9.1f} {d['med']:>8.1f} {d['p(99)']:>8.1f} {rate / reference:>10.2f} {steal_percent(out, name):>8.1f}")
 for name, label in (("rest", "gateway REST OIP infer, lean"), ("grpc", "gateway gRPC ModelInfer, lean")):
     r = json.load(open(f"{out}/lean-{name}.json"))
     if r["errors"]:
         sys.exit(f"{label}: {r['errors']} errors, first: {r['first_error']}")
-    print(f"{label:<34} {r['rps']:>9.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['rps'] / reference:>10.2f} {steal('lean-' + name):>8.1f}")
+    print(f"{label:<34} {r['rps']:>9.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['rps'] / reference:>10.2f} {steal_percent(out, 'lean-' + name):>8.1f}")
 metrics = open(f"{out}/metrics.txt").read()
 def total(name):
     return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", metrics, re.M))

@@ -40,10 +40,10 @@ run() {
   local name=$1 proto=$2 addr=$3 conns=$4 rate=${5:-}
   echo "bench-overhead: $proto, $conns connections${rate:+, paced at $rate req/s}" >&2
   curl -fsS "http://$HTTP/metrics" >"$OUT/$name.before"
-  head -1 /proc/stat >"$OUT/$name.cpu-before"
+  cpu_mark "$name" before
   $LOADGEN --protocol "$proto" --addr "$addr" --connections "$conns" --duration "${RUN_DURATION:-$DURATION}" \
     ${rate:+--rate "$rate"} >"$OUT/$name.json"
-  head -1 /proc/stat >"$OUT/$name.cpu-after"
+  cpu_mark "$name" after
   curl -fsS "http://$HTTP/metrics" >"$OUT/$name.after"
 }
 
@@ -90,9 +90,6 @@ def quantile(q, before, after):
 def fmt(v):
     return "-" if v is None else f"{v:.3f}"
 
-def steal(name):
-    return steal_percent(f"{out}/{name}.cpu-before", f"{out}/{name}.cpu-after")
-
 rows = [("rest-1", "REST", "1"), ("rest-8", "REST", "8"), ("rest-64", "REST", "64"),
         ("grpc-1", "gRPC", "1"), ("grpc-8", "gRPC", "8"), ("grpc-64", "gRPC", "64"),
         ("rest-half", "REST", "64 @ half"),
@@ -104,7 +101,7 @@ for name, proto, conns in rows:
     before = buckets(open(f"{out}/{name}.before").read(), key)
     after = buckets(open(f"{out}/{name}.after").read(), key)
     print(f"{proto:<8} {conns:>10} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
-          f"{fmt(quantile(0.5, before, after)):>13} {fmt(quantile(0.99, before, after)):>13} {r['errors']:>7} {steal(name):>8.1f}")
+          f"{fmt(quantile(0.5, before, after)):>13} {fmt(quantile(0.99, before, after)):>13} {r['errors']:>7} {steal_percent(out, name):>8.1f}")
     if r["errors"]:
         print(f"  first error: {r['first_error']}")
 r1, r8 = (json.load(open(f"{out}/{n}.json"))["rps"] for n in ("rest-1", "rest-8"))
@@ -116,7 +113,7 @@ for key, proto in (("rest", "REST"), ("grpc", "gRPC")):
     for i in range(1, rounds + 1):
         names = [f"pair-{key}-{c}-{i}" for c in (1, 8)]
         r1, r8 = (json.load(open(f"{out}/{n}.json"))["rps"] for n in names)
-        pairs.append((r1, r8, max(steal(n) for n in names)))
+        pairs.append((r1, r8, max(steal_percent(out, n) for n in names)))
     shown = ", ".join(f"{r8:.0f}/{r1:.0f} ({s:.0f}% steal)" for r1, r8, s in pairs)
     ratios = sorted(r8 / r1 for r1, r8, s in pairs if s <= limit)
     if ratios:

@@ -39,6 +39,12 @@ apt_install_missing() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# Copies /proc/stat's CPU line to $OUT/$1.cpu-$2 ($2: before or after a run), for the
+# run's steal (scripts/steal.py).
+cpu_mark() {
+  head -1 /proc/stat >"$OUT/$1.cpu-$2"
+}
+
 # Common start of the bench scripts: bounded k6 runs, and a scratch folder $OUT that is
 # removed at exit, after every process in $pids is stopped.
 bench_init() {
