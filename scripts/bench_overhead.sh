@@ -7,7 +7,11 @@
 # connections).
 # Prints req/s, p50 and p99 as the client saw them, and the gateway's own added time
 # (each request's time in the gateway minus its batch's worker call, from the gateway's
-# rankway_gateway_added_seconds histogram; "-" for a gateway without it).
+# rankway_gateway_added_seconds histogram; "-" for a gateway without it), and the CPU time
+# the gateway and rank 0 each spent per request (utime + stime from /proc/PID/stat over
+# the run, warm-up included, over the requests that histogram counted): at one
+# connection their sum is about the request's latency, which bounds what eight
+# connections can add on two cores (README, Benchmarks).
 # Then the 8-vs-1 ratio again from ROUNDS (5) alternating pairs of shorter runs (1, then 8
 # connections, PAIR_DURATION 2s each): this host's speed swings by 2x between runs a
 # minute apart, so the ratio of two runs from the table can say 4x or 7x for the same
@@ -35,14 +39,22 @@ $BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "$GRPC" --group "bench=
 pids+=($!)
 wait_ready "$HTTP" || { cat "$OUT"/*.log >&2; exit 1; }
 
+# proc_mark NAME before|after: CPU ticks so far of rank 0 and of the gateway ($pids).
+proc_mark() {
+  local p
+  for p in "${pids[@]}"; do awk '{print $14 + $15}' "/proc/$p/stat"; done | paste -sd' ' >"$OUT/$1.procs-$2"
+}
+
 # run NAME PROTOCOL ADDR CONNECTIONS [RATE]: one load run, with /metrics before and after.
 run() {
   local name=$1 proto=$2 addr=$3 conns=$4 rate=${5:-}
   echo "bench-overhead: $proto, $conns connections${rate:+, paced at $rate req/s}" >&2
   curl -fsS "http://$HTTP/metrics" >"$OUT/$name.before"
   cpu_mark "$name" before
+  proc_mark "$name" before
   $LOADGEN --protocol "$proto" --addr "$addr" --connections "$conns" --duration "${RUN_DURATION:-$DURATION}" \
     ${rate:+--rate "$rate"} >"$OUT/$name.json"
+  proc_mark "$name" after
   cpu_mark "$name" after
   curl -fsS "http://$HTTP/metrics" >"$OUT/$name.after"
 }
@@ -58,7 +70,7 @@ for i in $(seq "${ROUNDS:-5}"); do
 done
 
 python3 - "$OUT" "${ROUNDS:-5}" "${STEAL_LIMIT:-5}" <<'PY'
-import json, math, re, statistics, sys
+import json, math, os, re, statistics, sys
 sys.path.insert(0, "scripts")
 from steal import steal_percent
 out = sys.argv[1]
@@ -90,18 +102,29 @@ def quantile(q, before, after):
 def fmt(v):
     return "-" if v is None else f"{v:.3f}"
 
+def cpu_per_request(name, before, after):
+    """µs of CPU that rank 0 and the gateway each spent per request during run `name`."""
+    requests = after.get("+Inf", 0.0) - before.get("+Inf", 0.0)
+    if requests <= 0:
+        return ("-", "-")
+    ticks = [[int(x) for x in open(f"{out}/{name}.procs-{w}").read().split()] for w in ("before", "after")]
+    return tuple(f"{(b - a) * 1e6 / os.sysconf('SC_CLK_TCK') / requests:.0f}" for a, b in zip(*ticks))
+
 rows = [("rest-1", "REST", "1"), ("rest-8", "REST", "8"), ("rest-64", "REST", "64"),
         ("grpc-1", "gRPC", "1"), ("grpc-8", "gRPC", "8"), ("grpc-64", "gRPC", "64"),
         ("rest-half", "REST", "64 @ half"),
         ("rest-target", "REST", f"64 @ {json.load(open(f'{out}/rest-target.json'))['rate']:.0f}")]
-print(f"{'protocol':<8} {'conns':>10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50 ms':>13} {'added p99 ms':>13} {'errors':>7} {'steal %':>8}")
+print(f"{'protocol':<8} {'conns':>10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50 ms':>13} {'added p99 ms':>13} "
+      f"{'gw CPU us':>10} {'rank0 CPU us':>13} {'errors':>7} {'steal %':>8}")
 for name, proto, conns in rows:
     r = json.load(open(f"{out}/{name}.json"))
     key = "rest" if proto == "REST" else "grpc"
     before = buckets(open(f"{out}/{name}.before").read(), key)
     after = buckets(open(f"{out}/{name}.after").read(), key)
+    rank0_cpu, gateway_cpu = cpu_per_request(name, before, after)
     print(f"{proto:<8} {conns:>10} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
-          f"{fmt(quantile(0.5, before, after)):>13} {fmt(quantile(0.99, before, after)):>13} {r['errors']:>7} {steal_percent(out, name):>8.1f}")
+          f"{fmt(quantile(0.5, before, after)):>13} {fmt(quantile(0.99, before, after)):>13} "
+          f"{gateway_cpu:>10} {rank0_cpu:>13} {r['errors']:>7} {steal_percent(out, name):>8.1f}")
     if r["errors"]:
         print(f"  first error: {r['first_error']}")
 r1, r8 = (json.load(open(f"{out}/{n}.json"))["rps"] for n in ("rest-1", "rest-8"))
