@@ -54,11 +54,32 @@ pub struct GroupView {
     /// Circuit breaker on consecutive failed dispatches.
     pub breaker: Option<BreakerState>,
     /// `embedding` or `generative` (empty until rank 0 said).
-    pub kind: &'static str,
+    pub kind: GroupKind,
     /// A generative group's load as rank 0 last reported it.
     pub load: Option<GenerationLoad>,
     #[serde(skip)]
     pub model_info: Option<Arc<ModelInfo>>,
+}
+
+/// What a group's model is, as its rank 0 last said; shown as `""` until it has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupKind {
+    #[default]
+    #[serde(rename = "")]
+    Unknown,
+    Embedding,
+    Generative,
+}
+
+impl From<i32> for GroupKind {
+    fn from(kind: i32) -> Self {
+        match ModelKind::try_from(kind) {
+            Ok(ModelKind::Generative) => Self::Generative,
+            Ok(ModelKind::Embedding) => Self::Embedding,
+            _ => Self::Unknown,
+        }
+    }
 }
 
 /// A generative group's load, from its GroupStatus.
@@ -315,11 +336,7 @@ impl Group {
                 v.generation = s.generation;
                 v.model = s.model.as_ref().map(|m| m.name.clone());
                 v.model_info = s.model.map(Arc::new);
-                v.kind = match ModelKind::try_from(s.kind) {
-                    Ok(ModelKind::Generative) => "generative",
-                    Ok(ModelKind::Embedding) => "embedding",
-                    _ => "",
-                };
+                v.kind = GroupKind::from(s.kind);
                 v.load = s.generation_state.map(|g| GenerationLoad {
                     context_length: g.context_length,
                     running_sequences: g.running_sequences,
@@ -759,7 +776,7 @@ impl Pool {
     pub fn is_generative(&self, model: &str) -> bool {
         self.inner.snapshot().iter().any(|g| {
             let v = sync::read(&g.view);
-            v.kind == "generative" && v.model.as_deref() == Some(model)
+            v.kind == GroupKind::Generative && v.model.as_deref() == Some(model)
         })
     }
 
@@ -882,6 +899,16 @@ pub(crate) mod tests {
             })
             .collect();
         Pool::new(groups, settings, StdRng::seed_from_u64(1))
+    }
+
+    #[test]
+    fn admin_shows_a_group_kind_as_rank_0_named_it() {
+        let shown = |kind: i32| serde_json::to_value(GroupKind::from(kind)).unwrap();
+        assert_eq!(shown(ModelKind::Embedding as i32), "embedding");
+        assert_eq!(shown(ModelKind::Generative as i32), "generative");
+        assert_eq!(shown(ModelKind::Unspecified as i32), "");
+        assert_eq!(shown(-1), "");
+        assert_eq!(serde_json::to_value(GroupView::default()).unwrap()["kind"], "");
     }
 
     #[tokio::test(start_paused = true)]
