@@ -25,7 +25,7 @@ OUT=$(mktemp -d)
 
 echo "bench: direct model throughput (rankway-worker bench)" >&2
 cpu_mark direct before
-$BIN/rankway-worker bench --json --batch-sizes 1,8,32 --duration "${BENCH_DIRECT_DURATION:-8s}" > "$OUT/direct.jsonl"
+$BIN/rankway-worker bench --json --batch-sizes 1,8,16,32 --duration "${BENCH_DIRECT_DURATION:-8s}" > "$OUT/direct.jsonl"
 cpu_mark direct after
 
 trap 'stop_all; rm -rf "$OUT"' EXIT
