@@ -6,7 +6,8 @@
 # connections over OIP REST and gRPC, which measures the gateway's path: on 2 cores k6's
 # JavaScript takes CPU the model would use, so its rows understate what the gateway
 # passes through. The lean rows send the longest of the direct bench's sentences, so
-# every batch pads to the same length as the direct batches. Prints one table.
+# every batch pads to the same length as the direct batches. The lean runs alternate with
+# direct batch-32 runs (ROUNDS rounds, below). Prints one table.
 # Each row's steal (CPU time the hypervisor gave to other guests, /proc/stat) is printed:
 # on a shared host it says which rows ran slow for reasons outside the code.
 # Everything binds to loopback; each k6 run is bounded by ITERATIONS and MAX_DURATION.
@@ -42,54 +43,80 @@ cpu_mark rest after
 cpu_mark grpc before
 (cd loadtest && GRPC_ADDR="$GRPC" ../$K6 run --no-usage-report -q --summary-export "$OUT/grpc.json" grpc_infer.js >/dev/null)
 cpu_mark grpc after
-echo "bench: lean load generator at $VUS connections, ${LEAN_DURATION:-10s} per protocol" >&2
-for proto in rest grpc; do
-  addr=$HTTP; [ "$proto" = grpc ] && addr=$GRPC
-  cpu_mark "lean-$proto" before
-  $LOADGEN --protocol "$proto" --addr "$addr" --connections "$VUS" --duration "${LEAN_DURATION:-10s}" \
-    --model minilm --input text --text "Rankway batches requests from many clients before they reach the model." \
-    >"$OUT/lean-$proto.json"
-  cpu_mark "lean-$proto" after
+# The host's speed drifts by 10-25% over minutes (other tenants' load), so the lean runs
+# alternate with the direct batch-32 run, the issue's reference: ROUNDS rounds of direct,
+# lean REST, lean gRPC, then direct once more. Each lean run is compared with the mean of
+# the two direct runs around it, and the median over the rounds is the figure.
+ROUNDS=${ROUNDS:-3}
+direct32() {
+  cpu_mark "direct32-$1" before
+  $BIN/rankway-worker bench --json --batch-sizes 32 --duration "${BENCH_ROUND_DIRECT_DURATION:-6s}" \
+    > "$OUT/direct32-$1.jsonl"
+  cpu_mark "direct32-$1" after
+}
+for round in $(seq "$ROUNDS"); do
+  echo "bench: round $round of $ROUNDS: direct batch 32, then the lean load generator at $VUS connections" >&2
+  direct32 "$round"
+  for proto in rest grpc; do
+    addr=$HTTP; [ "$proto" = grpc ] && addr=$GRPC
+    cpu_mark "lean-$proto-$round" before
+    $LOADGEN --protocol "$proto" --addr "$addr" --connections "$VUS" --duration "${LEAN_DURATION:-8s}" \
+      --model minilm --input text --text "Rankway batches requests from many clients before they reach the model." \
+      >"$OUT/lean-$proto-$round.json"
+    cpu_mark "lean-$proto-$round" after
+  done
 done
 curl -fsS "http://$HTTP/metrics" > "$OUT/metrics.txt"
-# The host's speed drifts over minutes (other tenants' load): the best batch size is
-# measured again once the servers are stopped, and ratios are to the mean of both runs.
 stop_all
-best_batch=$(python3 -c "import json;print(max((json.loads(l) for l in open('$OUT/direct.jsonl')), key=lambda r: r['rows_per_sec'])['batch_size'])")
-echo "bench: direct model throughput again (batch $best_batch)" >&2
-cpu_mark direct-after before
-$BIN/rankway-worker bench --json --batch-sizes "$best_batch" --duration "${BENCH_DIRECT_DURATION:-8s}" > "$OUT/direct-after.jsonl"
-cpu_mark direct-after after
+echo "bench: direct batch 32 once more" >&2
+direct32 $((ROUNDS + 1))
 
-python3 - "$OUT" <<'PY'
-import json, re, sys
+python3 - "$OUT" "$ROUNDS" <<'PY'
+import json, re, statistics, sys
 sys.path.insert(0, "scripts")
 from steal import steal_percent
-out = sys.argv[1]
+out, rounds = sys.argv[1], int(sys.argv[2])
 
-direct = [json.loads(l) for l in open(f"{out}/direct.jsonl")]
-after = json.loads(open(f"{out}/direct-after.jsonl").readline())
-best = max(direct, key=lambda r: r["rows_per_sec"])
-reference = (best["rows_per_sec"] + after["rows_per_sec"]) / 2
+def jsonl(name):
+    return [json.loads(l) for l in open(f"{out}/{name}.jsonl")]
+
+direct = jsonl("direct")
+direct32 = [jsonl(f"direct32-{i}")[0]["rows_per_sec"] for i in range(1, rounds + 2)]
+# k6 ran before the rounds: its rows, and the first direct table, compare with the mean of
+# every direct batch-32 run.
+reference = statistics.mean(direct32)
 print(f"{'path':<34} {'rows/s':>9} {'p50 ms*':>8} {'p99 ms':>8} {'vs direct':>10} {'steal %':>8}")
-for label, r, run in [(f"direct, batch {r['batch_size']}", r, "direct") for r in direct] + [(f"direct, batch {after['batch_size']}, after", after, "direct-after")]:
-    print(f"{label:<34} {r['rows_per_sec']:>9.1f} {r['mean_batch_ms']:>8.1f} {'-':>8} {r['rows_per_sec'] / reference:>10.2f} {steal_percent(out, run):>8.1f}")
+for r in direct:
+    print(f"{'direct, batch ' + str(r['batch_size']):<34} {r['rows_per_sec']:>9.1f} {r['mean_batch_ms']:>8.1f} "
+          f"{'-':>8} {r['rows_per_sec'] / reference:>10.2f} {steal_percent(out, 'direct'):>8.1f}")
 for name, trend in (("rest", "http_req_duration"), ("grpc", "grpc_req_duration")):
     m = json.load(open(f"{out}/{name}.json"))["metrics"]
     rate = m["iterations"]["rate"]
     d = m[trend]
     label = "gateway REST /v1/embeddings b64" if name == "rest" else "gateway gRPC ModelInfer"
     print(f"{label:<34} {rate:>9.1f} {d['med']:>8.1f} {d['p(99)']:>8.1f} {rate / reference:>10.2f} {steal_percent(out, name):>8.1f}")
-for name, label in (("rest", "gateway REST OIP infer, lean"), ("grpc", "gateway gRPC ModelInfer, lean")):
-    r = json.load(open(f"{out}/lean-{name}.json"))
-    if r["errors"]:
-        sys.exit(f"{label}: {r['errors']} errors, first: {r['first_error']}")
-    print(f"{label:<34} {r['rps']:>9.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['rps'] / reference:>10.2f} {steal_percent(out, 'lean-' + name):>8.1f}")
+ratios = {"rest": [], "grpc": []}
+for i in range(1, rounds + 2):
+    print(f"{f'round {i}: direct, batch 32':<34} {direct32[i - 1]:>9.1f} {'-':>8} {'-':>8} "
+          f"{direct32[i - 1] / reference:>10.2f} {steal_percent(out, f'direct32-{i}'):>8.1f}")
+    if i > rounds:
+        break
+    around = (direct32[i - 1] + direct32[i]) / 2
+    for name, label in (("rest", "lean REST OIP infer"), ("grpc", "lean gRPC ModelInfer")):
+        r = json.load(open(f"{out}/lean-{name}-{i}.json"))
+        if r["errors"]:
+            sys.exit(f"{label}: {r['errors']} errors, first: {r['first_error']}")
+        ratios[name].append(r["rps"] / around)
+        print(f"{f'round {i}: {label}':<34} {r['rps']:>9.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+              f"{ratios[name][-1]:>10.2f} {steal_percent(out, f'lean-{name}-{i}'):>8.1f}")
 metrics = open(f"{out}/metrics.txt").read()
 def total(name):
     return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", metrics, re.M))
 rows, batches = total("rankway_batch_rows_sum"), total("rankway_batch_rows_count")
-print(f"\nmean gateway batch: {rows / max(batches, 1):.1f} rows over {int(batches)} batches; "
-      f"* direct rows: mean ms per batch; ratio = rows/s over the mean of the best direct "
-      f"rows/s (batch {best['batch_size']}) before and after the gateway runs")
+print(f"\nlean gateway path vs direct batch 32, median of {rounds} rounds: "
+      f"REST {statistics.median(ratios['rest']):.2f}x, gRPC {statistics.median(ratios['grpc']):.2f}x "
+      f"(each run against the mean of the direct runs before and after it)")
+print(f"mean gateway batch: {rows / max(batches, 1):.1f} rows over {int(batches)} batches; "
+      f"* direct rows: mean ms per batch; k6 and the first direct rows compare with the mean "
+      f"of the {rounds + 1} direct batch-32 runs ({reference:.1f} rows/s)")
 PY
