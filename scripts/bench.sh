@@ -36,17 +36,11 @@ $BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "$GRPC" --group "bench=
 pids+=($!)
 wait_ready "$HTTP" || { cat "$OUT"/*.log >&2; exit 1; }
 
-echo "bench: k6 at $VUS VUs, $ITERATIONS requests per protocol" >&2
-cpu_mark rest before
-(cd loadtest && BASE_URL="http://$HTTP" ../$K6 run --no-usage-report -q --summary-export "$OUT/rest.json" rest_embeddings.js >/dev/null)
-cpu_mark rest after
-cpu_mark grpc before
-(cd loadtest && GRPC_ADDR="$GRPC" ../$K6 run --no-usage-report -q --summary-export "$OUT/grpc.json" grpc_infer.js >/dev/null)
-cpu_mark grpc after
-# The host's speed drifts by 10-25% over minutes (other tenants' load), so the lean runs
-# alternate with the direct batch-32 run, the issue's reference: ROUNDS rounds of direct,
-# lean REST, lean gRPC, then direct once more. Each lean run is compared with the mean of
-# the two direct runs around it, and the median over the rounds is the figure.
+# The host's speed drifts by 10-25% over minutes (other tenants' load), so every gateway
+# run alternates with the direct batch-32 run, the issue's reference: ROUNDS rounds of
+# direct, k6 REST, k6 gRPC, lean REST, lean gRPC, then direct once more. Each gateway run
+# is compared with the mean of the two direct runs around it, and the medians over the
+# rounds are the figures.
 ROUNDS=${ROUNDS:-3}
 direct32() {
   cpu_mark "direct32-$1" before
@@ -55,8 +49,14 @@ direct32() {
   cpu_mark "direct32-$1" after
 }
 for round in $(seq "$ROUNDS"); do
-  echo "bench: round $round of $ROUNDS: direct batch 32, then the lean load generator at $VUS connections" >&2
+  echo "bench: round $round of $ROUNDS: direct batch 32; k6 at $VUS VUs, $ITERATIONS requests per protocol; the lean load generator at $VUS connections" >&2
   direct32 "$round"
+  cpu_mark "k6-rest-$round" before
+  (cd loadtest && BASE_URL="http://$HTTP" ../$K6 run --no-usage-report -q --summary-export "$OUT/k6-rest-$round.json" rest_embeddings.js >/dev/null)
+  cpu_mark "k6-rest-$round" after
+  cpu_mark "k6-grpc-$round" before
+  (cd loadtest && GRPC_ADDR="$GRPC" ../$K6 run --no-usage-report -q --summary-export "$OUT/k6-grpc-$round.json" grpc_infer.js >/dev/null)
+  cpu_mark "k6-grpc-$round" after
   for proto in rest grpc; do
     addr=$HTTP; [ "$proto" = grpc ] && addr=$GRPC
     cpu_mark "lean-$proto-$round" before
@@ -82,41 +82,50 @@ def jsonl(name):
 
 direct = jsonl("direct")
 direct32 = [jsonl(f"direct32-{i}")[0]["rows_per_sec"] for i in range(1, rounds + 2)]
-# k6 ran before the rounds: its rows, and the first direct table, compare with the mean of
-# every direct batch-32 run.
+# The first direct table compares with the mean of every direct batch-32 run.
 reference = statistics.mean(direct32)
-print(f"{'path':<34} {'rows/s':>9} {'p50 ms*':>8} {'p99 ms':>8} {'vs direct':>10} {'steal %':>8}")
+print(f"{'path':<40} {'rows/s':>9} {'p50 ms*':>8} {'p99 ms':>8} {'vs direct':>10} {'steal %':>8}")
 for r in direct:
-    print(f"{'direct, batch ' + str(r['batch_size']):<34} {r['rows_per_sec']:>9.1f} {r['mean_batch_ms']:>8.1f} "
+    print(f"{'direct, batch ' + str(r['batch_size']):<40} {r['rows_per_sec']:>9.1f} {r['mean_batch_ms']:>8.1f} "
           f"{'-':>8} {r['rows_per_sec'] / reference:>10.2f} {steal_percent(out, 'direct'):>8.1f}")
-for name, trend in (("rest", "http_req_duration"), ("grpc", "grpc_req_duration")):
+
+def k6(name):
+    """rows/s, p50 and p99 ms of a k6 run from its summary."""
     m = json.load(open(f"{out}/{name}.json"))["metrics"]
-    rate = m["iterations"]["rate"]
-    d = m[trend]
-    label = "gateway REST /v1/embeddings b64" if name == "rest" else "gateway gRPC ModelInfer"
-    print(f"{label:<34} {rate:>9.1f} {d['med']:>8.1f} {d['p(99)']:>8.1f} {rate / reference:>10.2f} {steal_percent(out, name):>8.1f}")
-ratios = {"rest": [], "grpc": []}
+    d = m["http_req_duration" if "rest" in name else "grpc_req_duration"]
+    return m["iterations"]["rate"], d["med"], d["p(99)"]
+
+def lean(name):
+    """rows/s, p50 and p99 ms of a lean load generator run."""
+    r = json.load(open(f"{out}/{name}.json"))
+    if r["errors"]:
+        sys.exit(f"{name}: {r['errors']} errors, first: {r['first_error']}")
+    return r["rps"], r["p50_ms"], r["p99_ms"]
+
+paths = [("k6-rest", "k6 REST /v1/embeddings b64", k6), ("k6-grpc", "k6 gRPC ModelInfer", k6),
+         ("lean-rest", "lean REST OIP infer", lean), ("lean-grpc", "lean gRPC ModelInfer", lean)]
+ratios, p99s = {p: [] for p, _, _ in paths}, {p: [] for p, _, _ in paths}
 for i in range(1, rounds + 2):
-    print(f"{f'round {i}: direct, batch 32':<34} {direct32[i - 1]:>9.1f} {'-':>8} {'-':>8} "
+    print(f"{f'round {i}: direct, batch 32':<40} {direct32[i - 1]:>9.1f} {'-':>8} {'-':>8} "
           f"{direct32[i - 1] / reference:>10.2f} {steal_percent(out, f'direct32-{i}'):>8.1f}")
     if i > rounds:
         break
     around = (direct32[i - 1] + direct32[i]) / 2
-    for name, label in (("rest", "lean REST OIP infer"), ("grpc", "lean gRPC ModelInfer")):
-        r = json.load(open(f"{out}/lean-{name}-{i}.json"))
-        if r["errors"]:
-            sys.exit(f"{label}: {r['errors']} errors, first: {r['first_error']}")
-        ratios[name].append(r["rps"] / around)
-        print(f"{f'round {i}: {label}':<34} {r['rps']:>9.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-              f"{ratios[name][-1]:>10.2f} {steal_percent(out, f'lean-{name}-{i}'):>8.1f}")
+    for path, label, read in paths:
+        rate, p50, p99 = read(f"{path}-{i}")
+        ratios[path].append(rate / around)
+        p99s[path].append(p99)
+        print(f"{f'round {i}: {label}':<40} {rate:>9.1f} {p50:>8.1f} {p99:>8.1f} {ratios[path][-1]:>10.2f} "
+              f"{steal_percent(out, f'{path}-{i}'):>8.1f}")
+print(f"\ngateway vs direct batch 32, median of {rounds} rounds (each run against the mean of the direct "
+      f"runs before and after it), and median p99:")
+for path, label, _ in paths:
+    print(f"  {label:<30} {statistics.median(ratios[path]):.2f}x  p99 {statistics.median(p99s[path]):.1f} ms")
 metrics = open(f"{out}/metrics.txt").read()
 def total(name):
     return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", metrics, re.M))
 rows, batches = total("rankway_batch_rows_sum"), total("rankway_batch_rows_count")
-print(f"\nlean gateway path vs direct batch 32, median of {rounds} rounds: "
-      f"REST {statistics.median(ratios['rest']):.2f}x, gRPC {statistics.median(ratios['grpc']):.2f}x "
-      f"(each run against the mean of the direct runs before and after it)")
 print(f"mean gateway batch: {rows / max(batches, 1):.1f} rows over {int(batches)} batches; "
-      f"* direct rows: mean ms per batch; k6 and the first direct rows compare with the mean "
+      f"* direct rows: mean ms per batch; the first direct rows compare with the mean "
       f"of the {rounds + 1} direct batch-32 runs ({reference:.1f} rows/s)")
 PY
