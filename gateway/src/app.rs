@@ -34,10 +34,12 @@ pub enum AppError {
     Rest(std::io::Error),
 }
 
-/// The two sockets the gateway serves on, bound before anything else starts.
+/// The sockets the gateway serves on, bound before anything else starts.
 pub struct Listeners {
     pub http: TcpListener,
     pub grpc: TcpListener,
+    /// `--admin-listen`'s, when set.
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -50,6 +52,10 @@ impl Listeners {
         Ok(Self {
             http: bind(cfg.http_listen).await?,
             grpc: bind(cfg.grpc_listen).await?,
+            admin: match cfg.admin_listen {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
         })
     }
 }
@@ -184,12 +190,36 @@ pub async fn run(
         body_timeout: cfg.body_timeout,
     };
     let rest = http_listener.serve_http(
-        router::router(state.clone(), limits, metrics.clone(), api_keys.clone()),
+        router::router(
+            state.clone(),
+            limits,
+            metrics.clone(),
+            api_keys.clone(),
+            listeners.admin.is_none(),
+        ),
         async move {
             let _ = stop_rest.wait_for(|s| *s).await;
         },
     );
     let rest = tokio::spawn(rest);
+    // The operator's listener: plain HTTP, whatever --tls-cert says (its address keeps
+    // clients out, as the metrics ports of the ranks do).
+    let (admin_addr, admin) = match listeners.admin {
+        Some(tcp) => {
+            let listener = Listener::new(tcp, "admin", &cfg.connections, metrics.connections());
+            let addr = listener.local_addr().map_err(|source| AppError::Bind {
+                addr: cfg.admin_listen.unwrap_or(cfg.http_listen),
+                source,
+            })?;
+            let mut stop_admin = stop_rx.clone();
+            let serve =
+                listener.serve_http(router::admin_router(state.clone(), metrics.clone()), async move {
+                    let _ = stop_admin.wait_for(|s| *s).await;
+                });
+            (addr.to_string(), Some(tokio::spawn(serve)))
+        }
+        None => ("-".to_owned(), None),
+    };
 
     let mut stop_grpc = stop_rx.clone();
     let grpc_server = cfg
@@ -207,7 +237,7 @@ pub async fn run(
         });
     let grpc_server = tokio::spawn(async move { grpc_server.await.map_err(AppError::Grpc) });
     let tls_on = cfg.tls.tls_cert.is_some();
-    tracing::info!(%http_addr, %grpc_addr, tls = tls_on, groups = cfg.groups.len(), "gateway listening");
+    tracing::info!(%http_addr, %grpc_addr, %admin_addr, tls = tls_on, groups = cfg.groups.len(), "gateway listening");
 
     shutdown.await;
     state.start_draining();
@@ -215,6 +245,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(cfg.drain_timeout, async {
         let (r, g) = tokio::join!(rest, grpc_server);
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
         (r, g)
     })
     .await;

@@ -2,7 +2,8 @@
 //! the file's keys as a bearer token (`Authorization: Bearer KEY` on REST, the
 //! `authorization` metadata on gRPC), except the probes a kubelet or a load balancer
 //! sends without credentials: `/v2/health/*`, gRPC `ServerLive`, `ServerReady` and
-//! `grpc.health.v1.Health`. `/metrics` and `/admin/*` need a key like everything else.
+//! `grpc.health.v1.Health`. `/metrics` and `/admin/*` need a key like everything else,
+//! unless `--admin-listen` moves them to a listener of their own, which takes no keys.
 //!
 //! The file is a key file (`rankway_runtime::keys`: one key per line), checked for
 //! changes every `--api-key-reload-interval`.

@@ -12,12 +12,19 @@ use crate::batcher::BatchConfig;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "rankway-gateway", version, about)]
 pub struct Config {
-    /// Address of the REST server (OIP v2, /v1/embeddings, /metrics).
+    /// Address of the REST server (OIP v2, OpenAI, and /metrics and /admin/* unless
+    /// --admin-listen is set).
     #[arg(long, env = "RANKWAY_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
     pub http_listen: SocketAddr,
     /// Address of the gRPC server (inference.GRPCInferenceService, grpc.health.v1).
     #[arg(long, env = "RANKWAY_GRPC_LISTEN", default_value = "0.0.0.0:8001")]
     pub grpc_listen: SocketAddr,
+    /// Address of a separate operator listener (plain HTTP): `/metrics` and `/admin/*`
+    /// move there from the REST server and need no API key, so bind it where only
+    /// operators and Prometheus reach it (loopback, or a pod IP behind a NetworkPolicy).
+    /// Unset: they stay on the REST server, behind --api-key-file when that is set.
+    #[arg(long, env = "RANKWAY_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// A worker group as NAME=HOST:PORT of its rank 0; repeat for more groups
     /// (comma-separated in the environment variable).
     #[arg(long = "group", env = "RANKWAY_GROUPS", value_delimiter = ',', value_parser = parse_group,
@@ -201,6 +208,7 @@ mod tests {
         assert_eq!(c.groups[1].address, "worker-b-0.workers:9000");
         assert_eq!(c.http_listen.port(), 8000);
         assert_eq!(c.grpc_listen.port(), 8001);
+        assert_eq!(c.admin_listen, None);
         assert_eq!(c.max_batch_size, 32);
         assert_eq!(c.batch().max_queue_delay, Duration::ZERO);
     }

@@ -13,7 +13,7 @@ use rankway_proto::worker::{DataType, InferRequest, Tensor};
 use serde_json::{Value, json};
 use tonic::Code;
 
-use crate::common::{Gateway, Worker, fake_worker, get_json, get_text, grpc_text};
+use crate::common::{Gateway, Worker, admin_groups, fake_worker, free_port, get_json, get_text, grpc_text};
 
 /// Every made-up name carries this, so /metrics and the log can be searched for it.
 const MARK: &str = "madeup";
@@ -472,6 +472,49 @@ async fn with_api_keys_only_probes_pass_without_one_and_keys_reload() {
     assert_eq!(get("/metrics", Some("key-one")).await.unwrap().status(), 401);
     live = tonic::Request::new(rankway_proto::inference::ServerLiveRequest {});
     assert!(grpc.server_live(live).await.is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--admin-listen`: `/metrics` and `/admin/*` move to the operator's listener and need
+/// no key there; the REST server no longer has them, and its API keys still hold.
+#[tokio::test]
+async fn an_admin_listener_takes_the_operator_routes_off_the_rest_server() {
+    let (dir, file) = key_file("admin-listen", "key-one\n");
+    let worker = Worker::start(&["--model=mlp", "--mlp-hidden=16", "--mlp-layers=1"]);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let gateway = Gateway::start(
+        &[&worker],
+        &[
+            &format!("--api-key-file={}", file.display()),
+            &format!("--admin-listen={admin}"),
+        ],
+    );
+    gateway.wait_ready().await;
+    let http = reqwest::Client::new();
+    let status = |url: String, key: Option<&'static str>| {
+        let mut r = http.get(url);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        async move { r.send().await.unwrap().status() }
+    };
+
+    // The operator's routes, without a key, on the admin listener.
+    let metrics = get_text(format!("http://{admin}/metrics")).await;
+    assert!(metrics.contains(r#"listener="admin""#), "{metrics}");
+    let groups = admin_groups(&http, &format!("http://{admin}")).await;
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0]["name"], "g0", "{groups:?}");
+    // Only them: the API is not served there.
+    assert_eq!(status(format!("http://{admin}/v2"), None).await, 404);
+    assert_eq!(status(format!("http://{admin}/v1/models"), None).await, 404);
+
+    // On the REST server they are gone, even with a key; the API still wants one.
+    for path in ["/metrics", "/admin/groups"] {
+        assert_eq!(status(gateway.url(path), Some("key-one")).await, 404, "{path}");
+    }
+    assert_eq!(status(gateway.url("/v2"), None).await, 401);
+    assert_eq!(status(gateway.url("/v2"), Some("key-one")).await, 200);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
