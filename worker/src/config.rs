@@ -47,6 +47,24 @@ pub enum ModelKind {
     Smollm2,
 }
 
+/// How the KV cache holds keys and values (`--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvCacheDtype {
+    /// The step's values exactly.
+    Float32,
+    /// Half the bytes per cached token; read back as float32 for attention.
+    Bfloat16,
+}
+
+impl KvCacheDtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            KvCacheDtype::Float32 => tch::Kind::Float,
+            KvCacheDtype::Bfloat16 => tch::Kind::BFloat16,
+        }
+    }
+}
+
 /// How a generative model's matrices are held and multiplied (`--dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {
@@ -153,9 +171,16 @@ pub struct GenerationArgs {
     pub max_waiting_sequences: usize,
     /// KV cache size in tokens, shared by all sequences (each reserves its prompt plus
     /// max_tokens). SmolLM2 costs 30 layers x 2 x (3 / world) KV heads x 64 x 4 bytes =
-    /// 46 KiB per token on one rank, 15 KiB per rank in a group of 3.
+    /// 46 KiB per token on one rank, 15 KiB per rank in a group of 3 (half of each with
+    /// --kv-cache-dtype bfloat16).
     #[arg(long, env = "RANKWAY_KV_CACHE_TOKENS", default_value_t = 16384)]
     pub kv_cache_tokens: usize,
+    /// How the KV cache stores keys and values: float32, or bfloat16 for half the memory
+    /// per token (twice the tokens in the same RAM) at the cost of rounding each cached
+    /// key and value to 8 bits of mantissa; attention still computes in float32. Every
+    /// rank of a group should use the same.
+    #[arg(long, env = "RANKWAY_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::Float32)]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Tokens per cache block.
     #[arg(long, env = "RANKWAY_KV_BLOCK_TOKENS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub kv_block_tokens: u16,
@@ -335,6 +360,13 @@ mod tests {
         assert_eq!(args.model.served_name(), "minilm");
         assert!(Cli::try_parse_from(["rankway-worker", "serve", "--model", "gpt"]).is_err());
         assert_eq!(args.model.device, tch::Device::Cpu);
+        assert_eq!(args.model.generation.kv_cache_dtype.kind(), tch::Kind::Float);
+        let cli = Cli::try_parse_from(["rankway-worker", "serve", "--kv-cache-dtype", "bfloat16"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.model.generation.kv_cache_dtype.kind(), tch::Kind::BFloat16);
+        assert!(Cli::try_parse_from(["rankway-worker", "serve", "--kv-cache-dtype", "fp8"]).is_err());
     }
 
     #[test]

@@ -129,7 +129,7 @@ fn lead(model: &Llama, comm: &dyn Collective, args: &BenchArgs) -> Result<Vec<Ge
     let mut b = Bench {
         model,
         comm,
-        cache: model.new_cache(blocks, BLOCK),
+        cache: model.new_cache(blocks, BLOCK, args.model.generation.kv_cache_dtype.kind()),
         blocks,
         step_id: 0,
     };
@@ -167,6 +167,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<GenBenchRow>, ModelError> {
         .map_err(|e| ModelError::Load(format!("no free port for the bench group: {e}")))?
         .port();
     let blocks = cache_blocks(args);
+    let kv_kind = args.model.generation.kv_cache_dtype.kind();
     let join = move |rank: usize| -> Result<(Llama, ProcessGroup), ModelError> {
         tch::set_num_threads(threads as i32);
         let shard = Shard { rank, world };
@@ -190,7 +191,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<GenBenchRow>, ModelError> {
             std::thread::spawn(move || -> Result<(), ModelError> {
                 let _guard = tch::no_grad_guard();
                 let (model, pg) = join(rank)?;
-                let mut cache = model.new_cache(blocks, BLOCK);
+                let mut cache = model.new_cache(blocks, BLOCK, kv_kind);
                 follow_steps(&model, &pg, &mut cache, |_| {})
             })
         })

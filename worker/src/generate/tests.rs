@@ -118,8 +118,13 @@ struct Run {
 
 /// Rank 0: runs every job to its end, then shuts the group down.
 fn run(model: &Llama, comm: &dyn Collective, jobs: &[Job]) -> Run {
+    run_with_cache(model, comm, jobs, tch::Kind::Float)
+}
+
+/// [`run`] with a KV cache of `kv_kind`.
+fn run_with_cache(model: &Llama, comm: &dyn Collective, jobs: &[Job], kv_kind: tch::Kind) -> Run {
     let mut sched = scheduler(model, 256);
-    let mut cache = model.new_cache(256, 16);
+    let mut cache = model.new_cache(256, 16, kv_kind);
     let mut tokens = vec![Vec::new(); jobs.len()];
     let (mut first, mut widest, mut step_id) = (None, 0, 0);
     loop {
@@ -278,6 +283,25 @@ fn bfloat16_matrices_stay_near_the_reference() {
     check_against_reference(&r.tokens, &r.first, BF16_LOGIT_TOLERANCE, 1);
 }
 
+/// A bfloat16 KV cache (`--kv-cache-dtype bfloat16`) holds half the bytes and keeps the
+/// logits within the bfloat16 tolerance, and the greedy tokens where they are decisive.
+#[test]
+fn a_bfloat16_kv_cache_stays_near_the_reference() {
+    let model = Llama::load(&gguf_path(), Shard::SINGLE, Device::Cpu, Weights::Float32).unwrap();
+    let (f32, bf16) = (
+        model.new_cache(4, 16, tch::Kind::Float),
+        model.new_cache(4, 16, tch::Kind::BFloat16),
+    );
+    assert_eq!(f32.bytes(), 2 * bf16.bytes());
+    let r = run_with_cache(
+        &model,
+        &SingleRank(Device::Cpu),
+        &reference_jobs(),
+        tch::Kind::BFloat16,
+    );
+    check_against_reference(&r.tokens, &r.first, BF16_LOGIT_TOLERANCE, 1);
+}
+
 #[test]
 fn three_ranks_over_c10d_generate_the_reference_tokens() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -295,7 +319,7 @@ fn three_ranks_over_c10d_generate_the_reference_tokens() {
                     let r = run(&model, &pg, &reference_jobs());
                     Some((r.tokens, r.first))
                 } else {
-                    let mut cache = model.new_cache(256, 16);
+                    let mut cache = model.new_cache(256, 16, tch::Kind::Float);
                     follow_steps(&model, &pg, &mut cache, |_| {}).unwrap();
                     None
                 }

@@ -25,10 +25,10 @@ impl KvCache {
         block_size: usize,
         kv_heads: i64,
         head_dim: i64,
-        device: Device,
+        (kind, device): (Kind, Device),
     ) -> Self {
         let rows = (blocks * block_size + 1) as i64;
-        let make = || Tensor::zeros([rows, kv_heads, head_dim], (Kind::Float, device));
+        let make = || Tensor::zeros([rows, kv_heads, head_dim], (kind, device));
         Self {
             keys: (0..layers).map(|_| make()).collect(),
             values: (0..layers).map(|_| make()).collect(),
@@ -42,19 +42,28 @@ impl KvCache {
         (self.blocks * self.block_size) as i64
     }
 
-    /// Stores the keys and values (`[tokens, kv heads, d]`) of a step's tokens at `rows`.
+    /// Stores the keys and values (`[tokens, kv heads, d]`) of a step's tokens at `rows`,
+    /// in the cache's kind.
     pub fn write(&mut self, layer: usize, rows: &Tensor, keys: &Tensor, values: &Tensor) {
-        let _ = self.keys[layer].index_copy_(0, rows, keys);
-        let _ = self.values[layer].index_copy_(0, rows, values);
+        for (cache, new) in [(&mut self.keys[layer], keys), (&mut self.values[layer], values)] {
+            let _ = cache.index_copy_(0, rows, &new.to_kind(cache.kind()));
+        }
     }
 
-    /// Keys and values at `rows` (any shape), as `[rows.numel(), kv heads, d]`.
+    /// Keys and values at `rows` (any shape), as float32 `[rows.numel(), kv heads, d]`.
     pub fn gather(&self, layer: usize, rows: &Tensor) -> (Tensor, Tensor) {
         let flat = rows.reshape([-1]);
-        (
-            self.keys[layer].index_select(0, &flat),
-            self.values[layer].index_select(0, &flat),
-        )
+        let read = |cache: &Tensor| cache.index_select(0, &flat).to_kind(Kind::Float);
+        (read(&self.keys[layer]), read(&self.values[layer]))
+    }
+
+    /// Bytes the cache holds on this rank.
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
     }
 }
 

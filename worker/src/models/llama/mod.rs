@@ -133,8 +133,8 @@ struct Layer {
 }
 
 /// How a rank holds the decoder's matrices. The GGUF's values are dequantized to
-/// float32 either way; norms, RoPE, attention, the KV cache and the all-reduced sums stay
-/// float32.
+/// float32 either way; norms, RoPE, attention and the all-reduced sums stay float32 (the
+/// KV cache too, unless `--kv-cache-dtype bfloat16`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Weights {
     /// Exactly the file's values (the reference's numerics).
@@ -304,15 +304,16 @@ impl Llama {
         self.weights
     }
 
-    /// An empty cache for this rank's KV heads: `blocks` blocks of `block_size` tokens.
-    pub fn new_cache(&self, blocks: usize, block_size: usize) -> KvCache {
+    /// An empty cache for this rank's KV heads: `blocks` blocks of `block_size` tokens,
+    /// held as `kind` (float32 or bfloat16).
+    pub fn new_cache(&self, blocks: usize, block_size: usize, kind: Kind) -> KvCache {
         KvCache::new(
             self.cfg.layers,
             blocks,
             block_size,
             self.kv_heads,
             self.cfg.head_dim,
-            self.device,
+            (kind, self.device),
         )
     }
 
