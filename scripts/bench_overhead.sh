@@ -18,7 +18,8 @@
 # code; the median of adjacent pairs is what compares. Each run's steal (CPU time the
 # hypervisor gave to others, from /proc/stat) is printed: one connection suffers it more
 # than eight, so a pair where either run lost more than STEAL_LIMIT (5%) reads a ratio
-# too high and is left out of the median.
+# too high and is left out of the median. The median p50 and p99 of those pair runs give
+# the latency targets at 1 and 8 connections measured the same way.
 # Everything binds to loopback; every run is bounded by its duration (+1 s warm-up).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -145,4 +146,11 @@ for key, proto in (("rest", "REST"), ("grpc", "gRPC")):
               f"{ratios[-1]:.1f}x); pairs {shown}")
     else:
         print(f"8 vs 1 connection, {proto}: no pair of {rounds} had at most {limit:g}% steal; pairs {shown}")
+    # The latency targets from the same runs: one run of the table can fall on a slow
+    # spell of the host, the median of the alternating runs much less so.
+    for c in (1, 8):
+        runs = [json.load(open(f"{out}/pair-{key}-{c}-{i}.json")) for i in range(1, rounds + 1)]
+        p50, p99 = (statistics.median(r[q] for r in runs) for q in ("p50_ms", "p99_ms"))
+        print(f"  {proto} at {c} connection{'s' if c > 1 else ''}, median of the {rounds} pair runs: "
+              f"p50 {p50:.3f} ms, p99 {p99:.3f} ms")
 PY
