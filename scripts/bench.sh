@@ -52,7 +52,7 @@ for round in $(seq "$ROUNDS"); do
   echo "bench: round $round of $ROUNDS: direct batch 32; k6 at $VUS VUs, $ITERATIONS requests per protocol; the lean load generator at $VUS connections" >&2
   direct32 "$round"
   cpu_mark "k6-rest-$round" before
-  (cd loadtest && BASE_URL="http://$HTTP" ../$K6 run --no-usage-report -q --summary-export "$OUT/k6-rest-$round.json" rest_embeddings.js >/dev/null)
+  k6_embeddings "$HTTP" "k6-rest-$round"
   cpu_mark "k6-rest-$round" after
   cpu_mark "k6-grpc-$round" before
   (cd loadtest && GRPC_ADDR="$GRPC" ../$K6 run --no-usage-report -q --summary-export "$OUT/k6-grpc-$round.json" grpc_infer.js >/dev/null)

@@ -176,14 +176,14 @@ pub async fn run(
         }
     });
 
-    let http_addr = http_listener.local_addr().map_err(|source| AppError::Bind {
-        addr: cfg.http_listen,
-        source,
-    })?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| AppError::Bind {
-        addr: cfg.grpc_listen,
-        source,
-    })?;
+    // The address a listener got (the configured one, its port chosen when that was 0).
+    let bound = |listener: &Listener, addr| {
+        listener
+            .local_addr()
+            .map_err(|source| AppError::Bind { addr, source })
+    };
+    let http_addr = bound(&http_listener, cfg.http_listen)?;
+    let grpc_addr = bound(&grpc_listener, cfg.grpc_listen)?;
     let mut stop_rest = stop_rx.clone();
     let limits = RestLimits {
         max_request_bytes: cfg.max_request_bytes,
@@ -204,13 +204,10 @@ pub async fn run(
     let rest = tokio::spawn(rest);
     // The operator's listener: plain HTTP, whatever --tls-cert says (its address keeps
     // clients out, as the metrics ports of the ranks do).
-    let (admin_addr, admin) = match listeners.admin {
-        Some(tcp) => {
+    let (admin_addr, admin) = match listeners.admin.zip(cfg.admin_listen) {
+        Some((tcp, configured)) => {
             let listener = Listener::new(tcp, "admin", &cfg.connections, metrics.connections());
-            let addr = listener.local_addr().map_err(|source| AppError::Bind {
-                addr: cfg.admin_listen.unwrap_or(cfg.http_listen),
-                source,
-            })?;
+            let addr = bound(&listener, configured)?;
             let mut stop_admin = stop_rx.clone();
             let serve =
                 listener.serve_http(router::admin_router(state.clone(), metrics.clone()), async move {
