@@ -37,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::model::{ValidRequest, check_reply};
 use crate::pool::{Group, Lease, Pool};
 use crate::request_id::RequestId;
+use crate::timer::PreciseTimer;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
@@ -133,12 +134,22 @@ static BATCH_IDS: AtomicU64 = AtomicU64::new(1);
 impl Batcher {
     pub fn spawn(model: String, cfg: BatchConfig, pool: Pool, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        let delay_timer = (!cfg.max_queue_delay.is_zero())
+            .then(|| match PreciseTimer::new() {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    tracing::warn!(%model, error = %e, "no timerfd: the queue delay rounds up to whole milliseconds");
+                    None
+                }
+            })
+            .flatten();
         let task = BatchLoop {
             model: model.clone(),
             cfg,
             pool,
             metrics: metrics.clone(),
             rx,
+            delay_timer,
         };
         tokio::spawn(task.run());
         Self {
@@ -190,6 +201,9 @@ struct BatchLoop {
     pool: Pool,
     metrics: Arc<Metrics>,
     rx: mpsc::Receiver<Entry>,
+    /// Ends queue-delay windows on time (Tokio's timer would round them up to the next
+    /// millisecond). None with no queue delay, or on Tokio's timer in paused-time tests.
+    delay_timer: Option<Arc<PreciseTimer>>,
 }
 
 impl BatchLoop {
@@ -227,9 +241,13 @@ impl BatchLoop {
             if Instant::now() >= close_at {
                 return None;
             }
+            // The queue delay is the user's bound, to the microsecond; a staging window
+            // is an estimate that the group freeing cuts short, on Tokio's timer.
+            let by_delay = staging.is_none_or(|(until, _)| until <= delay_until);
+            let timer = self.delay_timer.clone().filter(|_| by_delay);
             tokio::select! {
                 e = self.recv() => return e,
-                _ = tokio::time::sleep_until(close_at) => return None,
+                _ = close_at_time(timer, close_at) => return None,
                 _ = changed, if staging.is_some() => {} // a slot freed: is the group idle now?
             }
         }
@@ -310,6 +328,16 @@ impl BatchLoop {
             tokio::spawn(dispatch.run(lease));
         }
     }
+}
+
+/// Waits until `at`, on the precise timer when there is one (Tokio's if it fails).
+async fn close_at_time(timer: Option<Arc<PreciseTimer>>, at: Instant) {
+    if let Some(timer) = timer
+        && timer.sleep_until(at).await.is_ok()
+    {
+        return;
+    }
+    tokio::time::sleep_until(at).await
 }
 
 struct Dispatch {
@@ -624,7 +652,8 @@ mod queue_tests {
         assert_eq!(pool.groups()[0].batches_sent(), sent_before);
     }
 
-    /// A batch loop fed by the returned sender, for driving `next_for_batch` directly.
+    /// A batch loop fed by the returned sender, for driving `next_for_batch` directly;
+    /// its queue delay runs on Tokio's timer, which paused time drives.
     fn batch_loop() -> (mpsc::Sender<Entry>, BatchLoop) {
         let (tx, rx) = mpsc::channel(8);
         let lp = BatchLoop {
@@ -633,8 +662,37 @@ mod queue_tests {
             pool: ready_pool(&["a"], "m"),
             metrics: Arc::new(Metrics::new()),
             rx,
+            delay_timer: None,
         };
         (tx, lp)
+    }
+
+    #[tokio::test]
+    async fn a_sub_millisecond_queue_delay_closes_on_the_precise_timer() {
+        let (_tx, mut coarse) = batch_loop();
+        let (_tx2, mut precise) = batch_loop();
+        precise.delay_timer = Some(Arc::new(PreciseTimer::new().unwrap()));
+        let delay = Duration::from_micros(200);
+        // Median time for an empty queue to close a 200 µs window, on each timer.
+        async fn median(lp: &mut BatchLoop, delay: Duration) -> Duration {
+            let mut took = Vec::new();
+            for _ in 0..11 {
+                let start = Instant::now();
+                assert!(lp.next_for_batch(start + delay, None).await.is_none());
+                took.push(start.elapsed());
+            }
+            took.sort();
+            took[5]
+        }
+        let (precise, coarse) = (
+            median(&mut precise, delay).await,
+            median(&mut coarse, delay).await,
+        );
+        assert!(precise >= delay, "never before the bound: {precise:?}");
+        assert!(
+            precise * 2 < coarse,
+            "precise {precise:?}, Tokio's timer {coarse:?}"
+        );
     }
 
     fn entry() -> Entry {

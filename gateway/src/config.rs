@@ -44,7 +44,8 @@ pub struct Config {
     #[arg(long, env = "RANKWAY_MAX_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_batch_size: u32,
     /// Upper bound on how long the first request of a batch waits for more once a group
-    /// can take it, in microseconds. 0: a batch takes what is queued and goes at once
+    /// can take it, in microseconds, kept to the microsecond (a timerfd: Tokio's timer
+    /// rounds up to whole milliseconds). 0: a batch takes what is queued and goes at once
     /// (requests still accumulate while every group is busy).
     #[arg(long, env = "RANKWAY_MAX_QUEUE_DELAY_US", default_value_t = 0)]
     pub max_queue_delay_us: u64,

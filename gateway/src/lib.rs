@@ -4,7 +4,8 @@
 //! Layout: [`config`] (flags), [`frontend`] (REST, gRPC, OpenAI), [`state`] (the core
 //! every front end calls), [`model`] (request validation), [`batcher`] (per-model
 //! dynamic batching), [`pool`] (groups, health, capacity), [`metrics`], [`error`],
-//! [`app`] (assembly and shutdown), [`auth`] (API keys).
+//! [`app`] (assembly and shutdown), [`auth`] (API keys), [`timer`] (a timer finer
+//! than Tokio's millisecond, for the queue delay).
 
 #![forbid(unsafe_code)]
 
@@ -20,3 +21,4 @@ pub mod model;
 pub mod pool;
 pub mod request_id;
 pub mod state;
+pub mod timer;
