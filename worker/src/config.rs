@@ -56,6 +56,16 @@ pub enum KvCacheDtype {
     Bfloat16,
 }
 
+/// The flag's spelling (`float32`, `bfloat16`), for logs.
+impl std::fmt::Display for KvCacheDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => Ok(()),
+        }
+    }
+}
+
 impl KvCacheDtype {
     pub fn kind(self) -> tch::Kind {
         match self {
@@ -366,6 +376,11 @@ mod tests {
             panic!("not serve")
         };
         assert_eq!(args.model.generation.kv_cache_dtype.kind(), tch::Kind::BFloat16);
+        assert_eq!(
+            args.model.generation.kv_cache_dtype.to_string(),
+            "bfloat16",
+            "logged as spelled"
+        );
         assert!(Cli::try_parse_from(["rankway-worker", "serve", "--kv-cache-dtype", "fp8"]).is_err());
     }
 

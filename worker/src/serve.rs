@@ -126,7 +126,7 @@ fn start_generative(
         },
         kv_tokens: g.kv_cache_tokens,
         block_size: g.kv_block_tokens as usize,
-        kv_kind: g.kv_cache_dtype.kind(),
+        kv_cache_dtype: g.kv_cache_dtype,
     };
     if opts.kv_tokens < opts.block_size {
         return Err(ServeError::Config(format!(

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::{follow_steps, lead_step};
 use crate::collective::Collective;
+use crate::config::KvCacheDtype;
 use crate::engine::{EngineError, ModelThread, next_work, start_thread, track_follower};
 use crate::group::Op;
 use crate::models::ModelError;
@@ -38,8 +39,8 @@ pub struct GenOptions {
     /// KV cache size in tokens (rounded down to whole blocks).
     pub kv_tokens: usize,
     pub block_size: usize,
-    /// How the cache holds keys and values (float32 or bfloat16).
-    pub kv_kind: tch::Kind,
+    /// How the cache holds keys and values (`--kv-cache-dtype`).
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 impl GenOptions {
@@ -162,7 +163,7 @@ pub fn spawn_leader(
         let started = Instant::now();
         let (model, comm) = load()?;
         stats.set_phase(Phase::Warming);
-        let mut cache = model.new_cache(opts.blocks(), opts.block_size, opts.kv_kind);
+        let mut cache = model.new_cache(opts.blocks(), opts.block_size, opts.kv_cache_dtype.kind());
         let limits = Limits {
             context: opts.limits.context.min(model.cfg.context),
             ..opts.limits
@@ -192,7 +193,7 @@ pub fn spawn_leader(
             world_size = comm.shard().world,
             kv_cache_tokens = sched.free_tokens(),
             kv_cache_mib = cache.bytes() >> 20,
-            kv_cache_dtype = ?opts.kv_kind,
+            kv_cache_dtype = %opts.kv_cache_dtype,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "generative group ready: every rank joined, loaded its shard and ran the warm-up step"
         );
@@ -217,7 +218,7 @@ pub fn spawn_follower(load: GenLoader, opts: GenOptions) -> std::io::Result<(Arc
     let thread = start_thread("rankway-model", stats.clone(), opts.torch_threads, move |stats| {
         let (model, comm) = load()?;
         stats.set_phase(Phase::Warming);
-        let mut cache = model.new_cache(opts.blocks(), opts.block_size, opts.kv_kind);
+        let mut cache = model.new_cache(opts.blocks(), opts.block_size, opts.kv_cache_dtype.kind());
         let rank = comm.shard().rank;
         follow_steps(
             &model,
