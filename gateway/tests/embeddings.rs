@@ -1,7 +1,9 @@
 //! Real worker + real gateway on loopback: MiniLM embeddings over OIP REST, OpenAI REST
 //! and OIP gRPC match the sentence-transformers reference (cosine >= 0.9999).
 
-use crate::common::{Gateway, Worker, assert_matches_reference, f32s, json_f32s, reference};
+use crate::common::{
+    Gateway, Reference, Worker, assert_matches_reference, f32s, get_text, json_f32s, reference, sample_sum,
+};
 use base64::Engine;
 use rankway_proto::codec::encode_bytes_elements;
 use rankway_proto::inference::model_infer_request::InferInputTensor;
@@ -14,6 +16,33 @@ fn rows(data: &Value, dim: usize) -> Vec<Vec<f32>> {
     json_f32s(data).chunks(dim).map(<[f32]>::to_vec).collect()
 }
 
+/// The reference sentences as one OIP v2 REST request (id `req-1`); its JSON answer.
+async fn infer_reference(gw: &Gateway, r: &Reference) -> Value {
+    let body = json!({
+        "id": "req-1",
+        "inputs": [{"name": "text", "shape": [r.sentences.len()], "datatype": "BYTES", "data": r.sentences}],
+    });
+    let resp = reqwest::Client::new()
+        .post(gw.url("/v2/models/minilm/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+/// The output tensor `name` of an OIP v2 JSON answer.
+fn output<'a>(v: &'a Value, name: &str) -> &'a Value {
+    let outputs = v["outputs"].as_array().unwrap();
+    outputs.iter().find(|o| o["name"] == name).unwrap()
+}
+
+fn token_counts(v: &Value) -> Vec<i64> {
+    let data = output(v, "token_count")["data"].as_array().unwrap();
+    data.iter().map(|x| x.as_i64().unwrap()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_match_sentence_transformers_over_every_protocol() {
     let r = reference();
@@ -23,32 +52,13 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
     let http = reqwest::Client::new();
 
     // OIP v2 REST
-    let body = json!({
-        "id": "req-1",
-        "inputs": [{"name": "text", "shape": [r.sentences.len()], "datatype": "BYTES", "data": r.sentences}],
-    });
-    let resp = http
-        .post(gw.url("/v2/models/minilm/infer"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let v: Value = resp.json().await.unwrap();
+    let v = infer_reference(&gw, &r).await;
     assert_eq!(v["id"], "req-1");
     assert_eq!(v["model_name"], "minilm");
-    let outputs = v["outputs"].as_array().unwrap();
-    let emb = outputs.iter().find(|o| o["name"] == "embedding").unwrap();
+    let (emb, counts) = (output(&v, "embedding"), token_counts(&v));
     assert_eq!(emb["datatype"], "FP32");
     assert_eq!(emb["shape"], json!([r.sentences.len(), 384]));
     assert_matches_reference("OIP REST", &rows(&emb["data"], 384), &r.embeddings, &r.sentences);
-    let tokens = outputs.iter().find(|o| o["name"] == "token_count").unwrap();
-    let counts: Vec<i64> = tokens["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect();
     assert_eq!(
         counts, r.token_counts,
         "token counts (the long text is truncated at 256)"
@@ -204,4 +214,35 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+}
+
+/// A batch over `--sub-batch-tokens` runs as passes of similar lengths, longest first (a
+/// text over the limit alone), and its rows still come back in their order, matching
+/// the reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_the_token_limit_runs_as_passes_and_keeps_its_order() {
+    let r = reference();
+    // Token counts 12, 15, 14, 16, 15, 12, 2, 3, 256: with 64 tokens a pass, the
+    // 256-token text goes alone, then four rows of at most 16, then four of at most 12.
+    let worker = Worker::start(&["--sub-batch-tokens=64"]);
+    let gw = Gateway::start(&[&worker], &[]);
+    gw.wait_ready().await;
+    let passes = || async {
+        sample_sum(
+            &get_text(format!("http://{}/metrics", worker.metrics)).await,
+            "rankway_worker_batches_total",
+            "",
+        )
+    };
+    let before = passes().await;
+    let v = infer_reference(&gw, &r).await;
+    let emb = output(&v, "embedding");
+    assert_matches_reference(
+        "three passes",
+        &rows(&emb["data"], 384),
+        &r.embeddings,
+        &r.sentences,
+    );
+    assert_eq!(token_counts(&v), r.token_counts);
+    assert_eq!(passes().await - before, 3.0, "forward passes of the batch");
 }

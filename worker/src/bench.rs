@@ -10,7 +10,7 @@ use crate::collective::{Collective, Shard, SingleRank};
 use crate::config::{BenchArgs, ModelKind};
 use crate::engine::{self, EngineError, EngineOptions};
 use crate::metrics::WorkerMetrics;
-use crate::models::{self, HostTensor};
+use crate::models::{self, HostTensor, PassLimits};
 
 /// Sentences of mixed length, cycled to fill a batch.
 const SENTENCES: [&str; 4] = [
@@ -54,7 +54,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchRow>, EngineError> {
         capacity: 1,
         heartbeat: Duration::MAX,
         // Each batch size as one forward pass.
-        sub_batch_rows: usize::MAX,
+        pass_limits: PassLimits::NONE,
     };
     let (engine, _thread) = engine::spawn_leader(
         Box::new(move || {

@@ -280,6 +280,12 @@ pub struct ServeArgs {
     /// cancelled), counted in rankway_worker_abandoned_batches_total.
     #[arg(long, env = "RANKWAY_SUB_BATCH_ROWS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub sub_batch_rows: u32,
+    /// Tokens per forward pass of a text model on rank 0, padding included (rows × the
+    /// pass's longest text). A batch over this or --sub-batch-rows runs as several passes,
+    /// longest texts first, so each pads to its own rows' length; a text longer than this
+    /// goes alone. The default is 32 of MiniLM's longest texts (256 tokens).
+    #[arg(long, env = "RANKWAY_SUB_BATCH_TOKENS", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sub_batch_tokens: u32,
     /// Threads of the async runtime serving gRPC and metrics. Rank 0 makes one call per
     /// batch, and the cores belong to libtorch: one thread keeps the servers off them and
     /// saves the cross-thread wake-ups a second thread costs every request (one thread

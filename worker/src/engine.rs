@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use crate::collective::Collective;
 use crate::group::{self, Header, Op};
 use crate::metrics::WorkerMetrics;
-use crate::models::{HostTensor, Model, ModelError};
+use crate::models::{HostTensor, Model, ModelError, PassLimits, in_batch_order};
 use crate::stats::{EngineStats, Phase};
 
 #[derive(Debug, thiserror::Error)]
@@ -67,9 +67,9 @@ pub struct EngineOptions {
     pub capacity: usize,
     /// Idle time after which rank 0 sends a heartbeat step.
     pub heartbeat: Duration,
-    /// Rows per forward pass: a larger batch runs as several, and what is left of it is
-    /// abandoned once its caller has gone.
-    pub sub_batch_rows: usize,
+    /// Rows and tokens per forward pass: a larger batch runs as several, and what is
+    /// left of it is abandoned once its caller has gone.
+    pub pass_limits: PassLimits,
 }
 
 /// Sends batches to rank 0's model thread. Cheap to clone.
@@ -130,7 +130,7 @@ pub fn spawn_leader(
             stats,
             &metrics,
             &rx,
-            (opts.heartbeat, opts.sub_batch_rows),
+            (opts.heartbeat, opts.pass_limits),
         )
     })?;
     Ok((
@@ -207,7 +207,7 @@ fn lead(
     stats: &EngineStats,
     metrics: &WorkerMetrics,
     rx: &mpsc::Receiver<Job>,
-    (heartbeat, sub_batch_rows): (Duration, usize),
+    (heartbeat, pass_limits): (Duration, PassLimits),
 ) -> Result<(), ModelError> {
     loop {
         let Some(job) = next_work(rx, comm, heartbeat)? else {
@@ -225,7 +225,7 @@ fn lead(
             model,
             comm,
             metrics,
-            (job.batch_id, sub_batch_rows),
+            (job.batch_id, pass_limits),
             &job.inputs,
             gone,
         );
@@ -265,31 +265,33 @@ fn lead(
     }
 }
 
-/// Runs one batch as forward passes of at most `sub_batch_rows` rows each (every one a
-/// step of its own on every rank, so stopping between them leaves the group in step).
-/// Before each pass after the first, `gone` says whether the caller has left; then the
-/// rest is abandoned and the answer is `None`.
+/// Runs one batch as forward passes within `pass_limits` (see [`Prepared::passes`]; every
+/// one a step of its own on every rank, so stopping between them leaves the group in
+/// step). Before each pass after the first, `gone` says whether the caller has left;
+/// then the rest is abandoned and the answer is `None`.
+///
+/// [`Prepared::passes`]: crate::models::Prepared::passes
 fn run_batch(
     model: &dyn Model,
     comm: &dyn Collective,
     metrics: &WorkerMetrics,
-    (batch_id, sub_batch_rows): (u64, usize),
+    (batch_id, pass_limits): (u64, PassLimits),
     inputs: &[HostTensor],
     gone: impl Fn() -> bool,
 ) -> Result<Option<(Vec<HostTensor>, usize)>, ModelError> {
     let batch = model.prepare(inputs)?;
-    let step = sub_batch_rows.max(1);
-    let mut outputs = Vec::with_capacity(batch.rows.div_ceil(step));
-    for start in (0..batch.rows).step_by(step) {
-        if start > 0 && gone() {
+    let passes = batch.passes(pass_limits);
+    let mut outputs = Vec::with_capacity(passes.len());
+    for (i, rows) in passes.iter().enumerate() {
+        if i > 0 && gone() {
             return Ok(None);
         }
-        let mut part = batch.rows_range(start, step.min(batch.rows - start));
+        let mut part = batch.pass(rows);
         outputs.push(group::lead_batch(comm, model, batch_id, &mut part, metrics)?);
     }
     let output = match outputs.len() {
         1 => outputs.pop().expect("one output"),
-        _ => Tensor::cat(&outputs, 0),
+        _ => in_batch_order(Tensor::cat(&outputs, 0), &passes),
     };
     Ok(Some((model.outputs(&batch, output)?, batch.rows)))
 }

@@ -24,7 +24,7 @@ use crate::models::gguf::Gguf;
 use crate::models::llama::schedule::Limits;
 use crate::models::llama::tokenizer::ChatTokenizer;
 use crate::models::llama::{Llama, LlamaConfig, Weights};
-use crate::models::{self, Architecture, ModelError};
+use crate::models::{self, Architecture, ModelError, PassLimits};
 use crate::server::{Engine, LIVENESS_SERVICE, WorkerService, track_health};
 use crate::stats::EngineStats;
 
@@ -189,7 +189,10 @@ pub async fn serve_on(
                 torch_threads: threads,
                 capacity: args.queue_capacity,
                 heartbeat: args.rendezvous.heartbeat_interval,
-                sub_batch_rows: args.sub_batch_rows as usize,
+                pass_limits: PassLimits {
+                    rows: args.sub_batch_rows as usize,
+                    tokens: args.sub_batch_tokens as usize,
+                },
             };
             let load = loader(&args, shard, metrics.clone());
             let (engine, thread) =

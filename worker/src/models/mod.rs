@@ -38,13 +38,30 @@ pub enum ModelError {
 pub struct Prepared {
     pub rows: usize,
     pub tensors: Vec<Tensor>,
-    /// Tokens per row after truncation, for text models.
+    /// Tokens per row after truncation, for text models, whose tensors are then all
+    /// `[rows, tokens]` and padded on the right to the longest row.
     pub token_counts: Option<Vec<i64>>,
+}
+
+/// How big one forward pass may be (`--sub-batch-rows`, `--sub-batch-tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassLimits {
+    pub rows: usize,
+    /// Tokens of a text model's pass, padding included: rows × its longest row.
+    pub tokens: usize,
+}
+
+impl PassLimits {
+    /// Every batch in one pass.
+    pub const NONE: PassLimits = PassLimits {
+        rows: usize::MAX,
+        tokens: usize::MAX,
+    };
 }
 
 impl Prepared {
     /// Rows `start..start + len` (every tensor's first dimension is the rows).
-    pub fn rows_range(&self, start: usize, len: usize) -> Prepared {
+    fn rows_range(&self, start: usize, len: usize) -> Prepared {
         if start == 0 && len == self.rows {
             return Prepared {
                 rows: self.rows,
@@ -62,6 +79,87 @@ impl Prepared {
             token_counts: self.token_counts.as_ref().map(|c| c[start..start + len].to_vec()),
         }
     }
+
+    /// The rows of each forward pass this batch runs as, within `limits`. A batch within
+    /// them is one pass, as it is. Text rows of a larger one go longest first, so each
+    /// pass pads to a length near its own rows' rather than the batch's longest; a row
+    /// longer than the token limit goes alone. Other batches split in order.
+    pub fn passes(&self, limits: PassLimits) -> Vec<Vec<usize>> {
+        let max_rows = limits.rows.max(1);
+        let Some(counts) = &self.token_counts else {
+            return (0..self.rows)
+                .step_by(max_rows)
+                .map(|start| (start..self.rows.min(start + max_rows)).collect())
+                .collect();
+        };
+        let padded = |rows: usize, longest: i64| rows.saturating_mul(longest.max(0) as usize);
+        let longest = counts.iter().copied().max().unwrap_or(0);
+        if self.rows <= max_rows && padded(self.rows, longest) <= limits.tokens {
+            return vec![(0..self.rows).collect()];
+        }
+        let mut order: Vec<usize> = (0..self.rows).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(counts[i]));
+        let mut passes: Vec<Vec<usize>> = Vec::new();
+        for i in order {
+            // Sorted longest first: a pass's first row is its longest.
+            match passes.last_mut() {
+                Some(pass)
+                    if pass.len() < max_rows && padded(pass.len() + 1, counts[pass[0]]) <= limits.tokens =>
+                {
+                    pass.push(i)
+                }
+                _ => passes.push(vec![i]),
+            }
+        }
+        passes
+    }
+
+    /// The pass of `rows` (from [`Prepared::passes`]); a text pass is cut to its own
+    /// longest row.
+    pub fn pass(&self, rows: &[usize]) -> Prepared {
+        let contiguous = rows.windows(2).all(|w| w[1] == w[0] + 1);
+        let part = match rows.first() {
+            Some(&start) if contiguous => self.rows_range(start, rows.len()),
+            _ => {
+                let index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());
+                Prepared {
+                    rows: rows.len(),
+                    tensors: self.tensors.iter().map(|t| t.index_select(0, &index)).collect(),
+                    token_counts: self
+                        .token_counts
+                        .as_ref()
+                        .map(|c| rows.iter().map(|&r| c[r]).collect()),
+                }
+            }
+        };
+        let Some(longest) = part.token_counts.as_ref().and_then(|c| c.iter().copied().max()) else {
+            return part;
+        };
+        Prepared {
+            tensors: part
+                .tensors
+                .iter()
+                .map(|t| match t.size().get(1) {
+                    Some(&len) if longest.max(1) < len => t.narrow(1, 0, longest.max(1)),
+                    _ => t.shallow_clone(),
+                })
+                .collect(),
+            ..part
+        }
+    }
+}
+
+/// The passes' outputs, concatenated in pass order, put back in the batch's row order.
+pub fn in_batch_order(output: Tensor, passes: &[Vec<usize>]) -> Tensor {
+    let order: Vec<usize> = passes.concat();
+    if order.iter().enumerate().all(|(k, &r)| k == r) {
+        return output;
+    }
+    let mut position = vec![0i64; order.len()];
+    for (k, &r) in order.iter().enumerate() {
+        position[r] = k as i64;
+    }
+    output.index_select(0, &Tensor::from_slice(&position).to_device(output.device()))
 }
 
 pub trait Model: Send {
@@ -207,5 +305,79 @@ pub(crate) fn signature(
         outputs,
         shard_layout,
         max_batch_size: cfg.max_batch_size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A text batch of `counts` tokens per row: ids are row * 100 + position, padded
+    /// with 0 to the longest row.
+    fn text(counts: &[i64]) -> Prepared {
+        let longest = *counts.iter().max().unwrap();
+        let ids: Vec<i64> = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(r, &n)| (0..longest).map(move |p| if p < n { r as i64 * 100 + p } else { 0 }))
+            .collect();
+        Prepared {
+            rows: counts.len(),
+            tensors: vec![Tensor::from_slice(&ids).view([counts.len() as i64, longest])],
+            token_counts: Some(counts.to_vec()),
+        }
+    }
+
+    fn limits(rows: usize, tokens: usize) -> PassLimits {
+        PassLimits { rows, tokens }
+    }
+
+    #[test]
+    fn a_batch_within_the_limits_is_one_pass_in_order() {
+        assert_eq!(text(&[3, 10, 5]).passes(limits(3, 30)), vec![vec![0, 1, 2]]);
+        assert_eq!(text(&[3, 10, 5]).passes(PassLimits::NONE), vec![vec![0, 1, 2]]);
+    }
+
+    #[test]
+    fn text_passes_go_longest_first_within_rows_and_tokens() {
+        let batch = text(&[3, 10, 5, 10, 2]);
+        assert_eq!(batch.passes(limits(2, 25)), vec![vec![1, 3], vec![2, 0], vec![4]]);
+        // Two rows of 10 pad to 20 tokens, over 19: each goes alone; three of 5 make 15.
+        assert_eq!(batch.passes(limits(3, 19)), vec![vec![1], vec![3], vec![2, 0, 4]]);
+        // A text longer than the token limit goes alone, and is not refused.
+        assert_eq!(
+            text(&[300, 5, 5]).passes(limits(32, 256)),
+            vec![vec![0], vec![1, 2]]
+        );
+    }
+
+    #[test]
+    fn other_batches_split_in_order() {
+        let batch = Prepared {
+            rows: 5,
+            tensors: vec![Tensor::zeros([5, 16], (tch::Kind::Float, tch::Device::Cpu))],
+            token_counts: None,
+        };
+        assert_eq!(batch.passes(limits(2, 1)), vec![vec![0, 1], vec![2, 3], vec![4]]);
+        assert_eq!(batch.pass(&[2, 3]).tensors[0].size(), [2, 16]);
+    }
+
+    #[test]
+    fn a_text_pass_holds_its_rows_cut_to_its_longest() {
+        let batch = text(&[3, 10, 5, 10, 2]);
+        let pass = batch.pass(&[2, 0]);
+        assert_eq!(pass.rows, 2);
+        assert_eq!(pass.token_counts, Some(vec![5, 3]));
+        let ids = Vec::<i64>::try_from(pass.tensors[0].flatten(0, -1)).unwrap();
+        assert_eq!(ids, [200, 201, 202, 203, 204, 0, 1, 2, 0, 0]);
+    }
+
+    #[test]
+    fn outputs_return_to_the_batch_order() {
+        let passes = vec![vec![1, 3], vec![2, 0], vec![4]];
+        // Each pass's output row is its batch row's index, concatenated in pass order.
+        let concatenated = Tensor::from_slice(&[1i64, 3, 2, 0, 4]);
+        let restored = Vec::<i64>::try_from(in_batch_order(concatenated, &passes)).unwrap();
+        assert_eq!(restored, [0, 1, 2, 3, 4]);
     }
 }
