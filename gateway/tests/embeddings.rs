@@ -218,7 +218,8 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
 
 /// A batch over `--sub-batch-tokens` runs as passes of similar lengths, longest first (a
 /// text over the limit alone), and its rows still come back in their order, matching
-/// the reference.
+/// the reference. (With the defaults, the test above runs it as two passes: the long
+/// text, then the rest.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_over_the_token_limit_runs_as_passes_and_keeps_its_order() {
     let r = reference();

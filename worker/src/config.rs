@@ -281,9 +281,10 @@ pub struct ServeArgs {
     #[arg(long, env = "RANKWAY_SUB_BATCH_ROWS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub sub_batch_rows: u32,
     /// Tokens per forward pass of a text model on rank 0, padding included (rows × the
-    /// pass's longest text). A batch over this or --sub-batch-rows runs as several passes,
-    /// longest texts first, so each pads to its own rows' length; a text longer than this
-    /// goes alone. The default is 32 of MiniLM's longest texts (256 tokens).
+    /// pass's longest text); a text longer than this goes alone. Texts go longest first,
+    /// each pass padded to its own longest, and a long text is cut apart from short ones
+    /// where that saves padding (README, worker flags). The default is 32 of MiniLM's
+    /// longest texts (256 tokens).
     #[arg(long, env = "RANKWAY_SUB_BATCH_TOKENS", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
     pub sub_batch_tokens: u32,
     /// Threads of the async runtime serving gRPC and metrics. Rank 0 makes one call per

@@ -192,6 +192,7 @@ pub async fn serve_on(
                 pass_limits: PassLimits {
                     rows: args.sub_batch_rows as usize,
                     tokens: args.sub_batch_tokens as usize,
+                    pass_cost_tokens: PassLimits::PASS_COST_TOKENS,
                 },
             };
             let load = loader(&args, shard, metrics.clone());
