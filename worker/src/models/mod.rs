@@ -118,7 +118,7 @@ impl Prepared {
             for i in (j.saturating_sub(max_rows)..j).rev() {
                 let padded = (j - i).saturating_mul(len(i));
                 if padded > limits.tokens && j - i > 1 {
-                    continue;
+                    break; // longer runs, of longer rows, pad to more still
                 }
                 let cost = cut[i]
                     .0
