@@ -450,6 +450,26 @@ fn manifests_agree_with_each_other_and_with_the_binaries() {
                     &gateway_help,
                     &[("http", http_port), ("grpc", gw_grpc_port)],
                 );
+                // /metrics and /admin/* on a port of their own, which no Service exposes.
+                let admin = port_of(c, "admin").to_string();
+                let listen = env_value(c, "RANKWAY_ADMIN_LISTEN");
+                assert_eq!(
+                    listen.and_then(|a| a.rsplit(':').next()),
+                    Some(admin.as_str()),
+                    "{what}: RANKWAY_ADMIN_LISTEN"
+                );
+                for svc in services
+                    .values()
+                    .filter(|s| selects(&labels(&s["spec"]["selector"]), &p.labels))
+                {
+                    for port in svc["spec"]["ports"].as_array().into_iter().flatten() {
+                        assert!(
+                            port["targetPort"] != "admin" && port["targetPort"].to_string() != admin,
+                            "{what}: Service {} exposes the admin port",
+                            name(svc)
+                        );
+                    }
+                }
             }
             let sc = &p.spec["containers"][0]["securityContext"];
             assert_eq!(p.spec["securityContext"]["runAsNonRoot"], true, "{what}");
@@ -689,6 +709,8 @@ async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() 
         "RANKWAY_GRPC_LISTEN".into(),
         format!("{}:{}", gh.ip, port_of(c, "grpc")),
     ));
+    let admin = format!("{}:{}", gh.ip, port_of(c, "admin"));
+    env.push(("RANKWAY_ADMIN_LISTEN".into(), admin.clone()));
     env.push(("RANKWAY_DNS_SERVER".into(), dns.to_string()));
     env.push(("RANKWAY_DNS_INTERVAL".into(), "200ms".into()));
     let mut cmd = Command::new(gateway_bin());
@@ -708,7 +730,7 @@ async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() 
     }
     let client = reqwest::Client::new();
     loop {
-        let groups = admin_groups(&client, &format!("http://{http}")).await;
+        let groups = admin_groups(&client, &format!("http://{admin}")).await;
         let ready = groups.iter().filter(|g| g["ready"] == true).count();
         if ready == 3 {
             break;
