@@ -451,11 +451,11 @@ fn manifests_agree_with_each_other_and_with_the_binaries() {
                     &[("http", http_port), ("grpc", gw_grpc_port)],
                 );
                 // /metrics and /admin/* on a port of their own, which no Service exposes.
-                let admin = port_of(c, "admin").to_string();
+                let admin = port_of(c, "admin");
                 let listen = env_value(c, "RANKWAY_ADMIN_LISTEN");
                 assert_eq!(
                     listen.and_then(|a| a.rsplit(':').next()),
-                    Some(admin.as_str()),
+                    Some(admin.to_string().as_str()),
                     "{what}: RANKWAY_ADMIN_LISTEN"
                 );
                 for svc in services
@@ -464,7 +464,7 @@ fn manifests_agree_with_each_other_and_with_the_binaries() {
                 {
                     for port in svc["spec"]["ports"].as_array().into_iter().flatten() {
                         assert!(
-                            port["targetPort"] != "admin" && port["targetPort"].to_string() != admin,
+                            port["targetPort"] != "admin" && port["targetPort"] != u64::from(admin),
                             "{what}: Service {} exposes the admin port",
                             name(svc)
                         );
