@@ -231,11 +231,6 @@ pub fn send_work(
     };
     send_header(comm, &header)?;
     for t in tensors.iter_mut() {
-        // A broadcast sends the tensor's storage as it lies, and followers receive into
-        // a contiguous buffer: a view (a text pass cut to its longest row) goes as a copy.
-        if !t.is_contiguous() {
-            *t = t.contiguous();
-        }
         comm.broadcast(t, 0)?;
     }
     Ok(())

@@ -214,26 +214,47 @@ impl Collective for ProcessGroup {
     }
 
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
-        let mut err = std::ptr::null_mut();
-        // SAFETY: `self.raw` is a live group; `tensor` is a live at::Tensor for the call.
-        let rc = unsafe { rw_group_all_reduce_sum(self.raw, tensor.as_mut_ptr(), &mut err) };
-        if rc != 0 {
-            Err(take_error(err, "all_reduce"))
-        } else {
-            Ok(())
-        }
+        in_place(tensor, |t| {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: `self.raw` is a live group; `t` is a live at::Tensor for the call.
+            let rc = unsafe { rw_group_all_reduce_sum(self.raw, t.as_mut_ptr(), &mut err) };
+            if rc != 0 {
+                Err(take_error(err, "all_reduce"))
+            } else {
+                Ok(())
+            }
+        })
     }
 
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
-        let mut err = std::ptr::null_mut();
-        // SAFETY: `self.raw` is a live group; `tensor` is a live at::Tensor for the call.
-        let rc = unsafe { rw_group_broadcast(self.raw, tensor.as_mut_ptr(), root as c_int, &mut err) };
-        if rc != 0 {
-            Err(take_error(err, "broadcast"))
-        } else {
-            Ok(())
-        }
+        in_place(tensor, |t| {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: `self.raw` is a live group; `t` is a live at::Tensor for the call.
+            let rc = unsafe { rw_group_broadcast(self.raw, t.as_mut_ptr(), root as c_int, &mut err) };
+            if rc != 0 {
+                Err(take_error(err, "broadcast"))
+            } else {
+                Ok(())
+            }
+        })
     }
+}
+
+/// Runs the in-place collective `op` on `tensor`. The CPU backend reads and writes a
+/// tensor's storage as if it were contiguous (a view, a text pass cut to its longest
+/// row, reached the followers scrambled), so a view goes through a contiguous copy,
+/// written back after.
+fn in_place(
+    tensor: &mut Tensor,
+    op: impl FnOnce(&mut Tensor) -> Result<(), CollectiveError>,
+) -> Result<(), CollectiveError> {
+    if tensor.is_contiguous() {
+        return op(tensor);
+    }
+    let mut dense = tensor.contiguous();
+    op(&mut dense)?;
+    tensor.copy_(&dense);
+    Ok(())
 }
 
 impl Drop for ProcessGroup {

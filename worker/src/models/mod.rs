@@ -164,12 +164,13 @@ impl Prepared {
         let Some(longest) = part.token_counts.as_ref().and_then(|c| c.iter().copied().max()) else {
             return part;
         };
+        let keep = longest.max(1);
         Prepared {
             tensors: part
                 .tensors
                 .iter()
                 .map(|t| match t.size().get(1) {
-                    Some(&len) if longest.max(1) < len => t.narrow(1, 0, longest.max(1)),
+                    Some(&len) if keep < len => t.narrow(1, 0, keep),
                     _ => t.shallow_clone(),
                 })
                 .collect(),
