@@ -19,6 +19,7 @@
 //! span is a child of its first request's span (so a one-request batch is in the
 //! client's trace) and links to the span of every request in it; each call to a group's
 //! rank 0 is a `worker.Infer` span under it, whose context goes along in gRPC metadata.
+//! All three are made only when traces are exported (`telemetry::TRACE_ONLY`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rankway_proto::codec::{decode_bytes_elements, encode_bytes_elements};
 use rankway_proto::worker::{InferRequest, Tensor};
-use rankway_runtime::telemetry;
+use rankway_runtime::telemetry::{self, TRACE_ONLY};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -175,7 +176,7 @@ impl Batcher {
             enqueued: Instant::now(),
             reply,
             span: tracing::Span::current(),
-            queue_span: Some(tracing::info_span!("queue", model = %self.model)),
+            queue_span: Some(tracing::info_span!(target: TRACE_ONLY, "queue", model = %self.model)),
         };
         if self.tx.try_send(entry).is_err() {
             return Err(ApiError::QueueFull {
@@ -354,6 +355,7 @@ impl Dispatch {
         let now = Instant::now();
         let batch_id = BATCH_IDS.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!(
+            target: TRACE_ONLY,
             "batch",
             model = %self.model,
             batch_id,
@@ -384,7 +386,7 @@ impl Dispatch {
             let group = lease.group().name().to_owned();
             tracing::Span::current().record("group", group.as_str());
             self.metrics.observe_batch(&self.model, &group, self.rows);
-            let call = tracing::info_span!("worker.Infer", otel.kind = "client", group = %group, batch_id);
+            let call = tracing::info_span!(target: TRACE_ONLY, "worker.Infer", otel.kind = "client", group = %group, batch_id);
             match lease
                 .infer(request.clone(), deadline, &call)
                 .instrument(call.clone())
@@ -409,35 +411,31 @@ impl Dispatch {
                 Err(e) => break Err(e.error),
             }
         };
+        let group = lease.group().name().to_owned();
         drop(lease);
-        match result {
-            Ok((resp, worker_time)) => {
-                let sizes: Vec<usize> = self.batch.iter().map(|e| e.request.rows).collect();
-                let checked = match self.pool.known_model_info(&self.model) {
-                    Some(info) => check_reply(&info, &resp.outputs, self.rows),
-                    None => Err(ApiError::BadReply(format!(
-                        "no signature is known for {:?}",
-                        self.model
-                    ))),
-                };
-                match checked.and_then(|()| split_outputs(resp.outputs, &sizes)) {
-                    Ok(parts) => {
-                        for (e, outputs) in self.batch.into_iter().zip(parts) {
-                            let _ = e.reply.send(Ok(Served {
-                                outputs,
-                                model_version: resp.model_version.clone(),
-                                worker_time,
-                            }));
-                        }
-                    }
-                    Err(err) => {
-                        tracing::warn!(model = %self.model, batch_id, error = %err, "batch failed");
-                        self.fail(err);
-                    }
+        let answered = result.and_then(|(resp, worker_time)| {
+            let sizes: Vec<usize> = self.batch.iter().map(|e| e.request.rows).collect();
+            let info = self
+                .pool
+                .known_model_info(&self.model)
+                .ok_or_else(|| ApiError::BadReply(format!("no signature is known for {:?}", self.model)))?;
+            check_reply(&info, &resp.outputs, self.rows)?;
+            let parts = split_outputs(resp.outputs, &sizes)?;
+            Ok((parts, resp.model_version, worker_time))
+        });
+        match answered {
+            Ok((parts, model_version, worker_time)) => {
+                for (e, outputs) in self.batch.into_iter().zip(parts) {
+                    let _ = e.reply.send(Ok(Served {
+                        outputs,
+                        model_version: model_version.clone(),
+                        worker_time,
+                    }));
                 }
             }
             Err(err) => {
-                tracing::warn!(model = %self.model, batch_id, error = %err, "batch failed");
+                // Its own fields name the batch: the `batch` span exists only with traces.
+                tracing::warn!(model = %self.model, batch_id, %group, error = %err, "batch failed");
                 self.fail(err);
             }
         }

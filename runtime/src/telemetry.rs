@@ -21,8 +21,16 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+
+/// Target of the spans that only traces use: the gateway's `queue`, `batch` and
+/// `worker.Infer`, a rank's `forward` and `collective`. Without `--otlp-endpoint` they
+/// are off ([`init`] turns this target off), so a process that exports no traces does not
+/// make them on every request. No log line needs them: the lines written inside carry
+/// their own fields.
+pub const TRACE_ONLY: &str = "rankway::trace";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -93,8 +101,10 @@ pub struct Telemetry {
 /// Installs the global `tracing` subscriber (and, with an endpoint, the OTLP pipeline).
 /// Call from inside the Tokio runtime: the exporter's gRPC channel lives on it.
 pub fn init(args: &TelemetryArgs, default_service: &str) -> Result<Telemetry, TelemetryError> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = log_filter(
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        args.otlp_endpoint.is_some(),
+    );
     let provider = match &args.otlp_endpoint {
         Some(endpoint) => Some(provider(args, endpoint, default_service)?),
         None => None,
@@ -116,6 +126,14 @@ pub fn init(args: &TelemetryArgs, default_service: &str) -> Result<Telemetry, Te
         tracing::info!(%endpoint, sampler = ?args.traces_sampler, "exporting traces over OTLP/gRPC");
     }
     Ok(Telemetry { provider })
+}
+
+/// `base` (`RUST_LOG`), with the [`TRACE_ONLY`] spans off unless traces are `exported`.
+fn log_filter(base: EnvFilter, exported: bool) -> EnvFilter {
+    if exported {
+        return base;
+    }
+    base.add_directive(format!("{TRACE_ONLY}=off").parse().expect("a valid directive"))
 }
 
 fn provider(
@@ -326,6 +344,23 @@ mod tests {
         let back = tp.context();
         assert_eq!(back.span().span_context(), &sc);
         assert!(!extract(&http::HeaderMap::new()).span().span_context().is_valid());
+    }
+
+    #[test]
+    fn trace_only_spans_are_made_only_when_traces_are_exported() {
+        // (trace-only span made, ordinary info span made) under each filter.
+        let made = |base: &str, exported: bool| {
+            let subscriber = tracing_subscriber::registry().with(log_filter(EnvFilter::new(base), exported));
+            tracing::subscriber::with_default(subscriber, || {
+                let trace_only = tracing::info_span!(target: TRACE_ONLY, "batch");
+                let logged = tracing::info_span!("request");
+                (!trace_only.is_disabled(), !logged.is_disabled())
+            })
+        };
+        assert_eq!(made("info", false), (false, true));
+        assert_eq!(made("debug", false), (false, true), "not even at debug");
+        assert_eq!(made("info", true), (true, true));
+        assert_eq!(made("warn", true), (false, false), "RUST_LOG still filters them");
     }
 
     #[test]

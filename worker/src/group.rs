@@ -8,11 +8,12 @@
 //! rank 0 sends when idle — instead of going unnoticed in a socket buffer.
 //!
 //! The header also carries rank 0's trace context (trace id, span id, sampled flag), so
-//! each follower's `forward` span joins the trace of the batch it computes.
+//! each follower's `forward` span joins the trace of the batch it computes. The `forward`
+//! spans are made only when traces are exported (`telemetry::TRACE_ONLY`).
 
 use std::time::Instant;
 
-use rankway_runtime::telemetry::{self, TraceParent};
+use rankway_runtime::telemetry::{self, TRACE_ONLY, TraceParent};
 use tch::{Kind, Tensor};
 
 use crate::collective::{Collective, CollectiveError};
@@ -195,7 +196,7 @@ pub fn lead_batch(
     batch: &mut Prepared,
     metrics: &WorkerMetrics,
 ) -> Result<Tensor, ModelError> {
-    let span = tracing::info_span!("forward", rank = 0, batch_id, rows = batch.rows);
+    let span = tracing::info_span!(target: TRACE_ONLY, "forward", rank = 0, batch_id, rows = batch.rows);
     let _entered = span.enter();
     // Prepared on the CPU (tokenizing, decoding); computed on the group's device.
     for t in batch.tensors.iter_mut() {
@@ -288,7 +289,8 @@ pub fn follow_with(
             Op::Heartbeat => continue,
             Op::Shutdown => return Ok(()),
             op if op == work => {
-                let span = tracing::info_span!("forward", rank, batch_id = header.batch_id);
+                let span =
+                    tracing::info_span!(target: TRACE_ONLY, "forward", rank, batch_id = header.batch_id);
                 if let Some(parent) = header.trace {
                     telemetry::set_parent(&span, parent.context());
                 }

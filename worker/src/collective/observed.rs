@@ -1,9 +1,11 @@
 //! A [`Collective`] wrapper that measures: every collective is timed into the rank's
-//! metrics and, inside a traced step, gets a span of its own.
+//! metrics and, inside a traced step, gets a span of its own (only when traces are
+//! exported: `telemetry::TRACE_ONLY`).
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use rankway_runtime::telemetry::TRACE_ONLY;
 use tracing::Span;
 
 use super::{Collective, CollectiveError, Shard};
@@ -29,7 +31,7 @@ impl<C: Collective> Observed<C> {
         let span = if Span::current().is_none() {
             Span::none()
         } else {
-            tracing::info_span!("collective", op, rank = self.inner.shard().rank)
+            tracing::info_span!(target: TRACE_ONLY, "collective", op, rank = self.inner.shard().rank)
         };
         let _entered = span.enter();
         let started = Instant::now();
