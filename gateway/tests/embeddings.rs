@@ -1,9 +1,7 @@
 //! Real worker + real gateway on loopback: MiniLM embeddings over OIP REST, OpenAI REST
 //! and OIP gRPC match the sentence-transformers reference (cosine >= 0.9999).
 
-use crate::common::{
-    Gateway, Reference, Worker, assert_matches_reference, f32s, get_text, json_f32s, reference, sample_sum,
-};
+use crate::common::{Gateway, Reference, Worker, assert_matches_reference, f32s, json_f32s, reference};
 use base64::Engine;
 use rankway_proto::codec::encode_bytes_elements;
 use rankway_proto::inference::model_infer_request::InferInputTensor;
@@ -228,13 +226,7 @@ async fn a_batch_over_the_token_limit_runs_as_passes_and_keeps_its_order() {
     let worker = Worker::start(&["--sub-batch-tokens=64"]);
     let gw = Gateway::start(&[&worker], &[]);
     gw.wait_ready().await;
-    let passes = || async {
-        sample_sum(
-            &get_text(format!("http://{}/metrics", worker.metrics)).await,
-            "rankway_worker_batches_total",
-            "",
-        )
-    };
+    let passes = || worker.metric_sum("rankway_worker_batches_total", "");
     let before = passes().await;
     let v = infer_reference(&gw, &r).await;
     let emb = output(&v, "embedding");

@@ -634,7 +634,7 @@ async fn a_batch_whose_caller_left_stops_between_sub_batches() {
     worker.wait_serving(Duration::from_secs(30)).await;
     let counter = |text: &str, name: &str| crate::common::sample_sum(text, name, "");
     let scrape = || get_text(format!("http://{}/metrics", worker.metrics));
-    let before = counter(&scrape().await, "rankway_worker_batches_total");
+    let before = worker.metric_sum("rankway_worker_batches_total", "").await;
     // 64 rows as 64 forward passes of a few milliseconds each, for a caller that waits 30 ms.
     let rows = 64;
     let req = batch(

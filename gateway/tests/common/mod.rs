@@ -239,6 +239,16 @@ impl Worker {
         health(&self.addr.to_string(), "").await
     }
 
+    /// Sum of the samples of `name` whose labels contain `label` (empty for all), from
+    /// this rank's `GET /metrics`, as [`Gateway::metric_sum`] reads the gateway's.
+    pub async fn metric_sum(&self, name: &str, label: &str) -> f64 {
+        sample_sum(
+            &get_text(format!("http://{}/metrics", self.metrics)).await,
+            name,
+            label,
+        )
+    }
+
     /// Status and body of `GET /health/{what}` (`live`, `ready`) on the metrics port.
     pub async fn probe(&self, what: &str) -> (u16, String) {
         let resp = reqwest::get(format!("http://{}/health/{what}", self.metrics))
