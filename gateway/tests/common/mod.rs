@@ -635,13 +635,27 @@ fn dns_answer(query: &Message, records: &Mutex<Vec<Ipv4Addr>>) -> Message {
     resp
 }
 
+/// A UDP socket and a TCP listener on one free loopback port. The kernel picks the UDP
+/// port; the same TCP port may be taken (a connection of an earlier test uses it), and
+/// then another port is tried.
+async fn udp_and_tcp_on_one_port() -> (tokio::net::UdpSocket, tokio::net::TcpListener) {
+    for _ in 0..100 {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        match tokio::net::TcpListener::bind(sock.local_addr().unwrap()).await {
+            Ok(tcp) => return (sock, tcp),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => panic!("bind TCP beside UDP: {e}"),
+        }
+    }
+    panic!("no loopback port free for both UDP and TCP in 100 tries");
+}
+
 /// A minimal authoritative DNS server answering A queries from `records` (TTL 0), over
 /// UDP and TCP on the same port. As real servers do, a UDP answer over 512 bytes is sent
 /// truncated (TC set, no answers): the client must ask again over TCP.
 pub async fn dns_server(records: Arc<Mutex<Vec<Ipv4Addr>>>) -> SocketAddr {
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (sock, tcp) = udp_and_tcp_on_one_port().await;
     let addr = sock.local_addr().unwrap();
-    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
     let udp_records = records.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
