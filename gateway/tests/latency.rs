@@ -105,4 +105,12 @@ async fn eight_clients_are_served_about_as_fast_as_one() {
         grpc <= rest * 10 && rest <= grpc * 10,
         "one client alone: gRPC {grpc:?} a request vs REST {rest:?}; one protocol stalls"
     );
+    // The no-op model's batches are short: rank 0 runs them on its gRPC thread, not
+    // through a hand-off to its model thread (--inline-max).
+    let batches = worker.metric_sum("rankway_worker_batches_total", "").await;
+    let inline = worker.metric_sum("rankway_worker_inline_batches_total", "").await;
+    assert!(
+        inline >= batches / 2.0,
+        "{inline} of {batches} batches ran on rank 0's gRPC thread"
+    );
 }

@@ -76,7 +76,13 @@ async fn mlp_groups_of_4_and_6_ranks_equal_one_rank() {
     // hidden 96: the inner width 384 divides by 1, 4 and 6.
     const KIND: &str = "mlp";
     const WORLDS: [usize; 3] = [1, 4, 6];
-    let all = groups(KIND, &WORLDS, &["--mlp-hidden=96", "--mlp-layers=3"]);
+    // --inline-max=1s: every batch is short enough to run on rank 0's gRPC thread, so
+    // only the group's size decides whether it does.
+    let all = groups(
+        KIND,
+        &WORLDS,
+        &["--mlp-hidden=96", "--mlp-layers=3", "--inline-max=1s"],
+    );
     let leaders: Vec<&Worker> = all.iter().map(|g| &g[0]).collect();
     let gw = Gateway::start(&leaders, &[]);
     gw.wait_ready().await;
@@ -103,6 +109,12 @@ async fn mlp_groups_of_4_and_6_ranks_equal_one_rank() {
             diff <= TOLERANCE,
             "world {world}: max abs diff {diff} > {TOLERANCE}"
         );
+    }
+    // A group of one ran its batch on rank 0's gRPC thread; a group of several never
+    // does, since its forward waits on the other ranks.
+    for (g, world) in all.iter().zip(WORLDS) {
+        let inline = g[0].metric_sum("rankway_worker_inline_batches_total", "").await;
+        assert_eq!(inline, if world == 1 { 1.0 } else { 0.0 }, "world {world}");
     }
 }
 

@@ -55,6 +55,8 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchRow>, EngineError> {
         heartbeat: Duration::MAX,
         // Each batch size as one forward pass.
         pass_limits: PassLimits::NONE,
+        // Batches go through the model thread, as a group of more than one rank's do.
+        inline_max: Duration::ZERO,
     };
     let (engine, _thread) = engine::spawn_leader(
         Box::new(move || {

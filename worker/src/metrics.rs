@@ -42,6 +42,7 @@ pub struct WorkerMetrics {
     collective: HistogramVec,
     batches: IntCounter,
     abandoned: IntCounter,
+    inline: IntCounter,
     ready: IntGauge,
     queue_depth: IntGauge,
     /// Rank 0 of a generative group: its scheduler's figures.
@@ -116,6 +117,18 @@ impl WorkerMetrics {
                 .expect("valid counter"),
             )
             .with_label_values(&values),
+            inline: registered(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "inline_batches_total",
+                        "Batches rank 0 ran on the gRPC thread that received them instead of its model thread (--inline-max).",
+                    ),
+                    &LABELS,
+                )
+                .expect("valid counter"),
+            )
+            .with_label_values(&values),
             ready: gauge(
                 "ready",
                 "1 while this rank is ready (on rank 0: the whole group is complete and warm).",
@@ -172,11 +185,15 @@ impl WorkerMetrics {
         registered(r, HistogramVec::new(opts, &LABELS).expect("valid histogram")).with_label_values(&values)
     }
 
-    /// Times a forward pass.
     pub fn abandoned_batch(&self) {
         self.abandoned.inc();
     }
 
+    pub fn inline_batch(&self) {
+        self.inline.inc();
+    }
+
+    /// Times a forward pass.
     pub fn observe_forward(&self, took: Duration) {
         self.forward.observe(took.as_secs_f64());
         self.batches.inc();

@@ -194,6 +194,7 @@ pub async fn serve_on(
                     tokens: args.sub_batch_tokens as usize,
                     pass_cost_tokens: PassLimits::PASS_COST_TOKENS,
                 },
+                inline_max: args.inline_max,
             };
             let load = loader(&args, shard, metrics.clone());
             let (engine, thread) =

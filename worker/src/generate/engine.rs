@@ -255,7 +255,7 @@ fn lead(
     loop {
         // Take what was submitted; wait only when nothing runs.
         if sched.is_idle() {
-            match next_work(rx, comm, heartbeat)? {
+            match next_work(rx, |h| crate::group::send_header(comm, h), heartbeat)? {
                 Some(s) => admit(s, sched, &mut streams),
                 None => return Ok(()),
             }
