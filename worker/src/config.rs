@@ -287,11 +287,12 @@ pub struct ServeArgs {
     /// longest texts (256 tokens).
     #[arg(long, env = "RANKWAY_SUB_BATCH_TOKENS", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
     pub sub_batch_tokens: u32,
-    /// In a group of one rank, a batch of one forward pass runs on the gRPC thread that
-    /// received it instead of going to the model thread, when the model thread is idle
-    /// and recent batches took less than this to compute. Handing a batch over costs two
-    /// thread wake-ups, which on a loaded host can cost more than such a batch; running it
-    /// holds the gRPC thread (health checks, other calls) for as long. 0 turns it off.
+    /// In a group of one rank, a batch of no more rows than a pass runs on the gRPC thread
+    /// that received it instead of going to the model thread, when the model thread is
+    /// idle, no other Infer call waits and recent batches took less than this to compute.
+    /// Handing a batch over costs two thread wake-ups, which on a loaded host can cost
+    /// more than such a batch; running it holds the gRPC thread (health checks, other
+    /// calls) for as long. 0 turns it off.
     #[arg(long, env = "RANKWAY_INLINE_MAX", value_parser = humantime::parse_duration, default_value = "250us")]
     pub inline_max: Duration,
     /// Threads of the async runtime serving gRPC and metrics. Rank 0 makes one call per
