@@ -289,7 +289,7 @@ pub struct ServeArgs {
     pub sub_batch_tokens: u32,
     /// In a group of one rank, a batch of no more rows than a pass runs on the gRPC thread
     /// that received it instead of going to the model thread, when the model thread is
-    /// idle, no other Infer call waits and recent batches took less than this to compute.
+    /// idle with nothing queued and recent batches took less than this to compute.
     /// Handing a batch over costs two thread wake-ups, which on a loaded host can cost
     /// more than such a batch; running it holds the gRPC thread (health checks, other
     /// calls) for as long. 0 turns it off.

@@ -8,7 +8,7 @@
 //!
 //! One exception to "never on the reactor": in a group of one rank, a batch whose
 //! forward is known to be short runs on the gRPC thread that received it, when the model
-//! thread is idle and no other call waits ([`EngineOptions::inline_max`]). Handing it
+//! thread is idle ([`EngineOptions::inline_max`]). Handing it
 //! over costs two thread wake-ups, and on a loaded host each can wait behind other work
 //! on a busy core. With the no-op `mlp` at 8 REST connections through the gateway, that
 //! gave a median 21% more req/s in seven alternating rounds (README, The worker).
@@ -318,6 +318,8 @@ fn lead(shared: &Shared, rx: &mpsc::Receiver<Job>, heartbeat: Duration) -> Resul
     let send_header = |h: &Header| group::send_header(shared.lock()?.comm.as_ref(), h);
     loop {
         let Some(job) = next_work(rx, send_header, heartbeat)? else {
+            // A failure an inline run left still ends the thread with it at shutdown.
+            drop(shared.lock()?);
             return Ok(());
         };
         shared.stats.queued.fetch_sub(1, Ordering::AcqRel);
@@ -335,6 +337,8 @@ fn lead(shared: &Shared, rx: &mpsc::Receiver<Job>, heartbeat: Duration) -> Resul
         let gone = || job.reply.is_closed();
         let result = shared.run(&leader, (job.batch_id, &job.inputs, job.enqueued), gone);
         drop(entered);
+        // Free before answering: the caller's next batch may run inline at once.
+        drop(leader);
         match result {
             Ok(None) => {
                 shared.metrics.abandoned_batch();
@@ -426,14 +430,12 @@ impl EngineHandle {
     }
 
     /// Runs the batch here, on the calling (gRPC) thread, if inline runs are on, the model
-    /// thread is idle with nothing queued, no other call waits on the gRPC thread, recent
-    /// batches were short and this one has no more rows than a pass. `None`: it goes to
-    /// the model thread.
+    /// thread is idle with nothing queued, recent batches were short and this one has no
+    /// more rows than a pass. `None`: it goes to the model thread.
     fn try_inline(&self, batch_id: u64, inputs: &[HostTensor]) -> Option<Result<EngineOutput, EngineError>> {
         let shared = self.inline.get()?;
         let rows = inputs.first().map_or(0, |t| t.rows().max(0) as usize);
         if self.stats.queued.load(Ordering::Acquire) > 0
-            || self.stats.calls.load(Ordering::Acquire) > 1
             || rows > shared.pass_limits.rows
             || Duration::from_micros(shared.recent_us.load(Ordering::Relaxed)) > shared.inline_max
         {
@@ -588,19 +590,14 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_goes_to_the_model_thread_when_long_or_not_alone_or_after_slow_batches() {
+    fn a_batch_goes_to_the_model_thread_when_longer_than_a_pass_or_after_slow_batches() {
         let (engine, metrics) = leader(Duration::from_secs(1));
         // Five rows: two passes of at most four.
         let split = serve(&engine, 3, 5);
         assert_eq!(split[0].shape, vec![5, HIDDEN]);
         assert_eq!(inline_count(&metrics), 0.0);
-        // Another call waiting on the gRPC thread: this one leaves it free to read that.
-        engine.stats().calls.store(2, Ordering::Release);
-        serve(&engine, 3, 1);
-        assert_eq!(inline_count(&metrics), 0.0);
-        engine.stats().calls.store(1, Ordering::Release);
-        serve(&engine, 3, 1);
-        assert_eq!(inline_count(&metrics), 3.0, "alone again");
+        serve(&engine, 3, 4);
+        assert_eq!(inline_count(&metrics), 3.0, "four rows fit one pass");
         // Recent batches slower than the limit: no inline run until they are faster.
         let (slow, slow_metrics) = leader(Duration::from_nanos(1));
         serve(&slow, 3, 1);

@@ -10,8 +10,6 @@ use rankway_proto::worker::{
     ModelKind, NOT_STARTED_KEY, RankState,
 };
 use rankway_runtime::telemetry;
-use tonic::codegen::{BoxFuture, Service, http};
-use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -85,63 +83,11 @@ impl WorkerService {
         }
     }
 
-    pub fn into_server(self) -> Counted<WorkerServer<Self>> {
-        let stats = self.engine.stats().clone();
-        let server = WorkerServer::new(self)
+    pub fn into_server(self) -> WorkerServer<Self> {
+        WorkerServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Counted { inner: server, stats }
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
-}
-
-/// Rank 0's `Worker` service, counting the `Infer` calls it has received and not yet
-/// answered ([`EngineStats::calls`]). A call counts from the moment its headers are read,
-/// before its handler first runs, so a batch runs inline (`--inline-max`) only when no
-/// other batch waits behind it on the gRPC thread: under load that thread keeps reading
-/// the next batches while the model thread computes.
-#[derive(Clone)]
-pub struct Counted<S> {
-    inner: S,
-    stats: Arc<EngineStats>,
-}
-
-/// One counted call; uncounted when dropped, answered or abandoned.
-struct PendingCall(Arc<EngineStats>);
-
-impl Drop for PendingCall {
-    fn drop(&mut self) {
-        self.0.calls.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl<S, B> Service<http::Request<B>> for Counted<S>
-where
-    S: Service<http::Request<B>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<S::Response, S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let pending = req.uri().path().ends_with("/Infer").then(|| {
-            self.stats.calls.fetch_add(1, Ordering::AcqRel);
-            PendingCall(self.stats.clone())
-        });
-        let answer = self.inner.call(req);
-        Box::pin(async move {
-            let _pending = pending;
-            answer.await
-        })
-    }
-}
-
-impl<S: NamedService> NamedService for Counted<S> {
-    const NAME: &'static str = S::NAME;
 }
 
 /// The error for a call the group's kind of model does not serve.
@@ -330,53 +276,6 @@ pub async fn track_health(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Answers every call at once.
-    #[derive(Clone)]
-    struct Answers;
-
-    impl Service<http::Request<()>> for Answers {
-        type Response = ();
-        type Error = std::convert::Infallible;
-        type Future = std::future::Ready<Result<(), Self::Error>>;
-
-        fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, _: http::Request<()>) -> Self::Future {
-            std::future::ready(Ok(()))
-        }
-    }
-
-    #[tokio::test]
-    async fn infer_calls_count_from_their_headers_until_answered_or_dropped() {
-        let stats = Arc::new(EngineStats::default());
-        let mut server = Counted {
-            inner: Answers,
-            stats: stats.clone(),
-        };
-        let call = |path: &str| http::Request::builder().uri(path).body(()).unwrap();
-        let first = server.call(call("/rankway.worker.v1.Worker/Infer"));
-        let second = server.call(call("/rankway.worker.v1.Worker/Infer"));
-        let status = server.call(call("/rankway.worker.v1.Worker/GroupStatus"));
-        let calls = || stats.calls.load(Ordering::Acquire);
-        assert_eq!(
-            calls(),
-            2,
-            "counted before either handler ran; GroupStatus is not"
-        );
-        first.await.unwrap();
-        assert_eq!(calls(), 1);
-        drop(second);
-        assert_eq!(
-            calls(),
-            0,
-            "a call dropped unanswered (cancelled) is uncounted too"
-        );
-        status.await.unwrap();
-        assert_eq!(calls(), 0);
-    }
 
     #[test]
     fn request_ids_cannot_forge_log_lines() {

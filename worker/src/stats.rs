@@ -37,8 +37,6 @@ impl Phase {
 /// State shared between the model thread and the servers.
 #[derive(Debug)]
 pub struct EngineStats {
-    /// `Infer` calls rank 0 has received and not yet answered (`server::Counted`).
-    pub calls: AtomicUsize,
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
     pub batches: AtomicUsize,
@@ -50,7 +48,6 @@ pub struct EngineStats {
 impl Default for EngineStats {
     fn default() -> Self {
         Self {
-            calls: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             batches: AtomicUsize::new(0),
