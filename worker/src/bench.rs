@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::collective::{Collective, Shard, SingleRank};
 use crate::config::{BenchArgs, ModelKind};
 use crate::engine::{self, EngineError, EngineOptions};
 use crate::metrics::WorkerMetrics;
@@ -59,13 +58,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchRow>, EngineError> {
         inline_max: Duration::ZERO,
     };
     let (engine, _thread) = engine::spawn_leader(
-        Box::new(move || {
-            let model = models::load(&model_cfg, Shard::SINGLE)?;
-            Ok((
-                model,
-                Box::new(SingleRank(model_cfg.device)) as Box<dyn Collective>,
-            ))
-        }),
+        engine::single_rank(model_cfg),
         opts,
         Arc::new(WorkerMetrics::new("bench", 0, 1)),
     )

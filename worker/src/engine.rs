@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 use tch::Tensor;
 use tokio::sync::oneshot;
 
-use crate::collective::Collective;
+use crate::collective::{Collective, Shard, SingleRank};
 use crate::group::{self, Header, Op};
 use crate::metrics::WorkerMetrics;
-use crate::models::{HostTensor, Model, ModelError, PassLimits, in_batch_order};
+use crate::models::{HostTensor, Model, ModelConfig, ModelError, PassLimits, in_batch_order};
 use crate::stats::{EngineStats, Phase};
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +76,15 @@ pub type ModelThread = JoinHandle<Result<(), ModelError>>;
 
 /// Loads this rank's shard and joins the group (phase Joining); run on the model thread.
 pub type Loader = Box<dyn FnOnce() -> Result<(Box<dyn Model>, Box<dyn Collective>), ModelError> + Send>;
+
+/// Loads the whole model `cfg` describes, as the one rank of its group (the `bench`
+/// command, tests).
+pub fn single_rank(cfg: ModelConfig) -> Loader {
+    Box::new(move || {
+        let model = crate::models::load(&cfg, Shard::SINGLE)?;
+        Ok((model, Box::new(SingleRank(cfg.device)) as Box<dyn Collective>))
+    })
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
@@ -492,9 +501,8 @@ impl EngineHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collective::{Shard, SingleRank};
+    use crate::models::Architecture;
     use crate::models::mlp::{INPUT, MlpConfig};
-    use crate::models::{self, Architecture, ModelConfig};
 
     const HIDDEN: i64 = 8;
 
@@ -523,14 +531,7 @@ mod tests {
             },
             inline_max,
         };
-        let load: Loader = Box::new(move || {
-            let model = models::load(&cfg, Shard::SINGLE)?;
-            Ok((
-                model,
-                Box::new(SingleRank(tch::Device::Cpu)) as Box<dyn Collective>,
-            ))
-        });
-        let (engine, _thread) = spawn_leader(load, opts, metrics.clone()).unwrap();
+        let (engine, _thread) = spawn_leader(single_rank(cfg), opts, metrics.clone()).unwrap();
         let started = Instant::now();
         while !engine.stats().is_ready() {
             assert!(
