@@ -109,6 +109,17 @@ fn cpu_has_bf16() -> bool {
     false
 }
 
+/// Whether libtorch uses oneDNN for the CPU operators it has kernels for (`--onednn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OneDnn {
+    /// On for bfloat16 weights, whose CPU matrix products libtorch runs on oneDNN; off
+    /// for float32, where it would run only GELU (MiniLM, the MLP) and costs more per
+    /// call than it saves at these models' sizes.
+    Auto,
+    On,
+    Off,
+}
+
 /// Which model to load and how to run libtorch.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
@@ -151,6 +162,12 @@ pub struct ModelArgs {
     /// LOCAL_WORLD_SIZE, so ranks sharing a host do not thrash).
     #[arg(long, env = "RANKWAY_TORCH_THREADS")]
     pub torch_threads: Option<usize>,
+    /// Whether libtorch may use oneDNN on the CPU, for the whole process. `auto`: only
+    /// for bfloat16 weights (its matrix products). In float32 it would run only GELU,
+    /// setting up a kernel on every call: under load that doubled the no-op MLP's
+    /// forward, and MiniLM measured the same either way (README, The worker).
+    #[arg(long, env = "RANKWAY_ONEDNN", value_enum, default_value_t = OneDnn::Auto)]
+    pub onednn: OneDnn,
     /// Largest batch (rows) accepted in one call.
     #[arg(long, env = "RANKWAY_MAX_BATCH_SIZE", default_value_t = 256)]
     pub max_batch_size: u32,
@@ -244,6 +261,21 @@ impl ModelArgs {
             max_batch_size: self.max_batch_size,
             max_text_bytes: self.max_text_bytes,
             device: self.device,
+        }
+    }
+
+    /// `--onednn` resolved for this model: whether libtorch may use oneDNN.
+    pub fn onednn(&self) -> bool {
+        match self.onednn {
+            OneDnn::On => true,
+            OneDnn::Off => false,
+            OneDnn::Auto => matches!(
+                self.config().architecture,
+                Architecture::Llama {
+                    weights: Weights::BFloat16,
+                    ..
+                }
+            ),
         }
     }
 
@@ -373,6 +405,24 @@ mod tests {
         };
         assert_eq!(weights, Weights::Float32);
         assert!(Cli::try_parse_from(["rankway-worker", "serve", "--dtype", "fp8"]).is_err());
+    }
+
+    #[test]
+    fn onednn_auto_follows_the_weights() {
+        let model_args = |flags: &[&str]| {
+            let argv = ["rankway-worker", "serve"].iter().chain(flags);
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::Serve(args) => args.model,
+                _ => panic!("not serve"),
+            }
+        };
+        assert!(!model_args(&[]).onednn(), "MiniLM runs float32");
+        assert!(!model_args(&["--model", "mlp"]).onednn());
+        assert!(model_args(&["--model", "smollm2", "--dtype", "bfloat16"]).onednn());
+        assert!(!model_args(&["--model", "smollm2", "--dtype", "float32"]).onednn());
+        assert!(model_args(&["--model", "mlp", "--onednn", "on"]).onednn());
+        assert!(!model_args(&["--model", "smollm2", "--dtype", "bfloat16", "--onednn", "off"]).onednn());
+        assert!(Cli::try_parse_from(["rankway-worker", "serve", "--onednn", "yes"]).is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@ use anyhow::Context;
 use clap::Parser;
 use rankway_runtime::executor;
 use rankway_runtime::telemetry::{self, Telemetry, TelemetryArgs};
+use rankway_worker::collective::c10d::set_onednn;
 use rankway_worker::config::{Cli, Command, ModelKind};
 use rankway_worker::generate::bench::GenBenchRow;
 use rankway_worker::{bench, launch, serve};
@@ -26,6 +27,7 @@ fn init_telemetry(args: &TelemetryArgs) -> anyhow::Result<Telemetry> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
+            set_onednn(args.model.onednn());
             let rt = executor::build(args.io_threads.into()).context("tokio runtime")?;
             rt.block_on(async {
                 let telemetry = init_telemetry(&cli.telemetry)?;
@@ -48,6 +50,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
         }
         Command::Bench(args) => {
+            set_onednn(args.model.onednn());
             // In process, no spans to export.
             let _logs = init_telemetry(&TelemetryArgs {
                 otlp_endpoint: None,

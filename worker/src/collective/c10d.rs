@@ -1,6 +1,6 @@
 //! Safe binding of the c10d shim (`c10d_shim.cpp`): a torch c10d process group joined
-//! through a TCPStore, Gloo on CPU or NCCL on GPU. This module is the only `unsafe` in
-//! the workspace.
+//! through a TCPStore, Gloo on CPU or NCCL on GPU, and [`set_onednn`]. This module is
+//! the only `unsafe` in the workspace.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
@@ -45,6 +45,15 @@ unsafe extern "C" {
     fn rw_group_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
     fn rw_group_free(group: *mut c_void);
     fn rw_free_error(err: *mut c_char);
+    fn rw_set_onednn(enabled: c_int);
+}
+
+/// Lets libtorch use oneDNN for the CPU operators it has kernels for, or not, for the
+/// whole process (`torch.backends.mkldnn.enabled` in Python). Set it before a model
+/// runs: libtorch reads the flag on every call without a lock.
+pub fn set_onednn(enabled: bool) {
+    // SAFETY: stores one bool in libtorch's global context; nothing else to uphold.
+    unsafe { rw_set_onednn(c_int::from(enabled)) }
 }
 
 /// Which c10d backend a group uses.

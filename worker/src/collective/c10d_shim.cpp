@@ -2,7 +2,8 @@
 // with RANKWAY_NCCL, ProcessGroupNCCL (GPU). Tensors are the at::Tensor* that tch's
 // Tensor::as_mut_ptr() gives. No exception crosses the boundary: every c10::Error or
 // std::exception becomes a malloc'd message returned through `err` (free with
-// rw_free_error) and a non-zero / null result.
+// rw_free_error) and a non-zero / null result. It also carries the one libtorch setting
+// the worker needs that tch does not expose: oneDNN on or off (rw_set_onednn).
 #define USE_C10D_GLOO
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -146,6 +147,10 @@ int rw_group_barrier(void* group, char** err) {
 
 void rw_group_free(void* group) {
   delete static_cast<Group*>(group);
+}
+
+void rw_set_onednn(int enabled) {
+  at::globalContext().setUserEnabledMkldnn(enabled != 0);
 }
 
 void rw_free_error(char* err) {
