@@ -8,6 +8,14 @@
 //! It exists because k6's JavaScript costs more CPU than the gateway on 2 cores; like
 //! wrk it runs on one thread. With `--rate` requests go out evenly spaced, each on the
 //! next idle connection (see `pace`); latency is measured from the send.
+//!
+//! Its gRPC client is the `h2` crate's, with the request message encoded once. A tonic
+//! `Channel` adds a buffer task to every call, and hyper's HTTP/2 client, under it,
+//! passes each request through a channel to the connection's task and spawns a task for
+//! its answer. On the same two cores as the gateway under test, at 8 connections, the
+//! load generator spent 36–38 µs of CPU a gRPC request through tonic, 32 through hyper
+//! and 18–19 through h2 (12–14 µs a REST request). Each answer is still checked: HTTP
+//! 200, `grpc-status` 0, and one uncompressed `ModelInferResponse` that decodes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,9 +24,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use http_body_util::{BodyExt, Full};
-use rankway_proto::inference::ModelInferRequest;
-use rankway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use prost::Message;
 use rankway_proto::inference::model_infer_request::InferInputTensor;
+use rankway_proto::inference::{ModelInferRequest, ModelInferResponse};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
@@ -77,10 +85,72 @@ enum Client {
         Bytes,
         String,
     ),
-    Grpc(
-        GrpcInferenceServiceClient<tonic::transport::Channel>,
-        Box<ModelInferRequest>,
-    ),
+    /// The request as one gRPC message frame (flag, length, message).
+    Grpc(h2::client::SendRequest<Bytes>, Bytes),
+}
+
+/// `ModelInfer`; the authority is any name (the gateway routes on the path).
+const MODEL_INFER: &str = "http://rankway/inference.GRPCInferenceService/ModelInfer";
+
+async fn connect_tcp(addr: SocketAddr) -> Result<TcpStream, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    Ok(tcp)
+}
+
+/// A gRPC message as its length-prefixed frame, uncompressed.
+fn grpc_frame(message: &impl Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut frame = Vec::with_capacity(5 + len);
+    frame.push(0);
+    frame.extend_from_slice(&(len as u32).to_be_bytes());
+    message.encode(&mut frame).expect("a Vec grows");
+    frame.into()
+}
+
+/// The outcome of a gRPC call: `grpc-status` from the trailers, or from the headers of
+/// a trailers-only answer, and the one message a unary answer carries.
+async fn grpc_answer(response: h2::client::ResponseFuture) -> Result<(), String> {
+    let (parts, mut body) = response.await.map_err(|e| e.to_string())?.into_parts();
+    if parts.status != http::StatusCode::OK {
+        return Err(format!("HTTP {}", parts.status));
+    }
+    let mut message = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        message.extend_from_slice(&chunk);
+    }
+    let trailers = body
+        .trailers()
+        .await
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    let field = |name: &str| {
+        trailers
+            .get(name)
+            .or_else(|| parts.headers.get(name))
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    match field("grpc-status").as_deref() {
+        Some("0") => {}
+        Some(code) => {
+            return Err(format!(
+                "grpc-status {code}: {}",
+                field("grpc-message").unwrap_or_default()
+            ));
+        }
+        None => return Err("no grpc-status".into()),
+    }
+    match message.get(5..) {
+        Some(m) if message[0] == 0 => ModelInferResponse::decode(m)
+            .map(|_| ())
+            .map_err(|e| format!("undecodable ModelInferResponse: {e}")),
+        _ => Err(format!(
+            "not one uncompressed gRPC message ({} bytes)",
+            message.len()
+        )),
+    }
 }
 
 /// The one input tensor every request carries: (datatype, shape, JSON data, raw bytes).
@@ -104,11 +174,11 @@ impl Client {
         let (datatype, shape, data, raw) = input(args);
         match args.protocol {
             Protocol::Rest => {
-                let tcp = TcpStream::connect(args.addr).await.map_err(|e| e.to_string())?;
-                tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-                let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(
+                    connect_tcp(args.addr).await?,
+                ))
+                .await
+                .map_err(|e| e.to_string())?;
                 tokio::spawn(conn);
                 let body = serde_json::json!({"inputs": [{
                     "name": args.input, "shape": shape, "datatype": datatype, "data": data}]});
@@ -116,12 +186,10 @@ impl Client {
                 Ok(Client::Rest(send, Bytes::from(body.to_string()), path))
             }
             Protocol::Grpc => {
-                let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))
-                    .map_err(|e| e.to_string())?
-                    .tcp_nodelay(true)
-                    .connect()
+                let (send, conn) = h2::client::handshake(connect_tcp(args.addr).await?)
                     .await
                     .map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
                 let req = ModelInferRequest {
                     model_name: args.model.clone(),
                     inputs: vec![InferInputTensor {
@@ -133,10 +201,7 @@ impl Client {
                     raw_input_contents: vec![raw.into()],
                     ..Default::default()
                 };
-                Ok(Client::Grpc(
-                    GrpcInferenceServiceClient::new(channel),
-                    Box::new(req),
-                ))
+                Ok(Client::Grpc(send, grpc_frame(&req)))
             }
         }
     }
@@ -158,11 +223,17 @@ impl Client {
                 }
                 Ok(())
             }
-            Client::Grpc(client, req) => client
-                .model_infer(*req.clone())
-                .await
-                .map(|_| ())
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+            Client::Grpc(send, frame) => {
+                let req = http::Request::post(MODEL_INFER)
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())
+                    .expect("valid request");
+                let mut ready = send.clone().ready().await.map_err(|e| e.to_string())?;
+                let (response, mut body) = ready.send_request(req, false).map_err(|e| e.to_string())?;
+                body.send_data(frame.clone(), true).map_err(|e| e.to_string())?;
+                grpc_answer(response).await
+            }
         }
     }
 }
