@@ -113,10 +113,12 @@ fn cpu_has_bf16() -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OneDnn {
     /// On for bfloat16 weights, whose CPU matrix products libtorch runs on oneDNN; off
-    /// for float32, where it would run only GELU (MiniLM, the MLP) and costs more per
-    /// call than it saves at these models' sizes.
+    /// for float32, where these models (MiniLM, the MLP) would use it for GELU alone,
+    /// at a cost per call above what it saves at their sizes.
     Auto,
+    /// On for every model.
     On,
+    /// Off for every model.
     Off,
 }
 
@@ -163,8 +165,8 @@ pub struct ModelArgs {
     #[arg(long, env = "RANKWAY_TORCH_THREADS")]
     pub torch_threads: Option<usize>,
     /// Whether libtorch may use oneDNN on the CPU, for the whole process. `auto`: only
-    /// for bfloat16 weights (its matrix products). In float32 it would run only GELU,
-    /// setting up a kernel on every call: under load that doubled the no-op MLP's
+    /// for bfloat16 weights (its matrix products). In float32 these models would use it
+    /// for GELU alone, setting up a kernel on every call: under load that doubled the no-op MLP's
     /// forward, and MiniLM measured the same either way (README, The worker).
     #[arg(long, env = "RANKWAY_ONEDNN", value_enum, default_value_t = OneDnn::Auto)]
     pub onednn: OneDnn,

@@ -236,7 +236,7 @@ pub async fn serve_on(
         stats.clone(),
         stop_rx.clone(),
     ));
-    tracing::info!(%addr, %metrics_addr, group = %args.group, rank = shard.rank, world_size = shard.world, model = %args.model.served_name(), torch_threads = threads, onednn = args.model.onednn(), "worker listening");
+    tracing::info!(%addr, %metrics_addr, group = %args.group, rank = shard.rank, world_size = shard.world, model = %args.model.served_name(), torch_threads = threads, onednn = crate::collective::c10d::onednn_enabled(), "worker listening");
 
     let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
     let watcher = std::thread::spawn(move || {

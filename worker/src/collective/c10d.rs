@@ -46,6 +46,7 @@ unsafe extern "C" {
     fn rw_group_free(group: *mut c_void);
     fn rw_free_error(err: *mut c_char);
     fn rw_set_onednn(enabled: c_int);
+    fn rw_onednn_enabled() -> c_int;
 }
 
 /// Lets libtorch use oneDNN for the CPU operators it has kernels for, or not, for the
@@ -54,6 +55,12 @@ unsafe extern "C" {
 pub fn set_onednn(enabled: bool) {
     // SAFETY: stores one bool in libtorch's global context; nothing else to uphold.
     unsafe { rw_set_onednn(c_int::from(enabled)) }
+}
+
+/// Whether libtorch may use oneDNN, as libtorch itself reports it.
+pub fn onednn_enabled() -> bool {
+    // SAFETY: reads one bool from libtorch's global context.
+    unsafe { rw_onednn_enabled() != 0 }
 }
 
 /// Which c10d backend a group uses.
@@ -362,6 +369,15 @@ pub(crate) mod tests {
         .err()
         .expect("NCCL with CPU tensors must be refused");
         assert!(err.message.contains("--device cuda"), "{}", err.message);
+    }
+
+    #[test]
+    fn the_onednn_switch_reaches_libtorch() {
+        let before = onednn_enabled();
+        set_onednn(!before);
+        assert_eq!(onednn_enabled(), !before);
+        set_onednn(before);
+        assert_eq!(onednn_enabled(), before);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 // Tensor::as_mut_ptr() gives. No exception crosses the boundary: every c10::Error or
 // std::exception becomes a malloc'd message returned through `err` (free with
 // rw_free_error) and a non-zero / null result. It also carries the one libtorch setting
-// the worker needs that tch does not expose: oneDNN on or off (rw_set_onednn).
+// the worker needs that tch does not expose: oneDNN on or off (rw_set_onednn,
+// rw_onednn_enabled).
 #define USE_C10D_GLOO
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -151,6 +152,10 @@ void rw_group_free(void* group) {
 
 void rw_set_onednn(int enabled) {
   at::globalContext().setUserEnabledMkldnn(enabled != 0);
+}
+
+int rw_onednn_enabled() {
+  return at::globalContext().userEnabledMkldnn() ? 1 : 0;
 }
 
 void rw_free_error(char* err) {
