@@ -32,6 +32,24 @@ fn registered<M: prometheus::core::Collector + Clone + 'static>(registry: &Regis
     metric
 }
 
+/// A gauge registered in `registry`, its series labelled `values` (group, rank).
+fn labelled_gauge(registry: &Registry, values: &[&str], name: &str, help: &str) -> IntGauge {
+    registered(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), &LABELS).expect("valid gauge"),
+    )
+    .with_label_values(values)
+}
+
+/// A counter registered in `registry`, its series labelled `values` (group, rank).
+fn labelled_counter(registry: &Registry, values: &[&str], name: &str, help: &str) -> IntCounter {
+    registered(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), &LABELS).expect("valid counter"),
+    )
+    .with_label_values(values)
+}
+
 pub struct WorkerMetrics {
     registry: Registry,
     /// Connection counts of the gRPC and metrics listeners.
@@ -71,13 +89,8 @@ impl WorkerMetrics {
         let r = Registry::new_custom(Some("rankway_worker".into()), None).expect("valid registry");
         let labels = [group.to_owned(), rank.to_string()];
         let values = [labels[0].as_str(), labels[1].as_str()];
-        let gauge = |name: &str, help: &str| {
-            registered(
-                &r,
-                IntGaugeVec::new(Opts::new(name, help), &LABELS).expect("valid gauge"),
-            )
-            .with_label_values(&values)
-        };
+        let gauge = |name: &str, help: &str| labelled_gauge(&r, &values, name, help);
+        let counter = |name: &str, help: &str| labelled_counter(&r, &values, name, help);
         gauge("world_size", "Ranks in this rank's group.").set(world as i64);
         let seconds = |name: &str, help: &str, extra: &[&'static str]| {
             let names: Vec<&str> = LABELS.iter().chain(extra).copied().collect();
@@ -96,39 +109,15 @@ impl WorkerMetrics {
                 "Time of one collective on this rank (waiting for the other ranks included), by op.",
                 &["op"],
             ),
-            batches: registered(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("batches_total", "Batches this rank ran a forward pass for."),
-                    &LABELS,
-                )
-                .expect("valid counter"),
-            )
-            .with_label_values(&values),
-            abandoned: registered(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "abandoned_batches_total",
-                        "Batches rank 0 stopped between sub-batches because their caller had gone (deadline passed or cancelled).",
-                    ),
-                    &LABELS,
-                )
-                .expect("valid counter"),
-            )
-            .with_label_values(&values),
-            inline: registered(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "inline_batches_total",
-                        "Batches rank 0 ran on the gRPC thread that received them instead of its model thread (--inline-max).",
-                    ),
-                    &LABELS,
-                )
-                .expect("valid counter"),
-            )
-            .with_label_values(&values),
+            batches: counter("batches_total", "Batches this rank ran a forward pass for."),
+            abandoned: counter(
+                "abandoned_batches_total",
+                "Batches rank 0 stopped between sub-batches because their caller had gone (deadline passed or cancelled).",
+            ),
+            inline: counter(
+                "inline_batches_total",
+                "Batches rank 0 ran on the gRPC thread that received them instead of its model thread (--inline-max).",
+            ),
             ready: gauge(
                 "ready",
                 "1 while this rank is ready (on rank 0: the whole group is complete and warm).",
@@ -146,20 +135,8 @@ impl WorkerMetrics {
     pub fn track_generation(&self, stats: Arc<GenStats>) -> Histogram {
         let values = [self.labels[0].as_str(), self.labels[1].as_str()];
         let r = &self.registry;
-        let gauge = |name: &str, help: &str| {
-            registered(
-                r,
-                IntGaugeVec::new(Opts::new(name, help), &LABELS).expect("valid gauge"),
-            )
-            .with_label_values(&values)
-        };
-        let counter = |name: &str, help: &str| {
-            registered(
-                r,
-                IntCounterVec::new(Opts::new(name, help), &LABELS).expect("valid counter"),
-            )
-            .with_label_values(&values)
-        };
+        let gauge = |name: &str, help: &str| labelled_gauge(r, &values, name, help);
+        let counter = |name: &str, help: &str| labelled_counter(r, &values, name, help);
         let m = GenerationMetrics {
             running: gauge("running_sequences", "Sequences in rank 0's running batch."),
             waiting: gauge(
