@@ -11,10 +11,11 @@ use crate::auth::ApiKeys;
 use crate::config::Config;
 use crate::discovery::LeadersDns;
 use crate::frontend::http::RestLimits;
-use crate::frontend::{grpc, router};
+use crate::frontend::oip::grpc;
+use crate::frontend::router;
+use crate::inference::Gateway;
 use crate::metrics::Metrics;
 use crate::pool::{Group, GroupSettings, Pool, WorkerTls};
-use crate::state::Gateway;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rankway_runtime::listen::Listener;
@@ -223,7 +224,7 @@ pub async fn run(
         .connections
         .grpc_server()
         .layer(crate::request_id::RequestIdLayer::grpc(metrics.clone()))
-        .layer(rankway_runtime::listen::grpc_request_errors(
+        .layer(rankway_runtime::grpc_errors::grpc_request_errors(
             cfg.max_request_bytes,
         ))
         .layer(crate::auth::grpc_layer(api_keys))

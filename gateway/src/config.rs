@@ -80,7 +80,7 @@ pub struct Config {
     /// before it is queued. MiniLM reads a text's first 256 tokens (about 1 KiB of
     /// English): the default leaves room for any such text and bounds what a rank
     /// tokenizes. Rank 0 has the same limit (`rankway-worker serve --max-text-bytes`).
-    #[arg(long, env = "RANKWAY_MAX_TEXT_BYTES", default_value_t = rankway_proto::DEFAULT_MAX_TEXT_BYTES)]
+    #[arg(long, env = "RANKWAY_MAX_TEXT_BYTES", default_value_t = rankway_proto::limits::DEFAULT_MAX_TEXT_BYTES)]
     pub max_text_bytes: usize,
     /// How long a REST client may take to send a request's body once its head has come;
     /// a slower one gets 408. (The request's deadline starts once the body is read.)

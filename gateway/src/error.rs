@@ -60,6 +60,11 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A request the client got wrong, as `message` says.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError::InvalidInput(message.into())
+    }
+
     /// A short stable label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {

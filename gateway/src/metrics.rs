@@ -311,13 +311,19 @@ impl Metrics {
         self.rejections.with_label_values(&[model, reason]).inc();
     }
 
-    /// Renders the registry, after refreshing the per-group gauges from `groups` (groups
-    /// that left the pool leave the output too).
+    /// Rejections of `model` counted with `reason`.
+    #[cfg(test)]
+    pub fn rejections(&self, model: &str, reason: &str) -> u64 {
+        self.rejections.with_label_values(&[model, reason]).get()
+    }
+
     /// Connection counts of the REST and gRPC listeners.
     pub fn connections(&self) -> &rankway_runtime::listen::ConnectionMetrics {
         &self.connections
     }
 
+    /// Renders the registry, after refreshing the per-group gauges from `groups` (groups
+    /// that left the pool leave the output too).
     pub fn render(&self, groups: &[GroupView]) -> String {
         for family in [
             &self.group_ready,

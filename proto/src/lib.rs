@@ -4,7 +4,9 @@
 //!   wire compatible with KServe and Triton clients.
 //! - [`worker`]: `rankway.worker.v1.Worker`, between the gateway and a group's rank 0.
 //! - [`codec`]: the raw tensor layout both sides use (little-endian numbers, length-prefixed
-//!   `BYTES` elements).
+//!   `BYTES` elements);
+//! - [`limits`]: the rules of a request that the gateway and rank 0 both enforce, each
+//!   written once with its message.
 //!
 //! Logs, traces and the shutdown signal are the other crate both binaries share,
 //! `rankway-runtime`: the wire stays free of the OpenTelemetry stack.
@@ -26,23 +28,12 @@ pub mod worker {
     /// Metadata key rank 0 sets on an error for a batch it refused before running it
     /// (not ready, queue full): the gateway may retry such a batch on another group.
     pub const NOT_STARTED_KEY: &str = "rankway-not-started";
-
-    /// Limits of a `GenerateRequest`, enforced by the gateway and again by rank 0: the
-    /// prompt's bytes (all message contents, or the raw prompt), the chat messages, the
-    /// stop strings and each stop string's bytes.
-    pub const MAX_PROMPT_BYTES: usize = 256 << 10;
-    pub const MAX_MESSAGES: usize = 256;
-    pub const MAX_STOPS: usize = 4;
-    pub const MAX_STOP_BYTES: usize = 64;
 }
 
 pub mod codec;
+pub mod limits;
 
 use std::time::Duration;
-
-/// Default of the gateway's and the worker's `--max-text-bytes`: the longest text an
-/// embedding request may carry, checked before anything tokenizes it.
-pub const DEFAULT_MAX_TEXT_BYTES: usize = 16 * 1024;
 
 /// A caller's deadline from gRPC's `grpc-timeout` (e.g. `250m` = 250 ms), if set; the
 /// error names the malformed value.

@@ -6,6 +6,7 @@
 //!   HTTP headers, gRPC metadata and the group's step header;
 //! - [`keys`]: key files (API keys, the gateway-to-rank-0 token), reloaded on change;
 //! - [`listen`]: how every listener accepts connections, within a cap and timeouts;
+//! - [`grpc_errors`]: the codes a tonic server answers a malformed request message with;
 //! - [`tls`]: TLS of the gateway's front ends, its certificate reloaded on change;
 //! - [`shutdown`]: the signal both binaries drain on;
 //! - [`sync`]: locks that a panic does not poison;
@@ -17,6 +18,7 @@ pub mod coalesce;
 pub mod executor;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
+pub mod grpc_errors;
 pub mod keys;
 pub mod listen;
 pub mod shutdown;

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::{BenchArgs, ModelKind};
-use crate::engine::{self, EngineError, EngineOptions};
+use crate::engine::EngineError;
+use crate::engine::embedding::{self, EngineOptions};
 use crate::metrics::WorkerMetrics;
 use crate::models::{self, HostTensor, PassLimits};
 
@@ -57,8 +58,8 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchRow>, EngineError> {
         // Batches go through the model thread, as a group of more than one rank's do.
         inline_max: Duration::ZERO,
     };
-    let (engine, _thread) = engine::spawn_leader(
-        engine::single_rank(model_cfg),
+    let (engine, _thread) = embedding::spawn_leader(
+        embedding::single_rank(model_cfg),
         opts,
         Arc::new(WorkerMetrics::new("bench", 0, 1)),
     )

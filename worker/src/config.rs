@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::models::llama::Weights;
+use crate::generate::engine::KvCacheDtype;
+use crate::host::{self, Dtype, OneDnn};
 use crate::models::mlp::MlpConfig;
 use crate::models::{Architecture, ModelConfig};
 
@@ -45,81 +46,6 @@ pub enum ModelKind {
     Mlp,
     /// SmolLM2-135M-Instruct, a generative LLaMA-family decoder (from --gguf).
     Smollm2,
-}
-
-/// How the KV cache holds keys and values (`--kv-cache-dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KvCacheDtype {
-    /// The step's values exactly.
-    Float32,
-    /// Half the bytes per cached token; read back as float32 for attention.
-    Bfloat16,
-}
-
-/// The flag's spelling (`float32`, `bfloat16`), for logs.
-impl std::fmt::Display for KvCacheDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.to_possible_value() {
-            Some(v) => f.write_str(v.get_name()),
-            None => Ok(()),
-        }
-    }
-}
-
-impl KvCacheDtype {
-    pub fn kind(self) -> tch::Kind {
-        match self {
-            KvCacheDtype::Float32 => tch::Kind::Float,
-            KvCacheDtype::Bfloat16 => tch::Kind::BFloat16,
-        }
-    }
-}
-
-/// How a generative model's matrices are held and multiplied (`--dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Dtype {
-    /// bfloat16 on a CPU with AVX512-BF16 (oneDNN's fast kernels), float32 otherwise and
-    /// on CUDA (not yet measured on a GPU).
-    Auto,
-    /// The file's values exactly: the numerics of the reference tests.
-    Float32,
-    /// Half the bytes per step; logits move by about 0.1.
-    Bfloat16,
-}
-
-impl Dtype {
-    /// The weights a rank on `device` loads; every rank of a group resolves `auto` itself.
-    pub fn resolve(self, device: tch::Device) -> Weights {
-        match self {
-            Dtype::Float32 => Weights::Float32,
-            Dtype::Bfloat16 => Weights::BFloat16,
-            Dtype::Auto if device == tch::Device::Cpu && cpu_has_bf16() => Weights::BFloat16,
-            Dtype::Auto => Weights::Float32,
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu_has_bf16() -> bool {
-    std::arch::is_x86_feature_detected!("avx512bf16")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_bf16() -> bool {
-    false
-}
-
-/// Whether libtorch uses oneDNN for the CPU operators it has kernels for (`--onednn`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OneDnn {
-    /// On for bfloat16 weights, whose CPU matrix products libtorch runs on oneDNN; off
-    /// for float32, where these models (MiniLM, the MLP) would use it for GELU alone,
-    /// at a cost per call above what it saves at their sizes.
-    Auto,
-    /// On for every model.
-    On,
-    /// Off for every model.
-    Off,
 }
 
 /// Which model to load and how to run libtorch.
@@ -176,7 +102,7 @@ pub struct ModelArgs {
     /// Longest text MiniLM takes, in bytes; a longer one is refused (INVALID_ARGUMENT)
     /// before it is tokenized, so a batch's tokenizing time and memory are bounded. The
     /// gateway refuses longer texts first (its `--max-text-bytes`, same default).
-    #[arg(long, env = "RANKWAY_MAX_TEXT_BYTES", default_value_t = rankway_proto::DEFAULT_MAX_TEXT_BYTES)]
+    #[arg(long, env = "RANKWAY_MAX_TEXT_BYTES", default_value_t = rankway_proto::limits::DEFAULT_MAX_TEXT_BYTES)]
     pub max_text_bytes: usize,
     /// Where the weights and the group's tensors live: cpu, cuda (GPU 0, a pod's one
     /// GPU) or cuda:N. CUDA needs the worker's `cuda` build and a visible GPU.
@@ -253,7 +179,7 @@ impl ModelArgs {
             }),
             ModelKind::Smollm2 => Architecture::Llama {
                 gguf: self.gguf.clone(),
-                weights: self.dtype.resolve(self.device),
+                weights: host::weights(self.dtype, self.device),
             },
         };
         ModelConfig {
@@ -266,27 +192,15 @@ impl ModelArgs {
         }
     }
 
-    /// `--onednn` resolved for this model: whether libtorch may use oneDNN.
+    /// `--onednn` resolved for this model ([`host::onednn`]).
     pub fn onednn(&self) -> bool {
-        match self.onednn {
-            OneDnn::On => true,
-            OneDnn::Off => false,
-            OneDnn::Auto => matches!(
-                self.config().architecture,
-                Architecture::Llama {
-                    weights: Weights::BFloat16,
-                    ..
-                }
-            ),
-        }
+        host::onednn(self.onednn, &self.config().architecture)
     }
 
-    /// Threads for one of `ranks_on_host` ranks sharing this host's cores.
+    /// `--torch-threads`, or this host's share for one of `ranks_on_host` ranks.
     pub fn torch_threads(&self, ranks_on_host: usize) -> usize {
-        self.torch_threads.unwrap_or_else(|| {
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            (cores / ranks_on_host.max(1)).max(1)
-        })
+        self.torch_threads
+            .unwrap_or_else(|| host::torch_threads(ranks_on_host))
     }
 }
 
@@ -378,18 +292,22 @@ pub struct BenchArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::llama::Weights;
 
     #[test]
     fn dtype_resolves_per_device_and_choice() {
-        assert_eq!(Dtype::Float32.resolve(tch::Device::Cpu), Weights::Float32);
-        assert_eq!(Dtype::Bfloat16.resolve(tch::Device::Cpu), Weights::BFloat16);
-        assert_eq!(Dtype::Auto.resolve(tch::Device::Cuda(0)), Weights::Float32);
-        let cpu = if cpu_has_bf16() {
+        assert_eq!(host::weights(Dtype::Float32, tch::Device::Cpu), Weights::Float32);
+        assert_eq!(
+            host::weights(Dtype::Bfloat16, tch::Device::Cpu),
+            Weights::BFloat16
+        );
+        assert_eq!(host::weights(Dtype::Auto, tch::Device::Cuda(0)), Weights::Float32);
+        let cpu = if std::arch::is_x86_feature_detected!("avx512bf16") {
             Weights::BFloat16
         } else {
             Weights::Float32
         };
-        assert_eq!(Dtype::Auto.resolve(tch::Device::Cpu), cpu);
+        assert_eq!(host::weights(Dtype::Auto, tch::Device::Cpu), cpu);
         let cli = Cli::try_parse_from([
             "rankway-worker",
             "serve",

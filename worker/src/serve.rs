@@ -16,12 +16,13 @@ use crate::collective::c10d::ProcessGroup;
 use crate::collective::observed::Observed;
 use crate::collective::{Collective, Shard, SingleRank};
 use crate::config::ServeArgs;
-use crate::engine::{self, EngineOptions, Loader, ModelThread};
+use crate::engine::ModelThread;
+use crate::engine::embedding::{self, EngineOptions, Loader};
+use crate::formats::gguf::Gguf;
 use crate::generate::engine::{self as gen_engine, GenLoader, GenOptions};
+use crate::generate::schedule::Limits;
 use crate::generate::service::GenService;
 use crate::metrics::WorkerMetrics;
-use crate::models::gguf::Gguf;
-use crate::models::llama::schedule::Limits;
 use crate::models::llama::tokenizer::ChatTokenizer;
 use crate::models::llama::{Llama, LlamaConfig, Weights};
 use crate::models::{self, Architecture, ModelError, PassLimits};
@@ -198,13 +199,13 @@ pub async fn serve_on(
             };
             let load = loader(&args, shard, metrics.clone());
             let (engine, thread) =
-                engine::spawn_leader(load, opts, metrics.clone()).map_err(ServeError::Thread)?;
+                embedding::spawn_leader(load, opts, metrics.clone()).map_err(ServeError::Thread)?;
             (engine.stats().clone(), thread, Some(Engine::Embedding(engine)))
         }
         _ => {
             let load = loader(&args, shard, metrics.clone());
             let (stats, thread) =
-                engine::spawn_follower(load, threads, metrics.clone()).map_err(ServeError::Thread)?;
+                embedding::spawn_follower(load, threads, metrics.clone()).map_err(ServeError::Thread)?;
             (stats, thread, None)
         }
     };
@@ -252,7 +253,7 @@ pub async fn serve_on(
     let server = args
         .connections
         .grpc_server()
-        .layer(rankway_runtime::listen::grpc_request_errors(
+        .layer(rankway_runtime::grpc_errors::grpc_request_errors(
             rankway_proto::worker::MAX_MESSAGE_BYTES,
         ))
         .layer(GrpcAuthLayer::new(token, is_health_check, TOKEN_REFUSED))

@@ -13,7 +13,8 @@ use rankway_runtime::telemetry;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::{EngineError, EngineHandle};
+use crate::engine::EngineError;
+use crate::engine::embedding::EngineHandle;
 use crate::generate::service::{GenService, GenerateStream};
 use crate::models::ModelError;
 use crate::stats::EngineStats;

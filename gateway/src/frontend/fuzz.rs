@@ -10,14 +10,14 @@ use rankway_proto::worker::{DataType, ModelInfo, Tensor, TensorSpec};
 use rankway_runtime::fuzz::run;
 use serde_json::{Value, json};
 
-use super::completions::{Api, Body, parse};
-use super::grpc::to_tensors;
 use super::http::rest_timeout;
-use super::json_tensor::input_to_tensor;
-use super::openai::{EmbeddingsRequest, base64_and_texts};
-use super::rest::InferRequestJson;
-use crate::model::validate;
+use super::oip::grpc::to_tensors;
+use super::oip::json_tensor::input_to_tensor;
+use super::oip::rest::InferRequestJson;
+use super::openai::embeddings::{EmbeddingsRequest, base64_and_texts};
+use super::openai::request::{Body, Endpoint, parse};
 use crate::request_id::RequestId;
+use crate::validation::validate;
 
 /// The two signatures the gateway serves: MiniLM's text in, and the MLP's FP32 rows.
 fn models() -> [ModelInfo; 2] {
@@ -192,9 +192,9 @@ fn fuzz_openai_request_parsers() {
         });
     run("OpenAI request parsers", body, |body| {
         let text = Value::Object(body.clone()).to_string();
-        for api in [Api::Chat, Api::Completion] {
+        for endpoint in [Endpoint::Chat, Endpoint::Completions] {
             let fields: Body = serde_json::from_str(&text).expect("an object");
-            let _ = parse(api, fields, None, RequestId("fuzz".into()));
+            let _ = parse(endpoint, fields, None, RequestId("fuzz".into()));
         }
         let Ok(req) = serde_json::from_value::<EmbeddingsRequest>(Value::Object(body)) else {
             return;

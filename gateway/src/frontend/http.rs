@@ -13,8 +13,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::error::{ApiError, shown};
+use crate::inference::Gateway;
 use crate::request_id::RequestId;
-use crate::state::Gateway;
 
 pub type AppState = Arc<Gateway>;
 

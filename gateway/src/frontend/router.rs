@@ -11,8 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
+use super::admin;
 use super::http::{AppState, RestLimits};
-use super::{admin, completions, oip_generate, openai, rest};
+use super::oip::{generate, rest};
+use super::openai::{chat, embeddings};
 use crate::auth::ApiKeys;
 use crate::metrics::Metrics;
 use crate::request_id::RequestIdLayer;
@@ -33,15 +35,15 @@ pub fn router(
         .route("/v2/models/{model}", get(rest::model_metadata))
         .route("/v2/models/{model}/ready", get(rest::model_ready))
         .route("/v2/models/{model}/infer", post(rest::infer))
-        .route("/v2/models/{model}/generate", post(oip_generate::generate))
+        .route("/v2/models/{model}/generate", post(generate::generate))
         .route(
             "/v2/models/{model}/generate_stream",
-            post(oip_generate::generate_stream),
+            post(generate::generate_stream),
         )
-        .route("/v1/embeddings", post(openai::embeddings))
-        .route("/v1/chat/completions", post(completions::chat_completions))
-        .route("/v1/completions", post(completions::completions))
-        .route("/v1/models", get(completions::models));
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(chat::completions))
+        .route("/v1/models", get(chat::models));
     let api = if operator_routes {
         api.merge(operator())
     } else {

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::sampling::Sampling;
+use super::schedule::{Limits, Scheduler};
 use super::{follow_steps, lead_step};
 use crate::collective::c10d::{Backend, JoinOptions, ProcessGroup};
 use crate::collective::{Collective, Shard, SingleRank};
@@ -18,7 +20,6 @@ use crate::config::BenchArgs;
 use crate::group::{self, Header, Op};
 use crate::models::ModelError;
 use crate::models::llama::cache::BlockAllocator;
-use crate::models::llama::schedule::{Limits, Sampling, Scheduler};
 use crate::models::llama::{KvCache, Llama};
 
 const BLOCK: usize = 16;

@@ -8,25 +8,55 @@
 //! heartbeat step every `heartbeat` so a lost rank is noticed. Followers run rank 0's
 //! steps. A failed collective ends the thread, and every open stream gets the error.
 
+use clap::ValueEnum;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc as tmpsc, oneshot};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::oneshot;
 
+use super::sampling::Sampling;
+use super::schedule::{Finish, Limits, Scheduler};
 use super::{follow_steps, lead_step};
 use crate::collective::Collective;
-use crate::config::KvCacheDtype;
 use crate::engine::{EngineError, ModelThread, next_work, start_thread, track_follower};
 use crate::group::Op;
 use crate::models::ModelError;
 use crate::models::llama::cache::BlockAllocator;
-use crate::models::llama::schedule::{Finish, Limits, Sampling, Scheduler};
 use crate::models::llama::{KvCache, Llama};
 use crate::models::{DType, Signature, TensorSpec};
 use crate::stats::{EngineStats, GenStats, Phase};
+
+/// How the KV cache holds keys and values (`--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvCacheDtype {
+    /// The step's values exactly.
+    Float32,
+    /// Half the bytes per cached token; read back as float32 for attention.
+    Bfloat16,
+}
+
+/// The flag's spelling (`float32`, `bfloat16`), for logs.
+impl std::fmt::Display for KvCacheDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl KvCacheDtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            KvCacheDtype::Float32 => tch::Kind::Float,
+            KvCacheDtype::Bfloat16 => tch::Kind::BFloat16,
+        }
+    }
+}
 
 /// Loads this rank's shard and joins the group; run on the model thread.
 pub type GenLoader = Box<dyn FnOnce() -> Result<(Llama, Box<dyn Collective>), ModelError> + Send>;
@@ -62,7 +92,7 @@ pub enum Event {
 struct Submit {
     prompt: Vec<u32>,
     sampling: Sampling,
-    events: tmpsc::UnboundedSender<Event>,
+    events: UnboundedSender<Event>,
     accepted: oneshot::Sender<Result<(), ModelError>>,
 }
 
@@ -90,11 +120,11 @@ impl GenHandle {
         &self,
         prompt: Vec<u32>,
         sampling: Sampling,
-    ) -> Result<tmpsc::UnboundedReceiver<Event>, EngineError> {
+    ) -> Result<UnboundedReceiver<Event>, EngineError> {
         if !self.stats.is_ready() {
             return Err(EngineError::NotReady(self.stats.not_ready_reason()));
         }
-        let (events, rx) = tmpsc::unbounded_channel();
+        let (events, rx) = unbounded_channel();
         let (accepted, accepted_rx) = oneshot::channel();
         let submit = Submit {
             prompt,
@@ -241,7 +271,7 @@ fn lead(
     stats: &GenStats,
     heartbeat: Duration,
 ) -> Result<(), ModelError> {
-    let mut streams: HashMap<u64, tmpsc::UnboundedSender<Event>> = HashMap::new();
+    let mut streams: HashMap<u64, UnboundedSender<Event>> = HashMap::new();
     let mut next_id = 0u64;
     let mut step_id = 0u64;
     let mut admit = |s: Submit, sched: &mut Scheduler, streams: &mut HashMap<u64, _>| {

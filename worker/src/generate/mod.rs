@@ -1,4 +1,4 @@
-//! Generative groups: rank 0 schedules each step ([`crate::models::llama::schedule`]),
+//! Generative groups: rank 0 schedules each step ([`schedule`]),
 //! sends it to every rank as `Op::Step`, and every rank computes its shard of it
 //! against its own part of the KV cache. Followers receive the token ids, positions and
 //! cache rows, never the text, and decide nothing.
@@ -53,6 +53,8 @@ pub fn follow_steps(
 
 pub mod bench;
 pub mod engine;
+pub mod sampling;
+pub mod schedule;
 pub mod service;
 pub mod text;
 

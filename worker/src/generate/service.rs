@@ -10,19 +10,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rankway_proto::worker::{
-    FinishReason, GenerateRequest, GenerateResponse, Generation, MAX_MESSAGES, MAX_PROMPT_BYTES,
-};
+use rankway_proto::limits::check_generate;
+use rankway_proto::worker::{FinishReason, GenerateRequest, GenerateResponse, Generation};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tracing::Instrument;
 
 use super::engine::{Event, GenHandle};
-use super::text::{TextStream, check_stops};
+use super::sampling::Sampling;
+use super::schedule::Finish;
+use super::text::TextStream;
 use crate::engine::EngineError;
 use crate::models::ModelError;
-use crate::models::llama::schedule::{Finish, Sampling};
 use crate::models::llama::tokenizer::{ChatTokenizer, Message, Role};
 
 pub type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
@@ -68,46 +68,25 @@ impl GenService {
         }
     }
 
-    /// The prompt's token ids.
+    /// The prompt's token ids, from a request [`check_generate`] has passed.
     fn prompt(&self, req: &mut GenerateRequest) -> Result<Vec<u32>, ModelError> {
-        if req.messages.len() > MAX_MESSAGES {
-            return Err(ModelError::InvalidInput(format!(
-                "{} messages: at most {MAX_MESSAGES}",
-                req.messages.len()
-            )));
-        }
-        let bytes: usize = req.prompt.len() + req.messages.iter().map(|m| m.content.len()).sum::<usize>();
-        if bytes > MAX_PROMPT_BYTES {
-            return Err(ModelError::InvalidInput(format!(
-                "the prompt is {bytes} bytes: at most {MAX_PROMPT_BYTES}"
-            )));
-        }
-        match (req.messages.is_empty(), req.prompt.is_empty()) {
-            (false, true) => {
-                let messages = std::mem::take(&mut req.messages)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, m)| {
-                        Ok(Message {
-                            role: Role::parse(&m.role)?,
-                            content: utf8(&format!("messages[{i}].content"), m.content)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, ModelError>>()?;
-                if messages.iter().all(|m| m.content.trim().is_empty()) {
-                    return Err(ModelError::InvalidInput("the prompt is empty".into()));
-                }
-                self.tokenizer.encode_chat(&messages)
-            }
+        if req.messages.is_empty() {
             // A raw prompt is the model's own format: control tokens written are those tokens.
-            (true, false) => self
+            return self
                 .tokenizer
-                .encode(&utf8("prompt", std::mem::take(&mut req.prompt))?),
-            (false, false) => Err(ModelError::InvalidInput(
-                "give messages or prompt, not both".into(),
-            )),
-            (true, true) => Err(ModelError::InvalidInput("the prompt is empty".into())),
+                .encode(&utf8("prompt", std::mem::take(&mut req.prompt))?);
         }
+        let messages = std::mem::take(&mut req.messages)
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                Ok(Message {
+                    role: Role::parse(&m.role)?,
+                    content: utf8(&format!("messages[{i}].content"), m.content)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        self.tokenizer.encode_chat(&messages)
     }
 
     pub async fn generate(
@@ -117,6 +96,12 @@ impl GenService {
     ) -> Result<GenerateStream, Status> {
         let arrived = std::time::Instant::now();
         let invalid = |e: ModelError| Status::from(EngineError::Model(e));
+        // Zero until the model thread has loaded the model; the scheduler checks again.
+        let context = match self.handle.gen_stats().context.load(Ordering::Acquire) {
+            0 => u32::MAX,
+            n => u32::try_from(n).unwrap_or(u32::MAX),
+        };
+        check_generate(&req, context).map_err(|e| invalid(ModelError::InvalidInput(e.to_string())))?;
         let prompt = self.prompt(&mut req).map_err(invalid)?;
         let stops = std::mem::take(&mut req.stop)
             .into_iter()
@@ -124,7 +109,6 @@ impl GenService {
             .map(|(i, s)| utf8(&format!("stop[{i}]"), s))
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;
-        check_stops(&stops).map_err(invalid)?;
         let sampling = Sampling {
             max_tokens: req.max_tokens as usize,
             temperature: req.temperature,

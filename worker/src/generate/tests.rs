@@ -9,13 +9,14 @@ use std::sync::OnceLock;
 use serde::Deserialize;
 use tch::Device;
 
-use super::text::{TextStream, check_stops};
+use super::sampling::Sampling;
+use super::schedule::{Emitted, Limits, Scheduler};
+use super::text::TextStream;
 use super::{follow_steps, lead_step};
 use crate::collective::{Collective, Shard, SingleRank};
+use crate::formats::gguf::Gguf;
 use crate::group::{self, Header, Op};
-use crate::models::gguf::Gguf;
 use crate::models::llama::cache::BlockAllocator;
-use crate::models::llama::schedule::{Emitted, Limits, Sampling, Scheduler};
 use crate::models::llama::tokenizer::{ChatTokenizer, Message, Role};
 use crate::models::llama::{Llama, LlamaConfig, Weights};
 
@@ -421,62 +422,4 @@ fn streamed_text_is_the_decoded_text_and_ends_before_a_stop_string() {
     assert!(ids.len() > text.split(' ').count(), "some characters span tokens");
     assert_eq!(stream(&ids, &[]), (text.to_string(), false));
     assert_eq!(stream(&ids, &["本"]), ("naïve café, 日".to_string(), true));
-}
-
-#[test]
-fn stop_strings_are_bounded() {
-    let four: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
-    assert!(check_stops(&four).is_ok());
-    let five = [four.clone(), vec!["e".into()]].concat();
-    assert!(check_stops(&five).unwrap_err().to_string().contains("at most 4"));
-    assert!(
-        check_stops(&["".to_string()])
-            .unwrap_err()
-            .to_string()
-            .contains("1 to 64 bytes")
-    );
-    assert!(check_stops(&["x".repeat(65)]).is_err());
-}
-
-#[test]
-fn requests_that_can_never_run_are_refused_at_once() {
-    let limits = Limits {
-        max_batch_tokens: 64,
-        max_running: 4,
-        max_waiting: 1,
-        context: 100,
-    };
-    let mut s = Scheduler::new(limits, BlockAllocator::new(4, 16), 2);
-    let err = |r: Result<(), crate::models::ModelError>| r.unwrap_err().to_string();
-    assert!(err(s.submit(1, vec![], Sampling::greedy(4))).contains("empty"));
-    assert!(err(s.submit(1, vec![5; 10], Sampling::greedy(0))).contains("max_tokens 0"));
-    assert!(err(s.submit(1, vec![5; 10], Sampling::greedy(101))).contains("max_tokens 101"));
-    assert!(err(s.submit(1, vec![5; 90], Sampling::greedy(20))).contains("exceed the context length 100"));
-    assert!(err(s.submit(1, vec![5; 60], Sampling::greedy(20))).contains("can never fit"));
-    let hot = Sampling {
-        temperature: -1.0,
-        ..Sampling::greedy(4)
-    };
-    assert!(err(s.submit(1, vec![5; 4], hot)).contains("temperature -1"));
-    for top_p in [0.0, 1.5, f32::NAN] {
-        let s2 = Sampling {
-            temperature: 1.0,
-            top_p,
-            ..Sampling::greedy(4)
-        };
-        assert!(err(s.submit(1, vec![5; 4], s2)).contains("top_p"));
-    }
-    s.submit(1, vec![5; 4], Sampling::greedy(4)).unwrap();
-    assert!(err(s.submit(2, vec![5; 4], Sampling::greedy(4))).contains("already wait"));
-    // One that fits later waits: the cache holds 64 tokens, two of 40 cannot run at once.
-    let mut s = Scheduler::new(limits, BlockAllocator::new(4, 16), 2);
-    s.submit(1, vec![5; 20], Sampling::greedy(20)).unwrap();
-    assert!(s.plan(64).is_some());
-    s.submit(2, vec![5; 20], Sampling::greedy(20)).unwrap();
-    assert!(s.plan(64).is_some());
-    assert_eq!((s.running(), s.waiting()), (1, 1));
-    assert!(s.cancel(1));
-    assert_eq!(s.free_tokens(), 64);
-    assert!(s.plan(64).is_some());
-    assert_eq!((s.running(), s.waiting()), (1, 0));
 }

@@ -6,8 +6,6 @@
 //! could be the start of a stop string is held back until it is known not to be; when a
 //! stop string appears, the text ends just before it.
 
-use rankway_proto::worker::{MAX_STOP_BYTES, MAX_STOPS};
-
 use crate::models::ModelError;
 use crate::models::llama::tokenizer::ChatTokenizer;
 
@@ -21,23 +19,6 @@ pub struct TextStream<'t> {
     text: String,
     /// Bytes of `text` already released.
     sent: usize,
-}
-
-/// Checks the stop strings a request gave.
-pub fn check_stops(stops: &[String]) -> Result<(), ModelError> {
-    if stops.len() > MAX_STOPS {
-        return Err(ModelError::InvalidInput(format!(
-            "{} stop strings: at most {MAX_STOPS}",
-            stops.len()
-        )));
-    }
-    if let Some(bad) = stops.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
-        return Err(ModelError::InvalidInput(format!(
-            "a stop string must be 1 to {MAX_STOP_BYTES} bytes, got {} bytes",
-            bad.len()
-        )));
-    }
-    Ok(())
 }
 
 impl<'t> TextStream<'t> {

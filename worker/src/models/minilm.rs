@@ -9,13 +9,14 @@
 
 use std::path::Path;
 
+use rankway_proto::limits::check_text_bytes;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use super::safetensors::ShardReader;
 use super::{DType, HostTensor, Model, ModelConfig, ModelError, Prepared, Signature, TensorSpec, Values};
 use crate::collective::{Collective, Shard};
+use crate::formats::safetensors::ShardReader;
 
 pub const INPUT: &str = "text";
 pub const OUTPUT: &str = "embedding";
@@ -237,17 +238,8 @@ impl Model for MiniLm {
                 elements.len()
             )));
         }
-        if let Some((i, e)) = elements
-            .iter()
-            .enumerate()
-            .find(|(_, e)| e.len() > self.max_text_bytes)
-        {
-            return Err(ModelError::InvalidInput(format!(
-                "text {i} is {} bytes; texts of at most {} bytes are accepted (--max-text-bytes)",
-                e.len(),
-                self.max_text_bytes
-            )));
-        }
+        check_text_bytes(&elements, self.max_text_bytes)
+            .map_err(|e| ModelError::InvalidInput(e.to_string()))?;
         let texts = elements
             .iter()
             .enumerate()

@@ -5,11 +5,9 @@
 //! [`Model::outputs`] (rank 0 only: back to host tensors). Models speak only their own
 //! types ([`types`]); the gRPC edge converts.
 
-pub mod gguf;
 pub mod llama;
 pub mod minilm;
 pub mod mlp;
-pub mod safetensors;
 pub mod types;
 
 use tch::Tensor;

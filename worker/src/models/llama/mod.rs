@@ -21,7 +21,6 @@
 //! values from the paged [`KvCache`] through its cache rows.
 
 pub mod cache;
-pub mod schedule;
 pub mod tokenizer;
 
 use std::path::Path;
@@ -29,8 +28,8 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::collective::{Collective, Shard};
+use crate::formats::gguf::Gguf;
 use crate::models::ModelError;
-use crate::models::gguf::Gguf;
 pub use cache::KvCache;
 
 /// The shape of the model, from the GGUF metadata.

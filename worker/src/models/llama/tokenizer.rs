@@ -24,8 +24,8 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::formats::gguf::Gguf;
 use crate::models::ModelError;
-use crate::models::gguf::Gguf;
 
 /// GGUF token type of control tokens.
 const TOKEN_TYPE_CONTROL: u64 = 3;
