@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # `make bench-tracing`: throughput and latency of one 2-rank group behind the gateway with
 # tracing off, then on at 100% sampling (every process exporting over OTLP/gRPC to a
-# loopback sink, gateway/examples/otlp_sink.rs), loaded the same way by k6.
+# loopback sink, tests/examples/otlp_sink.rs), loaded the same way by k6.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 BIN=target/release
 bench_init
-cargo build --release -q -j2 -p rankway-gateway --example otlp_sink
+cargo build --release -q -j2 -p rankway-system-tests --example otlp_sink
 SINK=target/release/examples/otlp_sink
 SINK_ADDR=127.0.0.1:$(free_port)
 

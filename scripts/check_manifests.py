@@ -8,7 +8,7 @@ any other kind without a schema fails the check. Before that, a manifest with an
 field must be rejected, so the check is known to be able to fail.
 
 Cross-references that schemas cannot see (serviceName, selectors, MASTER_ADDR,
-WORLD_SIZE, ports, flags) are checked by gateway/tests/deploy_manifests.rs.
+WORLD_SIZE, ports, flags) are checked by tests/tests/deploy_manifests.rs.
 Usage: check_manifests.py [KUBERNETES_VERSION]
 """
 import pathlib

@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-CRATES = ["proto", "runtime", "gateway", "worker"]
+CRATES = ["proto", "runtime", "gateway", "worker", "tests"]
 PATH_RE = re.compile(r"\b(crate|super|self)((?:::[A-Za-z_][A-Za-z0-9_]*)+)")
 USE_GROUP_RE = re.compile(r"\buse\s+(crate|super|self)((?:::[A-Za-z_][A-Za-z0-9_]*)*)::\{([^;]*)\}\s*;", re.S)
 COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)

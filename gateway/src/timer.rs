@@ -1,9 +1,9 @@
 //! A timer with microsecond resolution, for the batcher's queue delay.
 //!
 //! Tokio's timer wheel works in whole milliseconds and rounds every deadline up to the
-//! next tick, so `tokio::time::sleep(50µs)` returns after 1–2 ms. A
-//! `--max-queue-delay-us 50` built on it held a lone request for 1.5 ms (p50 at one
-//! connection to the no-op model, against 0.36 ms with no delay). This timer is a
+//! next tick, so `tokio::time::sleep(50µs)` returns after a millisecond or more, and a
+//! sub-millisecond `--max-queue-delay-us` built on it would hold a lone request for a
+//! whole tick (measured in docs/gateway/batching.md). This timer is a
 //! Linux timerfd armed for the exact wait and watched by the reactor like a socket, so
 //! the wait ends when it should (the kernel's hrtimer, not a tick).
 

@@ -5,10 +5,8 @@ use tokio::runtime::{Builder, Runtime};
 /// A runtime of `io_threads` threads. One thread gets Tokio's current-thread scheduler:
 /// every task then runs on the thread that drives the sockets, and a request that hops
 /// between tasks (REST handler, batcher, call to rank 0, reply) never goes through the
-/// multi-thread scheduler's shared queues and wake-ups. Measured on a 2-core VM against a
-/// one-worker multi-thread runtime, alternating runs of the no-op model at 8 REST
-/// connections: 8-22% less gateway CPU per request and as many or more requests per
-/// second; gRPC the same within the noise.
+/// multi-thread scheduler's shared queues and wake-ups: less gateway CPU per request
+/// than a one-worker multi-thread runtime (docs/gateway/batching.md).
 pub fn build(io_threads: usize) -> std::io::Result<Runtime> {
     let mut builder = if io_threads <= 1 {
         Builder::new_current_thread()

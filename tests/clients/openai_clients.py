@@ -1,6 +1,6 @@
 """Unmodified OpenAI clients against Rankway: the `openai` SDK (chat and completions,
 streamed and whole) and langchain-openai's ChatOpenAI (streaming). Prints one JSON
-object with what each client got; gateway/tests/generation_gateway.rs checks it.
+object with what each client got; tests/tests/generation_gateway.rs checks it.
 
 Usage: python tests/clients/openai_clients.py BASE_URL MODEL QUESTION
 """

@@ -1,6 +1,6 @@
 """tritonclient.grpc, unmodified, against Rankway: one streamed generation over
 ModelStreamInfer (start_stream + async_stream_infer) and one unary ModelInfer of the
-same prompt. Prints one JSON object; gateway/tests/generation_gateway.rs checks it.
+same prompt. Prints one JSON object; tests/tests/generation_gateway.rs checks it.
 
 Usage: python tests/clients/triton_stream.py HOST:PORT MODEL PROMPT MAX_TOKENS
 """

@@ -198,3 +198,27 @@ async fn a_client_trace_reaches_every_rank_and_metrics_lint_clean() {
         assert_eq!(sample_sum(&text, "rankway_worker_ready", &label), 1.0, "{text}");
     }
 }
+
+#[tokio::test]
+async fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    use rankway_system_tests::{Proc, gateway_bin, worker_bin};
+    let mut worker = std::process::Command::new(worker_bin());
+    worker.args(["serve", "--model=mlp", "--torch-threads=1", "--log-format=text"]).args([
+        "--listen=127.0.0.1:0",
+        "--metrics-listen=127.0.0.1:0",
+    ]);
+    let worker = Proc::spawn(worker);
+    let mut gateway = std::process::Command::new(gateway_bin());
+    gateway.args([
+        "--http-listen=127.0.0.1:0",
+        "--grpc-listen=127.0.0.1:0",
+        "--group=g=127.0.0.1:1",
+        "--log-format=text",
+    ]);
+    let gateway = Proc::spawn(gateway);
+    for (what, proc, line) in [("worker", &worker, "worker listening"), ("gateway", &gateway, "gateway listening")] {
+        let log = proc.log_when(line, |log| log.contains(line)).await;
+        assert!(log.contains(" INFO "), "{what}: a text log, not JSON:\n{log}");
+        assert!(!log.contains('\u{1b}'), "{what}: colour codes in a piped log:\n{log:?}");
+    }
+}

@@ -92,8 +92,8 @@ pub struct ModelArgs {
     pub torch_threads: Option<usize>,
     /// Whether libtorch may use oneDNN on the CPU, for the whole process. `auto`: only
     /// for bfloat16 weights (its matrix products). In float32 these models would use it
-    /// for GELU alone, setting up a kernel on every call: under load that doubled the
-    /// no-op MLP's forward, and MiniLM measured the same either way (README, The worker).
+    /// for GELU alone, setting up a kernel on every call, which costs more than it saves
+    /// at their sizes (docs/worker.md).
     #[arg(long, env = "RANKWAY_ONEDNN", value_enum, default_value_t = OneDnn::Auto)]
     pub onednn: OneDnn,
     /// Largest batch (rows) accepted in one call.

@@ -1,12 +1,16 @@
-//! Rankway worker: serves one tensor-parallel shard of a model with libtorch.
+//! Rankway worker: serves one tensor-parallel shard of a model with libtorch; rank 0 of a
+//! group drives it.
 //!
-//! Layout: [`config`] (flags), [`models`] (MiniLM, synthetic MLP; no wire types),
-//! [`collective`] (collectives between ranks, the c10d binding, their measuring wrapper),
-//! [`rendezvous`] (how a rank finds its group), [`group`] (the protocol rank 0 drives),
-//! [`engine`] (the model thread), [`stats`] (what the model thread reports), [`wire`]
-//! (models' types ⇄ `rankway.worker.v1`), [`server`] (gRPC), [`metrics`] (Prometheus),
-//! [`serve`] (the `serve` command), [`bench`] (the `bench` command), [`launch`] (the
-//! local launcher).
+//! Layout: [`config`] (the command line), [`host`] (what this CPU makes of it: weights,
+//! oneDNN, threads), [`models`] (MiniLM, the synthetic MLP, the LLaMA decoder; no wire
+//! types), [`formats`] (GGUF and safetensors files), [`collective`] (collectives between
+//! ranks, the c10d binding, their measuring wrapper), [`rendezvous`] (how a rank finds
+//! its group), [`group`] (the step protocol rank 0 drives), [`engine`] (the model-thread
+//! kernel and the embedding engine), [`generate`] (the generative engine, its scheduler
+//! and sampling, streamed text, `Generate`), [`stats`] (what the model thread reports),
+//! [`wire`] (models' types ⇄ `rankway.worker.v1`), [`server`] (gRPC), [`metrics`]
+//! (Prometheus), [`serve`] (the `serve` command), [`bench`] (the `bench` command),
+//! [`launch`] (the local launcher).
 
 #![deny(unsafe_code)]
 

@@ -60,10 +60,9 @@ impl PassLimits {
         pass_cost_tokens: usize::MAX,
     };
 
-    /// Measured on MiniLM with two CPU threads: each extra pass over a request of eight
-    /// short texts added 4.6 ms, what about 35 tokens of a 256-token text cost. 128 keeps
-    /// a batch of short texts of different lengths (5 to 16 tokens, as `make bench`
-    /// sends) whole, and still splits a long text from short ones.
+    /// What an extra pass costs, in padded tokens, with a margin (docs/worker.md gives
+    /// the measurement): it keeps a batch of short texts of different lengths (5 to 16
+    /// tokens, as `make bench` sends) whole, and still splits a long text from short ones.
     pub const PASS_COST_TOKENS: usize = 128;
 }
 

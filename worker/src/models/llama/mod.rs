@@ -140,8 +140,8 @@ pub enum Weights {
     Float32,
     /// Matrices rounded to bfloat16 and multiplied in bfloat16 (float32 accumulation,
     /// the product rounded to bfloat16): half the bytes a step reads. On CPUs with
-    /// AVX512-BF16, oneDNN's kernels make a step 2-3x faster than float32 (measured on
-    /// 2 cores; README, "Generation"), at a cost in logits of about 0.1.
+    /// AVX512-BF16, oneDNN's kernels make a step faster than float32 (docs/generation.md),
+    /// at a cost in logits of about 0.1.
     BFloat16,
 }
 
