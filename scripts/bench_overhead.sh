@@ -11,7 +11,7 @@
 # the gateway and rank 0 each spent per request (utime + stime from /proc/PID/stat over
 # the run, warm-up included, over the requests that histogram counted): at one
 # connection their sum is about the request's latency, which bounds what eight
-# connections can add on two cores (README, Benchmarks).
+# connections can add on two cores (docs/benchmarks.md).
 # Then the 8-vs-1 ratio again from ROUNDS (5) alternating pairs of shorter runs (1, then 8
 # connections, PAIR_DURATION 2s each): this host's speed swings by 2x between runs a
 # minute apart, so the ratio of two runs from the table can say 4x or 7x for the same

@@ -58,7 +58,7 @@ pub struct Config {
     pub max_waiting_generations: u32,
     /// Batches in flight per group at most. A group takes two (one running, one staged);
     /// more only while its batches compute in less time than their way to rank 0 and back
-    /// takes, so it is not idle while answers travel (README, Batching).
+    /// takes, so it is not idle while answers travel (docs/gateway/batching.md).
     #[arg(long, env = "RANKWAY_MAX_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
     /// Consecutive failed dispatches after which a group's circuit breaker opens.
@@ -99,8 +99,8 @@ pub struct Config {
     /// this process may use, its CPU limit included, at least one). A request's work is
     /// mostly socket reads and writes, whose TCP processing the kernel does on the same
     /// cores; the fewer threads a request's tasks are spread over, the fewer cross-thread
-    /// wake-ups it costs. One thread runs Tokio's current-thread scheduler (README,
-    /// "Batching").
+    /// wake-ups it costs. One thread runs Tokio's current-thread scheduler
+    /// (docs/gateway/batching.md).
     #[arg(long, env = "RANKWAY_IO_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub io_threads: Option<u16>,
     /// File of API keys, one per line: every request but the health probes must then

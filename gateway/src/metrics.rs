@@ -1,7 +1,7 @@
 //! Prometheus metrics of the gateway, served at `GET /metrics` in the Prometheus text
 //! format (version 0.0.4, what `promtool check metrics` lints). Every name starts with
-//! `rankway_`; units are in the names; counters end in `_total`. The README's
-//! "Observability" section lists them all.
+//! `rankway_`; units are in the names; counters end in `_total`. docs/observability.md
+//! lists them all.
 
 use std::time::Duration;
 

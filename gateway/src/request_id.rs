@@ -320,9 +320,12 @@ mod tests {
         assert_eq!(id("abc-123_XYZ.7"), "abc-123_XYZ.7");
         for bad in ["", "has space", &"x".repeat(MAX_LEN + 1)] {
             let got = id(bad);
-            assert_ne!(got, bad);
+            assert_ne!(got, bad, "{bad:?} is not kept");
             assert_eq!(got.len(), 32, "a new id replaces {bad:?}");
-            assert!(got.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert!(
+                got.bytes().all(|b| b.is_ascii_hexdigit()),
+                "the id that replaces {bad:?}: {got}"
+            );
         }
         let fresh = RequestId::from_header(None).0;
         assert_ne!(fresh, RequestId::from_header(None).0, "new ids differ");

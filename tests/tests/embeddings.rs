@@ -91,10 +91,10 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.status(), 200, "encoding_format {format:?}");
         let v: Value = resp.json().await.unwrap();
-        assert_eq!(v["object"], "list");
-        assert_eq!(v["model"], "minilm");
+        assert_eq!(v["object"], "list", "encoding_format {format:?}");
+        assert_eq!(v["model"], "minilm", "encoding_format {format:?}");
         let data = v["data"].as_array().unwrap();
         let got: Vec<Vec<f32>> = data
             .iter()
@@ -186,8 +186,8 @@ async fn embeddings_match_sentence_transformers_over_every_protocol() {
     for (what, req) in [("gRPC raw", raw_req), ("gRPC typed", typed_req)] {
         let resp = grpc.model_infer(req).await.unwrap().into_inner();
         let i = resp.outputs.iter().position(|o| o.name == "embedding").unwrap();
-        assert_eq!(resp.outputs[i].shape, vec![n, 384]);
-        assert_eq!(resp.outputs[i].datatype, "FP32");
+        assert_eq!(resp.outputs[i].shape, vec![n, 384], "{what}");
+        assert_eq!(resp.outputs[i].datatype, "FP32", "{what}");
         let got: Vec<Vec<f32>> = f32s(&resp.raw_output_contents[i])
             .chunks(384)
             .map(<[f32]>::to_vec)

@@ -203,10 +203,9 @@ async fn a_client_trace_reaches_every_rank_and_metrics_lint_clean() {
 async fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
     use rankway_system_tests::{Proc, gateway_bin, worker_bin};
     let mut worker = std::process::Command::new(worker_bin());
-    worker.args(["serve", "--model=mlp", "--torch-threads=1", "--log-format=text"]).args([
-        "--listen=127.0.0.1:0",
-        "--metrics-listen=127.0.0.1:0",
-    ]);
+    worker
+        .args(["serve", "--model=mlp", "--torch-threads=1", "--log-format=text"])
+        .args(["--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"]);
     let worker = Proc::spawn(worker);
     let mut gateway = std::process::Command::new(gateway_bin());
     gateway.args([
@@ -216,9 +215,15 @@ async fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
         "--log-format=text",
     ]);
     let gateway = Proc::spawn(gateway);
-    for (what, proc, line) in [("worker", &worker, "worker listening"), ("gateway", &gateway, "gateway listening")] {
+    for (what, proc, line) in [
+        ("worker", &worker, "worker listening"),
+        ("gateway", &gateway, "gateway listening"),
+    ] {
         let log = proc.log_when(line, |log| log.contains(line)).await;
         assert!(log.contains(" INFO "), "{what}: a text log, not JSON:\n{log}");
-        assert!(!log.contains('\u{1b}'), "{what}: colour codes in a piped log:\n{log:?}");
+        assert!(
+            !log.contains('\u{1b}'),
+            "{what}: colour codes in a piped log:\n{log:?}"
+        );
     }
 }

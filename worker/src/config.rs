@@ -231,7 +231,7 @@ pub struct ServeArgs {
     /// Tokens per forward pass of a text model on rank 0, padding included (rows × the
     /// pass's longest text); a text longer than this goes alone. Texts go longest first,
     /// each pass padded to its own longest, and a long text is cut apart from short ones
-    /// where that saves padding (README, worker flags). The default is 32 of MiniLM's
+    /// where that saves padding (docs/worker.md). The default is 32 of MiniLM's
     /// longest texts (256 tokens).
     #[arg(long, env = "RANKWAY_SUB_BATCH_TOKENS", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
     pub sub_batch_tokens: u32,

@@ -20,6 +20,7 @@ use std::collections::VecDeque;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rankway_proto::limits::Invalid;
 use tch::{Device, Kind, Tensor};
 
 use super::sampling::{Sampling, sample};
@@ -118,7 +119,7 @@ impl Scheduler {
     /// Queues a sequence, or refuses one that could never run or finds the queue full.
     pub fn submit(&mut self, id: u64, prompt: Vec<u32>, sampling: Sampling) -> Result<(), ModelError> {
         if prompt.is_empty() {
-            return Err(ModelError::InvalidInput("the prompt is empty".into()));
+            return Err(ModelError::InvalidInput(Invalid::EmptyPrompt.to_string()));
         }
         sampling.validate(self.limits.context)?;
         let need = prompt.len() + sampling.max_tokens;

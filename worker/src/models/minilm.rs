@@ -238,7 +238,7 @@ impl Model for MiniLm {
                 elements.len()
             )));
         }
-        check_text_bytes(&elements, self.max_text_bytes)
+        check_text_bytes(elements, self.max_text_bytes)
             .map_err(|e| ModelError::InvalidInput(e.to_string()))?;
         let texts = elements
             .iter()
