@@ -1,6 +1,6 @@
 //! Fuzz targets of the front ends (see `rankway_runtime::fuzz`): whatever a client sends,
 //! the parsers and the checks against a model's signature answer with a value or an
-//! error, never a panic. Each target ends in `model::validate`, as a request would.
+//! error, never a panic. Each target ends in `validation::validate`, as a request would.
 
 use proptest::prelude::*;
 use rankway_proto::codec::encode_bytes_elements;
