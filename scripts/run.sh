@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # `make run`: two MiniLM groups of two tensor-parallel ranks each (rankway-worker launch)
-# behind the gateway, and one generative SmolLM2 group of three ranks (a second launch),
-# all on loopback; Ctrl-C stops everything.
+# behind the gateway, and one generative SmolLM2 group (a second launch), all on
+# loopback; Ctrl-C stops everything. Every rank of a generative group computes every step,
+# so the group gets 3 ranks (SmolLM2's heads split 1 or 3 ways) only on a machine with at
+# least 3 cores, else 1: more busy ranks than cores would take turns on them
+# (RANKWAY_RUN_GENERATIVE_RANKS chooses; the MiniLM ranks sit idle between requests).
 # Ports: REST 8000 and gRPC 8001 (gateway); 9000 and 9001 (rank 0 of groups g0, g1);
 # 9100+ (followers' health); 9400+ (each rank's /metrics); 29500+ (c10d stores).
 # The generative group (model "smollm2", behind the gateway too): rank 0 at 9010,
@@ -27,8 +30,20 @@ trap stop INT TERM EXIT
 $BIN/rankway-worker launch --groups "$GROUPS_N" --ranks-per-group "$RANKS_N" &
 pids+=($!)
 GENERATIVE=${RANKWAY_RUN_GENERATIVE:-1}
+CORES=$(nproc)
+if [ -n "${RANKWAY_RUN_GENERATIVE_RANKS:-}" ]; then
+  GEN_RANKS=$RANKWAY_RUN_GENERATIVE_RANKS
+  why="RANKWAY_RUN_GENERATIVE_RANKS"
+elif [ "$CORES" -ge 3 ]; then
+  GEN_RANKS=3
+  why="$CORES cores"
+else
+  GEN_RANKS=1
+  why="$CORES cores: 3 busy ranks would share them"
+fi
 if [ "$GENERATIVE" = 1 ]; then
-  $BIN/rankway-worker launch --groups 1 --ranks-per-group 3 --port 9010 --follower-port 9110 \
+  echo "run: the generative group gets $GEN_RANKS rank(s) ($why)" >&2
+  $BIN/rankway-worker launch --groups 1 --ranks-per-group "$GEN_RANKS" --port 9010 --follower-port 9110 \
     --metrics-port 9410 --master-port 29510 -- --model smollm2 --group smollm2 &
   pids+=($!)
 fi
@@ -56,7 +71,7 @@ MSG
 if [ "$GENERATIVE" = 1 ]; then
   cat <<MSG
 
-The generative model "smollm2" (SmolLM2-135M-Instruct, 3 tensor-parallel ranks) answers
+The generative model "smollm2" (SmolLM2-135M-Instruct, $GEN_RANKS tensor-parallel rank(s)) answers
 through the gateway once its group is ready (its log says "generative group ready"):
 
   curl -sN http://$HTTP/v1/chat/completions -H 'content-type: application/json' \

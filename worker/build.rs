@@ -1,12 +1,18 @@
-//! Builds the c10d shim (`src/collective/c10d_shim.cpp`) against the libtorch that torch-sys
-//! uses (`$LIBTORCH`), and writes `$LIBTORCH/lib` into the binary's rpath so it runs
+//! Builds the C++ shims (`src/collective/c10d_shim.cpp`, `src/models/linear/fbgemm_shim.cpp`)
+//! against the libtorch that torch-sys uses (`$LIBTORCH`), and writes `$LIBTORCH/lib` into the binary's rpath so it runs
 //! without LD_LIBRARY_PATH. Gloo's headers come from Debian's libgloo-dev (the torch
 //! wheel does not ship them). With the `cuda` feature, ProcessGroupNCCL is compiled in.
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    println!("cargo:rerun-if-changed=src/collective/c10d_shim.cpp");
+    const SOURCES: [&str; 2] = [
+        "src/collective/c10d_shim.cpp",
+        "src/models/linear/fbgemm_shim.cpp",
+    ];
+    for file in SOURCES.iter().chain(&["src/shim_error.hpp"]) {
+        println!("cargo:rerun-if-changed={file}");
+    }
     let libtorch = PathBuf::from(
         std::env::var("LIBTORCH")
             .expect("set LIBTORCH to the torch/ folder of the torch wheel (see Makefile)"),
@@ -18,7 +24,7 @@ fn main() {
     let mut build = cc::Build::new();
     build
         .cpp(true)
-        .file("src/collective/c10d_shim.cpp")
+        .files(SOURCES)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
@@ -35,7 +41,7 @@ fn main() {
             build.include(nvidia.join(sub));
         }
     }
-    build.compile("rankway_c10d");
+    build.compile("rankway_shims");
 
     println!("cargo:rustc-link-search=native={}", lib.display());
     if cuda {

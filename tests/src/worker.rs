@@ -22,10 +22,10 @@ pub fn model_dir() -> PathBuf {
 
 /// One `rankway-worker serve` process (a group of one rank).
 /// SmolLM2 ranks in these tests hold float32 matrices: the reference's numerics, which
-/// the answers are compared with. (`auto` picks bfloat16 on a CPU with AVX512-BF16; the
-/// worker's unit tests hold that to the reference within its tolerance, and the image
+/// the answers are compared with. (`auto` picks bfloat16 or float16 by the CPU; the
+/// worker's unit tests hold each kind to the reference within its tolerance, and the image
 /// smoke run in scripts/build_images.sh serves a chat completion with it.)
-pub const FLOAT32: &str = "float32";
+pub const FLOAT32: &str = "f32";
 
 pub struct Worker {
     pub proc: Proc,
@@ -47,7 +47,7 @@ impl Worker {
             .env("RANKWAY_METRICS_LISTEN", "127.0.0.1:0")
             .arg(format!("--model-dir={}", model_dir().display()))
             .arg("--torch-threads=1")
-            .env("RANKWAY_DTYPE", FLOAT32)
+            .env("RANKWAY_WEIGHTS", FLOAT32)
             .env("RANKWAY_DIST_HOST", "127.0.0.1")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .args(extra);
@@ -170,7 +170,7 @@ impl Launcher {
             // free port can clash with other sockets' ephemeral ports.
             .arg("--metrics-port=0")
             .arg("--backoff=200ms")
-            .env("RANKWAY_DTYPE", FLOAT32)
+            .env("RANKWAY_WEIGHTS", FLOAT32)
             .arg("--")
             .arg(format!("--model-dir={}", model_dir().display()))
             .arg("--torch-threads=1")

@@ -199,7 +199,7 @@ async fn rendered_cpu_overlay_serves_embeddings_and_streams_a_chat_completion() 
             format!("{}:{}", h.ip, port_of(c, "metrics")),
         ));
         env.push(("RANKWAY_TORCH_THREADS".into(), "1".into()));
-        env.push(("RANKWAY_DTYPE".into(), FLOAT32.into()));
+        env.push(("RANKWAY_WEIGHTS".into(), FLOAT32.into()));
         let mut cmd = Command::new(worker_bin());
         cmd.env_clear()
             .args(c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()))

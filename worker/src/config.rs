@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::generate::engine::KvCacheDtype;
-use crate::host::{self, Dtype, OneDnn};
+use crate::host::{self, OneDnn, WeightsChoice};
 use crate::models::mlp::MlpConfig;
 use crate::models::{Architecture, ModelConfig};
 
@@ -71,10 +71,11 @@ pub struct ModelArgs {
         default_value = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     )]
     pub gguf: PathBuf,
-    /// Type of the generative model's matrices (the GGUF is dequantized, then held in
-    /// this type); MiniLM and the MLP always run in float32.
-    #[arg(long, env = "RANKWAY_DTYPE", value_enum, default_value_t = Dtype::Auto)]
-    pub dtype: Dtype,
+    /// Kind of the generative model's matrices (the GGUF is dequantized, then held as
+    /// this kind); MiniLM and the MLP always run in float32. The start-up log says what
+    /// `auto` chose and why.
+    #[arg(long, visible_alias = "dtype", env = "RANKWAY_WEIGHTS", value_enum, default_value_t = WeightsChoice::Auto)]
+    pub weights: WeightsChoice,
     #[command(flatten)]
     pub generation: GenerationArgs,
     /// Width of the synthetic MLP (input and output features).
@@ -179,7 +180,7 @@ impl ModelArgs {
             }),
             ModelKind::Smollm2 => Architecture::Llama {
                 gguf: self.gguf.clone(),
-                weights: host::weights(self.dtype, self.device),
+                weights: host::weights(self.weights, self.device).0,
             },
         };
         ModelConfig {
@@ -295,36 +296,45 @@ mod tests {
     use crate::models::llama::Weights;
 
     #[test]
-    fn dtype_resolves_per_device_and_choice() {
-        assert_eq!(host::weights(Dtype::Float32, tch::Device::Cpu), Weights::Float32);
+    fn weights_resolve_per_device_and_choice() {
+        let cpu = |c| host::weights(c, tch::Device::Cpu).0;
+        assert_eq!(cpu(WeightsChoice::F32), Weights::Float32);
+        assert_eq!(cpu(WeightsChoice::Bf16), Weights::BFloat16);
+        assert_eq!(cpu(WeightsChoice::F16), Weights::Float16);
+        assert_eq!(cpu(WeightsChoice::Int8), Weights::Int8);
         assert_eq!(
-            host::weights(Dtype::Bfloat16, tch::Device::Cpu),
-            Weights::BFloat16
+            host::weights(WeightsChoice::Auto, tch::Device::Cuda(0)).0,
+            Weights::Float32
         );
-        assert_eq!(host::weights(Dtype::Auto, tch::Device::Cuda(0)), Weights::Float32);
-        let cpu = if std::arch::is_x86_feature_detected!("avx512bf16") {
+        let auto = if std::arch::is_x86_feature_detected!("avx512bf16") {
             Weights::BFloat16
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            Weights::Float16
         } else {
             Weights::Float32
         };
-        assert_eq!(host::weights(Dtype::Auto, tch::Device::Cpu), cpu);
-        let cli = Cli::try_parse_from([
-            "rankway-worker",
-            "serve",
-            "--model",
-            "smollm2",
-            "--dtype",
-            "float32",
-        ])
-        .unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!("not serve")
+        assert_eq!(cpu(WeightsChoice::Auto), auto);
+        let weights = |flags: &[&str]| {
+            let argv = ["rankway-worker", "serve", "--model", "smollm2"]
+                .iter()
+                .chain(flags);
+            let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not serve")
+            };
+            let Architecture::Llama { weights, .. } = args.model.config().architecture else {
+                panic!("not a generative model")
+            };
+            weights
         };
-        let Architecture::Llama { weights, .. } = args.model.config().architecture else {
-            panic!("not a generative model")
-        };
-        assert_eq!(weights, Weights::Float32);
-        assert!(Cli::try_parse_from(["rankway-worker", "serve", "--dtype", "fp8"]).is_err());
+        assert_eq!(weights(&["--weights", "f32"]), Weights::Float32);
+        assert_eq!(weights(&["--weights", "int8"]), Weights::Int8);
+        // The flag's and the values' older names still parse.
+        assert_eq!(weights(&["--dtype", "float32"]), Weights::Float32);
+        assert_eq!(weights(&["--weights", "bfloat16"]), Weights::BFloat16);
+        assert!(Cli::try_parse_from(["rankway-worker", "serve", "--weights", "fp8"]).is_err());
     }
 
     #[test]
@@ -338,10 +348,11 @@ mod tests {
         };
         assert!(!model_args(&[]).onednn(), "MiniLM runs float32");
         assert!(!model_args(&["--model", "mlp"]).onednn());
-        assert!(model_args(&["--model", "smollm2", "--dtype", "bfloat16"]).onednn());
-        assert!(!model_args(&["--model", "smollm2", "--dtype", "float32"]).onednn());
+        assert!(model_args(&["--model", "smollm2", "--weights", "bf16"]).onednn());
+        assert!(!model_args(&["--model", "smollm2", "--weights", "f32"]).onednn());
+        assert!(!model_args(&["--model", "smollm2", "--weights", "f16"]).onednn());
         assert!(model_args(&["--model", "mlp", "--onednn", "on"]).onednn());
-        assert!(!model_args(&["--model", "smollm2", "--dtype", "bfloat16", "--onednn", "off"]).onednn());
+        assert!(!model_args(&["--model", "smollm2", "--weights", "bf16", "--onednn", "off"]).onednn());
         assert!(Cli::try_parse_from(["rankway-worker", "serve", "--onednn", "yes"]).is_err());
     }
 

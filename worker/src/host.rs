@@ -1,5 +1,5 @@
 //! Host policy: what this machine's CPU and cores make of the command line's choices
-//! (which weights `--dtype auto` loads, whether libtorch uses oneDNN, how many threads a
+//! (which weights `--weights auto` loads, whether libtorch uses oneDNN, how many threads a
 //! rank takes). The command line (`config`) only parses; these decide.
 
 use clap::ValueEnum;
@@ -7,16 +7,26 @@ use clap::ValueEnum;
 use crate::models::Architecture;
 use crate::models::llama::Weights;
 
-/// How a generative model's matrices are held and multiplied (`--dtype`).
+/// How a generative model's matrices are held and multiplied (`--weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Dtype {
-    /// bfloat16 on a CPU with AVX512-BF16 (oneDNN's fast kernels), float32 otherwise and
-    /// on CUDA (not yet measured on a GPU).
+pub enum WeightsChoice {
+    /// The kind measured fastest at 1 to 8 streams that keeps the reference's answers:
+    /// bfloat16 with AVX512-BF16 (oneDNN's kernels), else float16 with AVX2 and F16C
+    /// (fbgemm's kernels), else float32; float32 on CUDA (not yet measured on a GPU).
     Auto,
     /// The file's values exactly: the numerics of the reference tests.
-    Float32,
-    /// Half the bytes per step; logits move by about 0.1.
-    Bfloat16,
+    #[value(name = "f32", alias = "float32")]
+    F32,
+    /// Half the bytes per step; logits move by about 0.1. Fast only with AVX512-BF16.
+    #[value(name = "bf16", alias = "bfloat16")]
+    Bf16,
+    /// Half the bytes per step, fbgemm's AVX2 kernels; logits move by about 0.01. CPU only.
+    #[value(name = "f16", alias = "float16")]
+    F16,
+    /// The fastest: a quarter of the bytes (the MLP's down projection in float16),
+    /// fbgemm's int8 kernels; logits move by up to about 2, so greedy answers part from
+    /// the reference's. CPU only.
+    Int8,
 }
 
 /// Whether libtorch uses oneDNN for the CPU operators it has kernels for (`--onednn`).
@@ -32,24 +42,42 @@ pub enum OneDnn {
     Off,
 }
 
-/// The weights a rank on `device` loads for `dtype`; every rank of a group resolves
-/// `auto` itself.
-pub fn weights(dtype: Dtype, device: tch::Device) -> Weights {
-    match dtype {
-        Dtype::Float32 => Weights::Float32,
-        Dtype::Bfloat16 => Weights::BFloat16,
-        Dtype::Auto if device == tch::Device::Cpu && cpu_has_bf16() => Weights::BFloat16,
-        Dtype::Auto => Weights::Float32,
+/// The weights a rank on `device` loads for `choice`, and why; every rank of a group
+/// resolves `auto` itself.
+pub fn weights(choice: WeightsChoice, device: tch::Device) -> (Weights, &'static str) {
+    match choice {
+        WeightsChoice::F32 => (Weights::Float32, "asked for"),
+        WeightsChoice::Bf16 => (Weights::BFloat16, "asked for"),
+        WeightsChoice::F16 => (Weights::Float16, "asked for"),
+        WeightsChoice::Int8 => (Weights::Int8, "asked for"),
+        WeightsChoice::Auto if device != tch::Device::Cpu => {
+            (Weights::Float32, "auto on a GPU: the only kind measured there")
+        }
+        WeightsChoice::Auto if cpu_has("avx512bf16") => (Weights::BFloat16, "auto: this CPU has AVX512-BF16"),
+        WeightsChoice::Auto if cpu_has("avx2") && cpu_has("fma") && cpu_has("f16c") => (
+            Weights::Float16,
+            "auto: this CPU has AVX2, FMA and F16C and no AVX512-BF16",
+        ),
+        WeightsChoice::Auto => (
+            Weights::Float32,
+            "auto: this CPU has neither AVX512-BF16 nor AVX2",
+        ),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn cpu_has_bf16() -> bool {
-    std::arch::is_x86_feature_detected!("avx512bf16")
+fn cpu_has(feature: &str) -> bool {
+    match feature {
+        "avx512bf16" => std::arch::is_x86_feature_detected!("avx512bf16"),
+        "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+        "fma" => std::arch::is_x86_feature_detected!("fma"),
+        "f16c" => std::arch::is_x86_feature_detected!("f16c"),
+        _ => false,
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_bf16() -> bool {
+fn cpu_has(_feature: &str) -> bool {
     false
 }
 

@@ -22,6 +22,7 @@ use crate::formats::gguf::Gguf;
 use crate::generate::engine::{self as gen_engine, GenLoader, GenOptions};
 use crate::generate::schedule::Limits;
 use crate::generate::service::GenService;
+use crate::host;
 use crate::metrics::WorkerMetrics;
 use crate::models::llama::tokenizer::ChatTokenizer;
 use crate::models::llama::{Llama, LlamaConfig, Weights};
@@ -137,8 +138,13 @@ fn start_generative(
     }
     let join = joiner(args, shard, metrics.clone());
     let (path, device) = (gguf.to_path_buf(), args.model.device);
-    tracing::info!(weights = %weights.name(), "generative model's matrices");
-    let load: GenLoader = Box::new(move || Ok((Llama::load(&path, shard, device, weights)?, join()?)));
+    let (_, why) = host::weights(args.model.weights, device);
+    tracing::info!(weights = %weights.name(), why, "generative model's matrices");
+    let load: GenLoader = Box::new(move || {
+        let model = Llama::load(&path, shard, device, weights)?;
+        crate::shim::trim_heap();
+        Ok((model, join()?))
+    });
     if shard.rank != 0 {
         let (stats, thread) = gen_engine::spawn_follower(load, opts).map_err(ServeError::Thread)?;
         return Ok((stats, thread, None));

@@ -1,9 +1,9 @@
 //! Safe binding of the c10d shim (`c10d_shim.cpp`): a torch c10d process group joined
-//! through a TCPStore, Gloo on CPU or NCCL on GPU, and [`set_onednn`]. This module is
-//! the only `unsafe` in the workspace.
+//! through a TCPStore, Gloo on CPU or NCCL on GPU, and [`set_onednn`]. With `shim.rs`
+//! and `models/linear/fbgemm.rs`, one of the three modules that hold `unsafe`.
 #![allow(unsafe_code)]
 
-use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::ffi::{CString, c_char, c_int, c_void};
 use std::time::Duration;
 
 use tch::Tensor;
@@ -44,7 +44,6 @@ unsafe extern "C" {
     ) -> c_int;
     fn rw_group_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
     fn rw_group_free(group: *mut c_void);
-    fn rw_free_error(err: *mut c_char);
     fn rw_set_onednn(enabled: c_int);
     fn rw_onednn_enabled() -> c_int;
 }
@@ -93,18 +92,10 @@ pub struct JoinOptions {
 
 /// Takes the message the shim allocated, if any.
 fn take_error(err: *mut c_char, op: &'static str) -> CollectiveError {
-    let message = if err.is_null() {
-        "unknown error".to_owned()
-    } else {
-        // SAFETY: the shim sets `err` to a NUL-terminated string from malloc, which we
-        // own and free exactly once here.
-        unsafe {
-            let m = CStr::from_ptr(err).to_string_lossy().into_owned();
-            rw_free_error(err);
-            m
-        }
-    };
-    CollectiveError { op, message }
+    CollectiveError {
+        op,
+        message: crate::shim::take_message(err),
+    }
 }
 
 /// A joined torch c10d process group.

@@ -1,8 +1,7 @@
 // A thin C ABI over libtorch's c10d: TCPStore rendezvous, ProcessGroupGloo (CPU) and,
 // with RANKWAY_NCCL, ProcessGroupNCCL (GPU). Tensors are the at::Tensor* that tch's
-// Tensor::as_mut_ptr() gives. No exception crosses the boundary: every c10::Error or
-// std::exception becomes a malloc'd message returned through `err` (free with
-// rw_free_error) and a non-zero / null result. It also carries the one libtorch setting
+// Tensor::as_mut_ptr() gives. No exception crosses the boundary (shim_error.hpp; free a
+// message with rw_free_error, defined here for every shim). It also carries the one libtorch setting
 // the worker needs that tch does not expose: oneDNN on or off (rw_set_onednn,
 // rw_onednn_enabled).
 #define USE_C10D_GLOO
@@ -14,43 +13,22 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include "../shim_error.hpp"
+
 #include <chrono>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <vector>
 
 namespace {
+
+using rankway::guarded;
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
 };
-
-char* copy_message(const char* what) {
-  size_t n = std::strlen(what);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) {
-    std::memcpy(out, what, n + 1);
-  }
-  return out;
-}
-
-template <typename F>
-int guarded(char** err, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const c10::Error& e) {
-    *err = copy_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    *err = copy_message(e.what());
-  } catch (...) {
-    *err = copy_message("unknown C++ exception");
-  }
-  return 1;
-}
 
 void wait(const c10::intrusive_ptr<c10d::Work>& work, const Group* g) {
   if (!work->wait(g->timeout)) {

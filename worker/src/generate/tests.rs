@@ -26,6 +26,11 @@ use crate::models::llama::{Llama, LlamaConfig, Weights};
 const LOGIT_TOLERANCE: f64 = 0.005;
 /// The same with bfloat16 matrices (the largest difference seen was 0.235).
 const BF16_LOGIT_TOLERANCE: f64 = 0.3;
+/// The same with float16 matrices (the largest difference seen was 0.010).
+const F16_LOGIT_TOLERANCE: f64 = 0.02;
+/// The same with int8 matrices (the largest difference seen was 2.25): wider than every
+/// margin of the fixture, so greedy answers part from the reference's.
+const INT8_LOGIT_TOLERANCE: f64 = 3.0;
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -270,18 +275,37 @@ fn reference_jobs() -> Vec<Job> {
         .collect()
 }
 
+/// The reference's prompts on one rank holding `weights`.
+fn one_rank_on_the_reference(weights: Weights) -> Run {
+    let model = Llama::load(&gguf_path(), Shard::SINGLE, Device::Cpu, weights).unwrap();
+    run(&model, &SingleRank(Device::Cpu), &reference_jobs())
+}
+
 #[test]
 fn one_rank_generates_the_reference_tokens() {
-    let model = Llama::load(&gguf_path(), Shard::SINGLE, Device::Cpu, Weights::Float32).unwrap();
-    let r = run(&model, &SingleRank(Device::Cpu), &reference_jobs());
+    let r = one_rank_on_the_reference(Weights::Float32);
     check_against_reference(&r.tokens, &r.first, LOGIT_TOLERANCE, 8);
 }
 
 #[test]
 fn bfloat16_matrices_stay_near_the_reference() {
-    let model = Llama::load(&gguf_path(), Shard::SINGLE, Device::Cpu, Weights::BFloat16).unwrap();
-    let r = run(&model, &SingleRank(Device::Cpu), &reference_jobs());
+    let r = one_rank_on_the_reference(Weights::BFloat16);
     check_against_reference(&r.tokens, &r.first, BF16_LOGIT_TOLERANCE, 1);
+}
+
+/// float16 matrices (fbgemm) keep the reference's greedy answers on its 8 decisive cases.
+#[test]
+fn float16_matrices_keep_the_reference_answers() {
+    let r = one_rank_on_the_reference(Weights::Float16);
+    check_against_reference(&r.tokens, &r.first, F16_LOGIT_TOLERANCE, 8);
+}
+
+/// int8 matrices keep the first-step logits within their measured error (no case of the
+/// fixture is decisive at that tolerance, so no answer is compared).
+#[test]
+fn int8_matrices_stay_within_their_measured_error() {
+    let r = one_rank_on_the_reference(Weights::Int8);
+    check_against_reference(&r.tokens, &r.first, INT8_LOGIT_TOLERANCE, 0);
 }
 
 /// A bfloat16 KV cache (`--kv-cache-dtype bfloat16`) holds half the bytes and keeps the

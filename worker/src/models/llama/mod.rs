@@ -30,6 +30,8 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::{Collective, Shard};
 use crate::formats::gguf::Gguf;
 use crate::models::ModelError;
+pub use crate::models::linear::Weights;
+use crate::models::linear::{Embedding, Linear};
 pub use cache::KvCache;
 
 /// The shape of the model, from the GGUF metadata.
@@ -120,45 +122,15 @@ impl LlamaConfig {
 
 struct Layer {
     attn_norm: Tensor,
-    /// `[hidden, (q + 2 kv) local heads * head_dim]`: Q, K and V in one matmul.
-    qkv: Tensor,
-    /// `[local heads * head_dim, hidden]`.
-    out: Tensor,
+    /// `[(q + 2 kv) local heads * head_dim, hidden]`: Q, K and V in one product.
+    qkv: Linear,
+    /// `[hidden, local heads * head_dim]`.
+    out: Linear,
     ffn_norm: Tensor,
-    /// `[hidden, 2 * local ffn]`: gate then up.
-    gate_up: Tensor,
-    /// `[local ffn, hidden]`.
-    down: Tensor,
-}
-
-/// How a rank holds the decoder's matrices. The GGUF's values are dequantized to
-/// float32 either way; norms, RoPE, attention and the all-reduced sums stay float32 (the
-/// KV cache too, unless `--kv-cache-dtype bfloat16`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Weights {
-    /// Exactly the file's values (the reference's numerics).
-    Float32,
-    /// Matrices rounded to bfloat16 and multiplied in bfloat16 (float32 accumulation,
-    /// the product rounded to bfloat16): half the bytes a step reads. On CPUs with
-    /// AVX512-BF16, oneDNN's kernels make a step faster than float32 (docs/generation.md),
-    /// at a cost in logits of about 0.1.
-    BFloat16,
-}
-
-impl Weights {
-    pub fn name(self) -> &'static str {
-        match self {
-            Weights::Float32 => "float32",
-            Weights::BFloat16 => "bfloat16",
-        }
-    }
-
-    fn kind(self) -> Kind {
-        match self {
-            Weights::Float32 => Kind::Float,
-            Weights::BFloat16 => Kind::BFloat16,
-        }
-    }
+    /// `[2 * local ffn, hidden]`: gate then up.
+    gate_up: Linear,
+    /// `[hidden, local ffn]`.
+    down: Linear,
 }
 
 pub struct Llama {
@@ -170,7 +142,8 @@ pub struct Llama {
     heads: i64,
     kv_heads: i64,
     ffn: i64,
-    embed: Tensor,
+    /// The token embedding, tied to the output.
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     /// `[positions, head_dim / 2]` each.
@@ -249,23 +222,18 @@ impl Llama {
             let (f0, _) = shard.range(cfg.ffn);
             let gate_up = Tensor::cat(&[rows_of(&gate, f0, ffn), rows_of(&up, f0, ffn)], 0);
             let down = read(&format!("{p}ffn_down.weight"), cfg.hidden)?.narrow(1, f0, ffn);
-            // Kept `[out, in]` (the file's layout, nn.Linear's) and used as `x.mm(w.tr())`:
-            // measured on 2 cores, MKL's kernels for a few rows against the transposed
-            // weight beat an `[in, out]` copy (8 sequences: 113 -> 125 tokens/s).
-            let t = |w: Tensor| w.contiguous().to_kind(weights.kind()).to_device(device);
+            let t = |w: Tensor| Linear::new(&w, weights, device);
             layers.push(Layer {
                 attn_norm: vector(&format!("{p}attn_norm.weight"))?,
-                qkv: t(qkv),
-                out: t(out),
+                qkv: t(qkv)?,
+                out: t(out)?,
                 ffn_norm: vector(&format!("{p}ffn_norm.weight"))?,
-                gate_up: t(gate_up),
-                down: t(down),
+                gate_up: t(gate_up)?,
+                down: Linear::new(&down, weights.for_outlier_inputs(), device)?,
             });
         }
-        // Also the output matrix (tied), so it takes the matrices' type.
-        let embed = read("token_embd.weight", cfg.vocab)?
-            .to_kind(weights.kind())
-            .to_device(device);
+        // Also the output matrix (tied), so it takes the matrices' kind.
+        let embed = Embedding::new(&read("token_embd.weight", cfg.vocab)?, weights, device)?;
         if gguf.tensor("output.weight").is_ok() {
             return Err(ModelError::Load(
                 "an untied output.weight is not supported yet (SmolLM2 ties it to the embedding)".into(),
@@ -348,10 +316,10 @@ impl Llama {
         let cos = self.cos.index_select(0, &positions).unsqueeze(1);
         let sin = self.sin.index_select(0, &positions).unsqueeze(1);
         let plan = AttentionPlan::new(&seqs, &step.rows, self.device);
-        let mut x = self.embed.index_select(0, &ids).to_kind(Kind::Float);
+        let mut x = self.embed.lookup(&ids);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm);
-            let qkv = linear(&h, &layer.qkv);
+            let qkv = layer.qkv.apply(&h)?;
             let q = qkv.narrow(1, 0, self.heads * d).view([n, self.heads, d]);
             let k = qkv
                 .narrow(1, self.heads * d, self.kv_heads * d)
@@ -363,13 +331,13 @@ impl Llama {
             let k = Self::rope(&k, &cos, &sin);
             cache.write(l, &write, &k, &v);
             let attn = self.attend(&plan, &q, &positions, cache, l);
-            let mut o = linear(&attn.view([n, self.heads * d]), &layer.out);
+            let mut o = layer.out.apply(&attn.view([n, self.heads * d]))?;
             comm.all_reduce_sum(&mut o)?;
             x += o;
             let h = self.rms_norm(&x, &layer.ffn_norm);
-            let gu = linear(&h, &layer.gate_up);
+            let gu = layer.gate_up.apply(&h)?;
             let act = gu.narrow(1, 0, self.ffn).silu() * gu.narrow(1, self.ffn, self.ffn);
-            let mut y = linear(&act, &layer.down);
+            let mut y = layer.down.apply(&act)?;
             comm.all_reduce_sum(&mut y)?;
             x += y;
         }
@@ -379,7 +347,7 @@ impl Llama {
         let last = Tensor::from_slice(&seqs.iter().map(|s| s[0] + s[1] - 1).collect::<Vec<_>>())
             .to_device(self.device);
         let h = self.rms_norm(&x.index_select(0, &last), &self.norm);
-        Ok(Some(linear(&h, &self.embed)))
+        Ok(Some(self.embed.logits(&h)?))
     }
 
     /// Attention of every query token of the step, `[tokens, heads, d]`.
@@ -428,14 +396,6 @@ impl Llama {
                 .copy_(&att.permute([2, 0, 1, 3]).reshape([len, kvh * rep, d]));
         }
         out
-    }
-}
-
-/// `x · wᵀ` for a float32 `x` and a `[out, in]` matrix of either [`Weights`] type; float32.
-fn linear(x: &Tensor, w: &Tensor) -> Tensor {
-    match w.kind() {
-        Kind::Float => x.mm(&w.tr()),
-        kind => x.to_kind(kind).mm(&w.tr()).to_kind(Kind::Float),
     }
 }
 
