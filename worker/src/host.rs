@@ -20,7 +20,8 @@ pub enum WeightsChoice {
     /// Half the bytes per step; logits move by about 0.1. Fast only with AVX512-BF16.
     #[value(name = "bf16", alias = "bfloat16")]
     Bf16,
-    /// Half the bytes per step, fbgemm's AVX2 kernels; logits move by about 0.01. CPU only.
+    /// fbgemm's float16 kernels (AVX2): about 2× float32's tokens/s at a few streams,
+    /// slower at many; logits move by about 0.01. CPU only.
     #[value(name = "f16", alias = "float16")]
     F16,
     /// The fastest: a quarter of the bytes (the MLP's down projection in float16),

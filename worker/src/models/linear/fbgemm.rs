@@ -7,10 +7,10 @@
 //!   shifted and scaled onto `[-1, 1]` (and the product corrected back), so that range is
 //!   always `[-1, 1]`: each row is quantized on its own scale, and a row's result does
 //!   not depend on the other rows of the batch. (It halved the first-step logit error
-//!   against the reference, measured.) int32 accumulation, float32 out. Weights use 7 bits (`±63`): fbgemm's AVX2 kernel adds pairs of uint8 × int8
-//!   products in int16 (`vpmaddubsw`), which saturates above 32767; `255 × 63 × 2`
-//!   cannot. (CPUs with AVX512-VNNI accumulate in int32 directly; every CPU gets the same
-//!   numerics.)
+//!   against the reference, measured.) int32 accumulation, float32 out. Weights use 7
+//!   bits (`±63`): fbgemm's AVX2 kernel adds pairs of uint8 × int8 products in int16
+//!   (`vpmaddubsw`), which saturates above 32767; `255 × 63 × 2` cannot. (CPUs with
+//!   AVX512-VNNI accumulate in int32 directly; every CPU gets the same numerics.)
 //! - [`Float16`]: the matrix rounded to float16, multiplied with float32 inputs and
 //!   float32 accumulation.
 #![allow(unsafe_code)]
@@ -105,7 +105,7 @@ impl Int8 {
 
     /// `x · wᵀ` for a float32 `[rows, in]` `x`: `[rows, out]` float32.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor, TchError> {
-        // x = mid + half · u with every row of u spanning [-1, 1]; x·wᵀ = half · (u·wᵀ) + mid · Σw.
+        // x = mid + half · u, every row of u spanning [-1, 1]: x·wᵀ = half · (u·wᵀ) + mid · Σw.
         let (lo, hi) = (x.amin(1, true), x.amax(1, true));
         let mid = (&hi + &lo) * 0.5;
         let half = ((hi - lo) * 0.5).clamp_min(f64::from(f32::MIN_POSITIVE));

@@ -22,12 +22,13 @@ pub enum Weights {
     /// at a cost in logits of about 0.1.
     BFloat16,
     /// Matrices rounded to float16, multiplied by fbgemm's FP16 kernels (AVX2) with
-    /// float32 inputs and accumulation: half float32's bytes, logits within about 0.01.
-    /// CPU only.
+    /// float32 inputs and accumulation; logits within about 0.01. Two bytes a value, but
+    /// fbgemm's packed layout pads the inner dimension to its block (SmolLM2's 576 to
+    /// 1024), so a rank's memory is about 0.9× float32's (measured). CPU only.
     Float16,
     /// Matrices quantized per row to 7-bit integers, multiplied by fbgemm's int8 kernels
     /// (AVX2; AVX-512 and VNNI where present) with each product's input quantized to
-    /// uint8: a quarter of float32's bytes. The MLP's down projection stays float16
+    /// uint8: about a third of float32's memory. The MLP's down projection stays float16
     /// ([`Weights::for_outlier_inputs`]). CPU only.
     Int8,
 }
