@@ -1,14 +1,16 @@
-//! Builds the C++ shims (`src/collective/c10d_shim.cpp`, `src/models/linear/fbgemm_shim.cpp`)
-//! against the libtorch that torch-sys uses (`$LIBTORCH`), and writes `$LIBTORCH/lib` into the binary's rpath so it runs
-//! without LD_LIBRARY_PATH. Gloo's headers come from Debian's libgloo-dev (the torch
-//! wheel does not ship them). With the `cuda` feature, ProcessGroupNCCL is compiled in.
+//! Builds the C++ shims (`src/collective/c10d_shim.cpp`, `src/models/linear/fbgemm_shim.cpp`,
+//! `src/models/parallel_shim.cpp`) against the libtorch that torch-sys uses (`$LIBTORCH`),
+//! and writes `$LIBTORCH/lib` into the binary's rpath so it runs without LD_LIBRARY_PATH.
+//! Gloo's headers come from Debian's libgloo-dev (the torch wheel does not ship them).
+//! With the `cuda` feature, ProcessGroupNCCL is compiled in.
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    const SOURCES: [&str; 2] = [
+    const SOURCES: [&str; 3] = [
         "src/collective/c10d_shim.cpp",
         "src/models/linear/fbgemm_shim.cpp",
+        "src/models/parallel_shim.cpp",
     ];
     for file in SOURCES.iter().chain(&["src/shim_error.hpp"]) {
         println!("cargo:rerun-if-changed={file}");
@@ -28,6 +30,9 @@ fn main() {
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
+        // at::parallel_for (parallel_shim.cpp) is a header template over OpenMP: without
+        // -fopenmp its `omp parallel` compiles to one thread.
+        .flag("-fopenmp")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
@@ -51,5 +56,8 @@ fn main() {
     }
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+    // The OpenMP runtime libtorch itself loads (the wheel's own libgomp.so.1, by the rpath
+    // below), so the shim's parallel regions run on libtorch's threads.
+    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
 }

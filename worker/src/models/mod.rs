@@ -5,6 +5,7 @@
 //! [`Model::outputs`] (rank 0 only: back to host tensors). Models speak only their own
 //! types ([`types`]); the gRPC edge converts.
 
+pub mod kernels;
 pub mod linear;
 pub mod llama;
 pub mod minilm;

@@ -20,6 +20,7 @@ use std::ffi::c_char;
 use tch::{Kind, TchError, Tensor};
 use torch_sys::C_tensor;
 
+use crate::models::kernels;
 use crate::shim::take_message;
 
 unsafe extern "C" {
@@ -69,8 +70,8 @@ pub struct Int8 {
     scales: Tensor,
     /// `[out]` float32 zeros: ATen's bias argument.
     zeros: Tensor,
-    /// `[1, out]` float32: each row's sum of its quantized weights, the product of an
-    /// input row of ones.
+    /// `[out]` float32: each row's sum of its quantized weights, the product of an input
+    /// row of ones.
     row_sums: Tensor,
 }
 
@@ -92,7 +93,7 @@ impl Int8 {
             shape: Tensor::zeros([1, 1], (Kind::Int8, w.device())).expand(q.size(), false),
             col_offsets: q.sum_dim_intlist(1, false, Kind::Int).contiguous(),
             zeros: Tensor::zeros([w.size()[0]], (Kind::Float, w.device())),
-            row_sums: (q.to_kind(Kind::Float).sum_dim_intlist(1, false, Kind::Float) * &scales).unsqueeze(0),
+            row_sums: q.to_kind(Kind::Float).sum_dim_intlist(1, false, Kind::Float) * &scales,
             scales,
         };
         Ok((matrix, q))
@@ -106,11 +107,10 @@ impl Int8 {
     /// `x · wᵀ` for a float32 `[rows, in]` `x`: `[rows, out]` float32.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor, TchError> {
         // x = mid + half · u, every row of u spanning [-1, 1]: x·wᵀ = half · (u·wᵀ) + mid · Σw.
-        let (lo, hi) = (x.amin(1, true), x.amax(1, true));
-        let mid = (&hi + &lo) * 0.5;
-        let half = ((hi - lo) * 0.5).clamp_min(f64::from(f32::MIN_POSITIVE));
-        let u = (x - &mid) / &half;
-        Ok(self.product(&u)? * half + mid * &self.row_sums)
+        let (u, spans) = kernels::span_rows(&x.contiguous());
+        let mut y = self.product(&u)?;
+        kernels::unspan_rows(&mut y, &spans, &self.row_sums);
+        Ok(y)
     }
 
     /// ATen's product as it is: the input quantized with one scale for the call.

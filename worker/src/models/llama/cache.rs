@@ -11,6 +11,8 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::models::kernels;
+
 pub struct KvCache {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
@@ -42,19 +44,32 @@ impl KvCache {
         (self.blocks * self.block_size) as i64
     }
 
-    /// Stores the keys and values (`[tokens, kv heads, d]`) of a step's tokens at `rows`,
-    /// in the cache's kind.
-    pub fn write(&mut self, layer: usize, rows: &Tensor, keys: &Tensor, values: &Tensor) {
-        for (cache, new) in [(&mut self.keys[layer], keys), (&mut self.values[layer], values)] {
-            let _ = cache.index_copy_(0, rows, &new.to_kind(cache.kind()));
+    /// Stores the keys and values of a step's tokens at `rows`, in the cache's kind:
+    /// `qkv` is the step's `[tokens, (heads + 2 · kv heads) · d]` product, keys and values
+    /// its last `2 · kv heads · d` columns.
+    pub fn write(&mut self, layer: usize, rows: &Tensor, qkv: &Tensor) {
+        let width = qkv.size()[1];
+        let kv = self.keys[layer].size()[1] * self.keys[layer].size()[2];
+        let from = width - 2 * kv;
+        for (i, cache) in [&mut self.keys[layer], &mut self.values[layer]]
+            .into_iter()
+            .enumerate()
+        {
+            let start = from + i as i64 * kv;
+            if kernels::on_host(qkv) {
+                kernels::write_rows(cache, rows, qkv, start as usize, kv as usize);
+            } else {
+                let new = qkv
+                    .narrow(1, start, kv)
+                    .view([-1, cache.size()[1], cache.size()[2]]);
+                let _ = cache.index_copy_(0, rows, &new.to_kind(cache.kind()));
+            }
         }
     }
 
-    /// Keys and values at `rows` (any shape), as float32 `[rows.numel(), kv heads, d]`.
-    pub fn gather(&self, layer: usize, rows: &Tensor) -> (Tensor, Tensor) {
-        let flat = rows.reshape([-1]);
-        let read = |cache: &Tensor| cache.index_select(0, &flat).to_kind(Kind::Float);
-        (read(&self.keys[layer]), read(&self.values[layer]))
+    /// One layer's keys and values, `[rows, kv heads, d]` each.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
     }
 
     /// Bytes the cache holds on this rank.

@@ -20,6 +20,7 @@
 //! of the step as one `[tokens, hidden]` matrix; attention reads each sequence's keys and
 //! values from the paged [`KvCache`] through its cache rows.
 
+mod attention;
 pub mod cache;
 pub mod tokenizer;
 
@@ -30,8 +31,10 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::{Collective, Shard};
 use crate::formats::gguf::Gguf;
 use crate::models::ModelError;
+use crate::models::kernels::{self, Heads};
 pub use crate::models::linear::Weights;
 use crate::models::linear::{Embedding, Linear};
+use attention::Plan;
 pub use cache::KvCache;
 
 /// The shape of the model, from the GGUF metadata.
@@ -285,16 +288,38 @@ impl Llama {
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Tensor {
+        if kernels::on_host(x) {
+            return kernels::rms_norm(x, weight, self.cfg.eps);
+        }
         let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
         x * (var + self.cfg.eps).rsqrt() * weight
     }
 
-    /// Rotates adjacent pairs of each head of `x` (`[tokens, heads, d]`).
-    fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-        let size = x.size();
-        let pairs = x.view([size[0], size[1], size[2] / 2, 2]);
+    /// Rotates adjacent pairs of each query and key head of the step's `[tokens, (heads +
+    /// 2 · kv heads) · d]` QKV product in place, by each token's position.
+    fn rope(&self, qkv: &mut Tensor, positions: &Tensor) {
+        let rotated = (self.heads + self.kv_heads) as usize;
+        if kernels::on_host(qkv) {
+            return kernels::rope(qkv, positions, &self.cos, &self.sin, rotated);
+        }
+        let n = qkv.size()[0];
+        let d = self.cfg.head_dim;
+        let mut x = qkv.narrow(1, 0, rotated as i64 * d);
+        let pairs = x.view([n, rotated as i64, d / 2, 2]);
+        let (cos, sin) = (
+            self.cos.index_select(0, positions).unsqueeze(1),
+            self.sin.index_select(0, positions).unsqueeze(1),
+        );
         let (a, b) = (pairs.select(3, 0), pairs.select(3, 1));
-        Tensor::stack(&[&a * cos - &b * sin, &a * sin + &b * cos], 3).view(size.as_slice())
+        let turned = Tensor::stack(&[&a * &cos - &b * &sin, &a * &sin + &b * &cos], 3);
+        x.copy_(&turned.view([n, rotated as i64 * d]));
+    }
+
+    fn silu_mul(&self, gate_up: &Tensor) -> Tensor {
+        if kernels::on_host(gate_up) {
+            return kernels::silu_mul(gate_up, self.ffn);
+        }
+        gate_up.narrow(1, 0, self.ffn).silu() * gate_up.narrow(1, self.ffn, self.ffn)
     }
 
     /// Runs one step on this rank; rank 0 gets `[sequences, vocab]` logits of each
@@ -306,37 +331,29 @@ impl Llama {
         comm: &dyn Collective,
     ) -> Result<Option<Tensor>, ModelError> {
         let _guard = tch::no_grad_guard();
-        let d = self.cfg.head_dim;
         let ids = step.tokens.get(0);
         let positions = step.tokens.get(1);
         let write = step.tokens.get(2);
         let seqs = Vec::<i64>::try_from(step.seqs.to_device(Device::Cpu).view([-1]))?;
         let seqs: Vec<[i64; 3]> = seqs.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect();
-        let n = ids.size()[0];
-        let cos = self.cos.index_select(0, &positions).unsqueeze(1);
-        let sin = self.sin.index_select(0, &positions).unsqueeze(1);
-        let plan = AttentionPlan::new(&seqs, &step.rows, self.device);
+        let plan = Plan::new(&seqs, &step.rows, self.device)?;
+        let shape = Heads {
+            heads: self.heads as usize,
+            kv_heads: self.kv_heads as usize,
+            d: self.cfg.head_dim as usize,
+        };
         let mut x = self.embed.lookup(&ids);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm);
-            let qkv = layer.qkv.apply(&h)?;
-            let q = qkv.narrow(1, 0, self.heads * d).view([n, self.heads, d]);
-            let k = qkv
-                .narrow(1, self.heads * d, self.kv_heads * d)
-                .view([n, self.kv_heads, d]);
-            let v = qkv
-                .narrow(1, (self.heads + self.kv_heads) * d, self.kv_heads * d)
-                .view([n, self.kv_heads, d]);
-            let q = Self::rope(&q, &cos, &sin);
-            let k = Self::rope(&k, &cos, &sin);
-            cache.write(l, &write, &k, &v);
-            let attn = self.attend(&plan, &q, &positions, cache, l);
-            let mut o = layer.out.apply(&attn.view([n, self.heads * d]))?;
+            let mut qkv = layer.qkv.apply(&h)?;
+            self.rope(&mut qkv, &positions);
+            cache.write(l, &write, &qkv);
+            let attn = plan.attend(&qkv, &positions, cache, l, shape);
+            let mut o = layer.out.apply(&attn)?;
             comm.all_reduce_sum(&mut o)?;
             x += o;
             let h = self.rms_norm(&x, &layer.ffn_norm);
-            let gu = layer.gate_up.apply(&h)?;
-            let act = gu.narrow(1, 0, self.ffn).silu() * gu.narrow(1, self.ffn, self.ffn);
+            let act = self.silu_mul(&layer.gate_up.apply(&h)?);
             let mut y = layer.down.apply(&act)?;
             comm.all_reduce_sum(&mut y)?;
             x += y;
@@ -348,107 +365,5 @@ impl Llama {
             .to_device(self.device);
         let h = self.rms_norm(&x.index_select(0, &last), &self.norm);
         Ok(Some(self.embed.logits(&h)?))
-    }
-
-    /// Attention of every query token of the step, `[tokens, heads, d]`.
-    fn attend(
-        &self,
-        plan: &AttentionPlan,
-        q: &Tensor,
-        positions: &Tensor,
-        cache: &KvCache,
-        layer: usize,
-    ) -> Tensor {
-        let d = self.cfg.head_dim;
-        let (kvh, rep) = (self.kv_heads, self.heads / self.kv_heads);
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut out = q.zeros_like();
-        // Decodes: one query each, batched over sequences, keys padded to the longest.
-        if let Some(dec) = &plan.decodes {
-            let b = dec.query.size()[0];
-            let c = dec.rows.size()[1];
-            let qd = q.index_select(0, &dec.query).view([b, kvh, rep, 1, d]);
-            let (k, v) = cache.gather(layer, &dec.rows);
-            let k = k.view([b, c, kvh, d]).permute([0, 2, 1, 3]).unsqueeze(2);
-            let v = v.view([b, c, kvh, d]).permute([0, 2, 1, 3]).unsqueeze(2);
-            let scores = qd.matmul(&k.transpose(-1, -2)) * scale;
-            let scores = scores.masked_fill(&dec.hidden, f64::NEG_INFINITY);
-            let att = scores.softmax(-1, Kind::Float).matmul(&v);
-            let _ = out.index_copy_(0, &dec.query, &att.view([b, kvh * rep, d]));
-        }
-        // Prefills: each sequence alone, causal over its own positions.
-        for p in &plan.prefills {
-            let (start, len) = p.queries;
-            let c = p.rows.size()[0];
-            let qp = q
-                .narrow(0, start, len)
-                .view([len, kvh, rep, d])
-                .permute([1, 2, 0, 3]);
-            let (k, v) = cache.gather(layer, &p.rows);
-            let k = k.view([c, kvh, d]).permute([1, 0, 2]).unsqueeze(1);
-            let v = v.view([c, kvh, d]).permute([1, 0, 2]).unsqueeze(1);
-            let key_pos = Tensor::arange(c, (Kind::Int64, self.device)).unsqueeze(0);
-            let hidden = key_pos.gt_tensor(&positions.narrow(0, start, len).unsqueeze(1));
-            let scores = qp.matmul(&k.transpose(-1, -2)) * scale;
-            let scores = scores.masked_fill(&hidden, f64::NEG_INFINITY);
-            let att = scores.softmax(-1, Kind::Float).matmul(&v);
-            out.narrow(0, start, len)
-                .copy_(&att.permute([2, 0, 1, 3]).reshape([len, kvh * rep, d]));
-        }
-        out
-    }
-}
-
-struct Decodes {
-    /// Index of each decoding sequence's query token in the step.
-    query: Tensor,
-    /// `[b, context]` cache rows.
-    rows: Tensor,
-    /// `[b, 1, 1, 1, context]`: padding positions past each sequence's length.
-    hidden: Tensor,
-}
-
-struct Prefill {
-    queries: (i64, i64),
-    rows: Tensor,
-}
-
-/// How a step's sequences are grouped for attention, the same on every rank.
-struct AttentionPlan {
-    decodes: Option<Decodes>,
-    prefills: Vec<Prefill>,
-}
-
-impl AttentionPlan {
-    fn new(seqs: &[[i64; 3]], rows: &Tensor, device: Device) -> Self {
-        let mut dec_idx = Vec::new();
-        let mut prefills = Vec::new();
-        for (i, &[start, len, ctx]) in seqs.iter().enumerate() {
-            if len == 1 {
-                dec_idx.push(i as i64);
-            } else {
-                prefills.push(Prefill {
-                    queries: (start, len),
-                    rows: rows.get(i as i64).narrow(0, 0, ctx),
-                });
-            }
-        }
-        let decodes = (!dec_idx.is_empty()).then(|| {
-            let ctx: Vec<i64> = dec_idx.iter().map(|&i| seqs[i as usize][2]).collect();
-            let longest = *ctx.iter().max().expect("non-empty");
-            let query: Vec<i64> = dec_idx.iter().map(|&i| seqs[i as usize][0]).collect();
-            let sel = Tensor::from_slice(&dec_idx).to_device(device);
-            let rows = rows.index_select(0, &sel).narrow(1, 0, longest);
-            let lens = Tensor::from_slice(&ctx).to_device(device).view([-1, 1, 1, 1, 1]);
-            let hidden = Tensor::arange(longest, (Kind::Int64, device))
-                .view([1, 1, 1, 1, -1])
-                .ge_tensor(&lens);
-            Decodes {
-                query: Tensor::from_slice(&query).to_device(device),
-                rows,
-                hidden,
-            }
-        });
-        Self { decodes, prefills }
     }
 }
