@@ -8,7 +8,7 @@ JOBS ?= 2
 export LIBTORCH = $(shell ls -d $(CURDIR)/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -n1)
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: all setup build run test structure manifests images example-agent bench bench-overhead bench-generate bench-groups bench-pool bench-tracing fuzz lint clean
+.PHONY: all setup build run test structure manifests images example-agent bench bench-overhead bench-generate bench-vs-llamacpp bench-groups bench-pool bench-tracing fuzz lint clean
 
 all: build
 
@@ -77,6 +77,12 @@ example-agent: setup
 bench-generate: build
 	$(CARGO) build --release -j$(JOBS) -p rankway-gateway --example genload
 	scripts/bench_generate.sh
+
+## Rankway against llama.cpp's llama-server on the same GGUF, load and host, 1/8/32
+## streams (builds llama-server from the llama-cpp-python sdist once, into .llamacpp/).
+bench-vs-llamacpp: build
+	$(CARGO) build --release -j$(JOBS) -p rankway-gateway --example genload
+	scripts/bench_vs_llamacpp.sh
 
 ## One 1-rank group vs one 2-rank group, same machine, through the gateway.
 bench-groups: build
