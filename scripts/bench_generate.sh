@@ -33,8 +33,7 @@ group_rss_mib() {
   echo $((total / 1024))
 }
 
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; flags:" \
-  "$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|f16c|avx512f|avx512_vnni|avx512_bf16|avx_vnni|amx_[a-z0-9]+)$' | sort | tr '\n' ' ')"
+print_cpu
 for kind in $WEIGHTS; do
   HTTP=127.0.0.1:$(free_port)
   WORKER_PORT=$(free_port)

@@ -51,8 +51,7 @@ wait_http() {
   return 1
 }
 
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; flags:" \
-  "$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|f16c|avx512f|avx512_vnni|avx512_bf16|avx_vnni|amx_[a-z0-9]+)$' | sort | tr '\n' ' ')"
+print_cpu
 for n in $STREAMS; do
   echo "bench-vs-llamacpp: $n streams, Rankway ($WEIGHTS) then llama-server" >&2
   HTTP=127.0.0.1:$(free_port)

@@ -73,3 +73,10 @@ start_group_and_gateway() {
   pids+=($!)
   wait_ready "$BENCH_HTTP"
 }
+
+# The CPU a benchmark ran on and the flags that decide its kernels (figures from machines
+# with and without AVX-512 differ).
+print_cpu() {
+  echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; flags:" \
+    "$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|f16c|avx512f|avx512_vnni|avx512_bf16|avx_vnni|amx_[a-z0-9]+)$' | sort | tr '\n' ' ')"
+}
