@@ -125,8 +125,8 @@ pub struct GenerationArgs {
     /// Sequences that may wait for room; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "RANKWAY_MAX_WAITING_SEQUENCES", default_value_t = 128)]
     pub max_waiting_sequences: usize,
-    /// KV cache size in tokens, shared by all sequences (each reserves its prompt plus
-    /// max_tokens). SmolLM2 costs 30 layers x 2 x (3 / world) KV heads x 64 x 4 bytes =
+    /// KV cache size in tokens, shared by all sequences (each holds blocks for its tokens
+    /// so far; the youngest is preempted when it runs short). SmolLM2 costs 30 layers x 2 x (3 / world) KV heads x 64 x 4 bytes =
     /// 46 KiB per token on one rank, 15 KiB per rank in a group of 3 (half of each with
     /// --kv-cache-dtype bfloat16).
     #[arg(long, env = "RANKWAY_KV_CACHE_TOKENS", default_value_t = 16384)]

@@ -10,11 +10,14 @@
 //! ones that finished leave and return their cache blocks. No sequence waits for another
 //! to finish.
 //!
-//! Cache policy: a sequence is admitted only when the cache can hold its prompt plus its
-//! `max_tokens`, and those blocks are its own until it ends. A running sequence can then
-//! never run out of cache, so nothing is ever preempted or recomputed; the price is that
-//! a sequence stopping early (end of text, a stop) held blocks it did not use. One whose
-//! prompt plus `max_tokens` exceeds the context or the whole cache is refused at once.
+//! Cache policy (vLLM's): a sequence is admitted when the cache holds its prompt, and
+//! grows a block at a time as it generates. Before each step every running sequence,
+//! oldest first, gets room for the token it decodes next; when the cache runs short the
+//! youngest running sequence is preempted: its blocks go back, and it waits at the front
+//! of the queue (the oldest preempted first) to be recomputed, its prompt and the tokens
+//! it already generated prefilled again (nothing is sent twice). The oldest sequence
+//! always fits alone, so every sequence finishes. One whose prompt plus `max_tokens`
+//! exceeds the context or the whole cache is refused at once.
 
 use std::collections::VecDeque;
 
@@ -54,6 +57,8 @@ struct Sequence {
     blocks: Vec<u32>,
     sampling: Sampling,
     rng: StdRng,
+    /// Arrival order: the larger, the younger.
+    arrival: u64,
 }
 
 impl Sequence {
@@ -81,8 +86,11 @@ pub struct Scheduler {
     pub steps: u64,
     /// Steps that computed more than one sequence.
     pub shared_steps: u64,
-    /// Prompt tokens in the step last planned.
+    /// Prompt tokens in the step last planned (recomputed ones included).
     pub prefill_tokens: usize,
+    /// Sequences preempted to make room in the cache.
+    pub preemptions: u64,
+    arrivals: u64,
 }
 
 impl Scheduler {
@@ -97,6 +105,8 @@ impl Scheduler {
             steps: 0,
             shared_steps: 0,
             prefill_tokens: 0,
+            preemptions: 0,
+            arrivals: 0,
         }
     }
 
@@ -147,6 +157,7 @@ impl Scheduler {
                 self.waiting.len()
             )));
         }
+        self.arrivals += 1;
         let rng = match sampling.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
@@ -159,6 +170,7 @@ impl Scheduler {
             blocks: Vec::new(),
             sampling,
             rng,
+            arrival: self.arrivals,
         });
         Ok(())
     }
@@ -177,20 +189,42 @@ impl Scheduler {
         false
     }
 
+    /// Gives every running sequence, oldest first, a cache row for the token it decodes
+    /// next, preempting the youngest while the cache is short.
+    fn make_room(&mut self) {
+        self.running.sort_by_key(|s| s.arrival);
+        let mut i = 0;
+        while i < self.running.len() {
+            let need = self.running[i].tokens.len();
+            if self.alloc.grow(&mut self.running[i].blocks, need) {
+                i += 1;
+                continue;
+            }
+            let mut youngest = self.running.pop().expect("non-empty");
+            self.alloc.release(&mut youngest.blocks);
+            youngest.cached = 0;
+            self.preemptions += 1;
+            self.waiting.push_front(youngest);
+        }
+    }
+
     /// Admits what fits and lays out the next step; `None` when nothing runs.
     pub fn plan(&mut self, padding_row: i64) -> Option<Step> {
+        self.make_room();
         let mut budget = self.limits.max_batch_tokens.saturating_sub(self.running.len());
         while let Some(next) = self.waiting.front() {
-            let need = next.prompt_len + next.sampling.max_tokens;
+            let len = next.tokens.len();
+            // A recomputed sequence can be longer than a step's budget: it then runs alone.
+            let alone = self.running.is_empty();
             if self.running.len() >= self.limits.max_running
-                || next.prompt_len > budget
-                || self.alloc.blocks_for(need) > self.alloc.free_blocks()
+                || (len > budget && !alone)
+                || self.alloc.blocks_for(len) > self.alloc.free_blocks()
             {
                 break;
             }
             let mut seq = self.waiting.pop_front().expect("front exists");
-            assert!(self.alloc.grow(&mut seq.blocks, need), "counted free blocks");
-            budget -= seq.prompt_len;
+            assert!(self.alloc.grow(&mut seq.blocks, len), "counted free blocks");
+            budget = budget.saturating_sub(len);
             self.running.push(seq);
         }
         if self.running.is_empty() {
@@ -358,17 +392,50 @@ mod tests {
         }
         s.submit(1, vec![5; 4], Sampling::greedy(4)).unwrap();
         assert!(err(s.submit(2, vec![5; 4], Sampling::greedy(4))).contains("already wait"));
-        // One that fits later waits: the cache holds 64 tokens, two of 40 cannot run at once.
+        // One that fits later waits: the cache holds 64 tokens, prompts of 40 one at a time.
         let mut s = Scheduler::new(limits, BlockAllocator::new(4, 16), 2);
-        s.submit(1, vec![5; 20], Sampling::greedy(20)).unwrap();
+        s.submit(1, vec![5; 40], Sampling::greedy(20)).unwrap();
         assert!(s.plan(64).is_some());
-        s.submit(2, vec![5; 20], Sampling::greedy(20)).unwrap();
+        s.submit(2, vec![5; 40], Sampling::greedy(20)).unwrap();
         assert!(s.plan(64).is_some());
         assert_eq!((s.running(), s.waiting()), (1, 1));
         assert!(s.cancel(1));
         assert_eq!(s.free_tokens(), 64);
         assert!(s.plan(64).is_some());
         assert_eq!((s.running(), s.waiting()), (1, 0));
+    }
+
+    #[test]
+    fn the_youngest_is_preempted_and_recomputed_and_every_sequence_finishes() {
+        // Four blocks of 16 tokens. Three sequences of 10 prompt tokens start together
+        // (a block each) and each grows to 40 (three blocks): they cannot all grow.
+        let mut s = Scheduler::new(limits(64, 4), BlockAllocator::new(4, 16), EOS);
+        for id in 1..=3 {
+            s.submit(id, vec![5; 10], Sampling::greedy(30)).unwrap();
+        }
+        let (mut generated, mut finished, mut recomputed) = ([0usize; 4], Vec::new(), Vec::new());
+        for _ in 0..500 {
+            let Some(step) = s.plan(-1) else { break };
+            let seqs = Vec::<i64>::try_from(step.seqs.view([-1])).unwrap();
+            // Query tokens beyond a prompt's 10: a preempted sequence prefilled again.
+            recomputed.extend(seqs.chunks(3).map(|c| c[1]).filter(|&q| q > 10));
+            for e in s.finish_step(&logits(&vec![7; seqs.len() / 3])).unwrap() {
+                generated[e.id as usize] += 1;
+                if e.finish.is_some() {
+                    finished.push(e.id);
+                }
+            }
+        }
+        assert!(s.is_idle(), "every sequence ended");
+        assert_eq!(
+            finished,
+            [1, 2, 3],
+            "the oldest goes first, the preempted come back oldest first"
+        );
+        assert_eq!(&generated[1..], [30, 30, 30], "no token lost or sent twice");
+        assert!(s.preemptions >= 2, "{} preemptions", s.preemptions);
+        assert!(!recomputed.is_empty(), "preempted sequences were recomputed");
+        assert_eq!(s.free_tokens(), 64, "every block came back");
     }
 
     #[test]

@@ -124,13 +124,18 @@ struct Run {
 
 /// Rank 0: runs every job to its end, then shuts the group down.
 fn run(model: &Llama, comm: &dyn Collective, jobs: &[Job]) -> Run {
-    run_with_cache(model, comm, jobs, tch::Kind::Float)
+    run_with_cache(model, comm, jobs, (256, tch::Kind::Float))
 }
 
-/// [`run`] with a KV cache of `kv_kind`.
-fn run_with_cache(model: &Llama, comm: &dyn Collective, jobs: &[Job], kv_kind: tch::Kind) -> Run {
-    let mut sched = scheduler(model, 256);
-    let mut cache = model.new_cache(256, 16, kv_kind);
+/// [`run`] with a KV cache of `blocks` blocks of 16 tokens held as `kv_kind`.
+fn run_with_cache(
+    model: &Llama,
+    comm: &dyn Collective,
+    jobs: &[Job],
+    (blocks, kv_kind): (usize, tch::Kind),
+) -> Run {
+    let mut sched = scheduler(model, blocks);
+    let mut cache = model.new_cache(blocks, 16, kv_kind);
     let mut tokens = vec![Vec::new(); jobs.len()];
     let (mut first, mut widest, mut step_id) = (None, 0, 0);
     loop {
@@ -322,7 +327,7 @@ fn a_bfloat16_kv_cache_stays_near_the_reference() {
         &model,
         &SingleRank(Device::Cpu),
         &reference_jobs(),
-        tch::Kind::BFloat16,
+        (256, tch::Kind::BFloat16),
     );
     check_against_reference(&r.tokens, &r.first, BF16_LOGIT_TOLERANCE, 1);
 }
@@ -404,6 +409,28 @@ fn sequences_batched_together_generate_what_they_generate_alone() {
         s.is_idle() && s.free_tokens() == 256 * 16,
         "every block came back"
     );
+}
+
+/// A cache too small for the reference's prompts at once: sequences are preempted and
+/// recomputed, and their greedy answers are those of a cache that holds them all.
+#[test]
+fn preempted_sequences_generate_what_they_generate_unpreempted() {
+    let model = Llama::load(&gguf_path(), Shard::SINGLE, Device::Cpu, Weights::Float32).unwrap();
+    let comm = SingleRank(Device::Cpu);
+    let jobs = reference_jobs();
+    let roomy = run(&model, &comm, &jobs);
+    // Room for the longest sequence and one block more: all eight start, not all grow.
+    let longest = jobs.iter().map(|j| j.1.len() + j.2).max().unwrap();
+    let tight = run_with_cache(&model, &comm, &jobs, (longest.div_ceil(16) + 1, tch::Kind::Float));
+    assert!(
+        tight.scheduler.preemptions > 0,
+        "the small cache preempted nothing"
+    );
+    for job in &jobs {
+        let i = job.0 as usize;
+        assert_eq!(tight.tokens[i], roomy.tokens[i], "sequence {i}");
+    }
+    assert!(tight.scheduler.is_idle());
 }
 
 /// Feeds `ids` one at a time; returns the text sent and whether a stop string ended it.
