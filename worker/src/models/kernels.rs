@@ -3,8 +3,9 @@
 //! about 75 operators a layer (norms, RoPE, the int8 input scaling, a gathered copy of
 //! every decoding sequence's keys and values); each costs a dispatch and a temporary
 //! whatever its size, and at one sequence they took more time than the matrices
-//! (docs/generation.md, "The lean step"). Here each is one pass with no temporary but its
-//! output, and decode attention reads keys and values where the paged cache holds them.
+//! (docs/generation.md, "The step on the host"). Here each is one pass with no temporary
+//! but its output, and decode attention reads keys and values where the paged cache
+//! holds them.
 //!
 //! Inner loops are written for the compiler to vectorise (eight independent lanes), and
 //! compiled twice: for AVX2 with FMA, used when the CPU has them, and for the baseline.
@@ -68,7 +69,6 @@ struct Disjoint(*mut f32);
 // SAFETY: each task writes only its own part (the users below say which), so sharing the
 // pointer between threads makes no data race.
 unsafe impl Sync for Disjoint {}
-unsafe impl Send for Disjoint {}
 
 impl Disjoint {
     /// `len` values from `at`, for the one task that writes them.
