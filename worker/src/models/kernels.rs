@@ -82,39 +82,47 @@ impl Disjoint {
     }
 }
 
-/// A contiguous float32 CPU tensor's elements.
+/// An element type the loops read from tensors, and the libtorch kind that holds it
+/// (bfloat16 as its raw 16 bits).
+trait Element: Copy {
+    const KIND: Kind;
+}
+
+impl Element for f32 {
+    const KIND: Kind = Kind::Float;
+}
+
+impl Element for u16 {
+    const KIND: Kind = Kind::BFloat16;
+}
+
+impl Element for i64 {
+    const KIND: Kind = Kind::Int64;
+}
+
+/// A contiguous CPU tensor's elements.
+fn elements<T: Element>(t: &Tensor) -> &[T] {
+    check(t, T::KIND);
+    // SAFETY: `t` is a contiguous CPU tensor of `T`'s kind (checked), so `numel` values of
+    // `T` start at its data pointer and live as long as the borrow of `t`.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel()) }
+}
+
+/// As [`elements`], writable. Callers pass tensors they made and hold alone (no view of
+/// the same storage is read while the slice lives).
+fn elements_mut<T: Element>(t: &mut Tensor) -> &mut [T] {
+    check(t, T::KIND);
+    // SAFETY: as in `elements`; the exclusive borrow of `t` and the callers' rule above
+    // keep the slice the only access to that memory while it lives.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
+}
+
 fn f32s(t: &Tensor) -> &[f32] {
-    check(t, Kind::Float);
-    // SAFETY: `t` is a contiguous float32 CPU tensor (checked), so `numel` floats start at
-    // its data pointer and live as long as the borrow of `t`.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) }
+    elements(t)
 }
 
-/// As [`f32s`], writable. Callers pass tensors they made and hold alone (no view of the
-/// same storage is read while the slice lives).
 fn f32s_mut(t: &mut Tensor) -> &mut [f32] {
-    check(t, Kind::Float);
-    // SAFETY: as in `f32s`; the exclusive borrow of `t` and the callers' rule above keep
-    // the slice the only access to that memory while it lives.
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()) }
-}
-
-fn bf16s(t: &Tensor) -> &[u16] {
-    check(t, Kind::BFloat16);
-    // SAFETY: a contiguous bfloat16 CPU tensor (checked): `numel` 16-bit values.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u16, t.numel()) }
-}
-
-fn bf16s_mut(t: &mut Tensor) -> &mut [u16] {
-    check(t, Kind::BFloat16);
-    // SAFETY: as in `bf16s`, under `f32s_mut`'s rule.
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u16, t.numel()) }
-}
-
-fn i64s(t: &Tensor) -> &[i64] {
-    check(t, Kind::Int64);
-    // SAFETY: a contiguous int64 CPU tensor (checked): `numel` values.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const i64, t.numel()) }
+    elements_mut(t)
 }
 
 /// The layout these loops assume; a violation is a bug in the caller, not bad input.
@@ -224,7 +232,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
 pub fn rope(qkv: &mut Tensor, positions: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) {
     let width = qkv.size()[1] as usize;
     let half = cos.size()[1] as usize;
-    let (pos, cos, sin) = (i64s(positions), f32s(cos), f32s(sin));
+    let (pos, cos, sin) = (elements::<i64>(positions), f32s(cos), f32s(sin));
     let rows = f32s_mut(qkv);
     dispatch!({
         for (row, &p) in rows.chunks_exact_mut(width).zip(pos) {
@@ -267,7 +275,7 @@ pub enum CacheRows<'a> {
 impl<'a> CacheRows<'a> {
     pub fn of(t: &'a Tensor) -> Self {
         match t.kind() {
-            Kind::BFloat16 => CacheRows::BF16(bf16s(t)),
+            Kind::BFloat16 => CacheRows::BF16(elements(t)),
             _ => CacheRows::F32(f32s(t)),
         }
     }
@@ -291,11 +299,11 @@ impl<'a> CacheRows<'a> {
 /// `width_of_kv` values from `from`) at cache rows `rows` of `cache` (`[rows, width_of_kv]`).
 pub fn write_rows(cache: &mut Tensor, rows: &Tensor, src: &Tensor, from: usize, width_of_kv: usize) {
     let width = src.size()[1] as usize;
-    let (rows, src) = (i64s(rows), f32s(src));
+    let (rows, src) = (elements::<i64>(rows), f32s(src));
     let take = |t: usize| &src[t * width + from..][..width_of_kv];
     match cache.kind() {
         Kind::BFloat16 => {
-            let dst = bf16s_mut(cache);
+            let dst = elements_mut::<u16>(cache);
             for (t, &r) in rows.iter().enumerate() {
                 let d = &mut dst[r as usize * width_of_kv..][..width_of_kv];
                 for (d, s) in d.iter_mut().zip(take(t)) {
