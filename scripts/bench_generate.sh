@@ -49,11 +49,7 @@ for kind in $WEIGHTS; do
   $BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "127.0.0.1:$(free_port)" \
     --group "bench=127.0.0.1:$WORKER_PORT" 2>"$OUT/gateway-$kind.log" &
   pids+=($!)
-  for _ in $(seq 600); do
-    curl -fsS "http://$HTTP/v2/models/smollm2/ready" >/dev/null 2>&1 && break
-    sleep 0.2
-  done
-  curl -fsS "http://$HTTP/v2/models/smollm2/ready" >/dev/null || { cat "$OUT"/*.log >&2; exit 1; }
+  wait_url "http://$HTTP/v2/models/smollm2/ready" 120 || { cat "$OUT"/*.log >&2; exit 1; }
   for n in $STREAMS; do
     echo "bench-generate: $kind, $n streams, direct then through the gateway" >&2
     $GENLOAD --worker "127.0.0.1:$WORKER_PORT" --streams "$n" --duration "$DURATION" --max-tokens "$MAX_TOKENS" >"$OUT/$kind-direct-$n.json"

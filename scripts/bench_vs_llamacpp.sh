@@ -42,15 +42,6 @@ if [ ! -x "$SERVER" ]; then
   "$DIR/venv/bin/cmake" --build "$DIR/build" --target llama-server -j2 >/dev/null
 fi
 
-wait_http() {
-  for _ in $(seq 600); do
-    curl -fsS "$1" >/dev/null 2>&1 && return 0
-    sleep 0.2
-  done
-  cat "$OUT"/*.log >&2
-  return 1
-}
-
 print_cpu
 for n in $STREAMS; do
   echo "bench-vs-llamacpp: $n streams, Rankway ($WEIGHTS) then llama-server" >&2
@@ -62,7 +53,7 @@ for n in $STREAMS; do
   $BIN/rankway-gateway --http-listen "$HTTP" --grpc-listen "127.0.0.1:$(free_port)" \
     --group "bench=127.0.0.1:$WORKER_PORT" 2>"$OUT/gateway.log" &
   pids+=($!)
-  wait_http "http://$HTTP/v2/models/smollm2/ready"
+  wait_url "http://$HTTP/v2/models/smollm2/ready" 120 || { cat "$OUT"/*.log >&2; exit 1; }
   $GENLOAD --gateway "$HTTP" --streams "$n" --duration "$DURATION" --max-tokens "$MAX_TOKENS" >"$OUT/rankway-$n.json"
   stop_all
   LLAMA=127.0.0.1:$(free_port)
@@ -70,7 +61,7 @@ for n in $STREAMS; do
   "$SERVER" -m "$GGUF" --host 127.0.0.1 --port "${LLAMA#*:}" -np 32 -c 16384 -t 2 --no-webui \
     >"$OUT/llama.log" 2>&1 &
   pids+=($!)
-  wait_http "http://$LLAMA/health"
+  wait_url "http://$LLAMA/health" 120 || { cat "$OUT"/*.log >&2; exit 1; }
   $GENLOAD --gateway "$LLAMA" --streams "$n" --duration "$DURATION" --max-tokens "$MAX_TOKENS" >"$OUT/llama-$n.json"
   stop_all
 done

@@ -10,14 +10,19 @@ stop_all() {
   pids=()
 }
 
-# Waits (up to 60 s) until the gateway at $1 (host:port) says it is ready.
-wait_ready() {
-  for _ in $(seq 1 600); do
-    curl -fsS "http://$1/v2/health/ready" >/dev/null 2>&1 && return 0
+# Waits up to $2 seconds until a GET of the URL $1 succeeds.
+wait_url() {
+  for _ in $(seq 1 $(($2 * 10))); do
+    curl -fsS "$1" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
-  echo "gateway at $1 not ready after 60s" >&2
+  echo "$1 did not answer within $2 s" >&2
   return 1
+}
+
+# Waits (up to 60 s) until the gateway at $1 (host:port) says it is ready.
+wait_ready() {
+  wait_url "http://$1/v2/health/ready" 60
 }
 
 # Prints a TCP port that is free on 127.0.0.1 now.
